@@ -1,0 +1,650 @@
+"""expMAE: one ViT encoder trained by two masked-autoencoding branches at once.
+
+- MAE branch (appearance): one random frame per clip, random patch masking (MAE), light MAE decoder.
+- VideoMAE branch (dynamics): t x p x p tubelets, tube masking (VideoMAE), VideoMAE decoder.
+Both branches run the same encoder (stem, blocks, final norm). A frame enters the Conv3d stem as a static
+tubelet (the frame repeated t times, as OmniMAE does), computed as a Conv2d with the kernel summed over time,
+so the frame path is exactly a timm VisionTransformer (see frame_encoder_timm_state_dict / timm_create_kwargs).
+
+Layout conventions (shared with MAE / VideoMAE / HF transformers):
+- clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
+- MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.
+"""
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .pos_embed import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, spatiotemporal_pos_embed
+from .vit import Block, LayerNorm, run_blocks
+
+MODES = ("expmae", "mae", "videomae")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Config and named sizes
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class ExpMAEConfig:
+    """All model hyper-parameters; defaults are ViT-B/16, 16 frames x 224 px (the "base" entry of the registry)."""
+
+    img_size: int = 224
+    num_frames: int = 16
+    patch_size: int = 16
+    tubelet_size: int = 2
+    in_chans: int = 3
+    # shared encoder
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_path_rate: float = 0.0
+    # MAE frame decoder
+    decoder_embed_dim: int = 512
+    decoder_depth: int = 8
+    decoder_num_heads: int = 16
+    # VideoMAE clip decoder
+    video_decoder_embed_dim: int = 384
+    video_decoder_depth: int = 4
+    video_decoder_num_heads: int = 6
+    # objective
+    mode: str = "expmae"
+    mask_ratio: float = 0.75
+    video_mask_ratio: float = 0.9
+    norm_pix_loss: bool = True
+    mae_loss_weight: float = 1.0
+    video_loss_weight: float = 1.0
+    # fixed sin-cos position embeddings, or trainable ones initialised from them
+    learn_pos_embed: bool = False
+    grad_checkpointing: bool = False
+    # input normalisation of the clips the model receives (used to un-normalise targets and images)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+    def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), f.type))
+
+        def fail(name: str, expected: str):
+            raise ValueError(f"ExpMAEConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+        for name in ("img_size", "num_frames", "patch_size", "tubelet_size", "in_chans", "depth", "decoder_depth",
+                     "video_decoder_depth"):
+            if getattr(self, name) < 1:
+                fail(name, "a positive integer")
+        if self.img_size % self.patch_size:
+            fail("img_size", f"a multiple of patch_size={self.patch_size}")
+        if self.num_frames % self.tubelet_size:
+            fail("num_frames", f"a multiple of tubelet_size={self.tubelet_size}")
+        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+                           ("video_decoder_embed_dim", "video_decoder_num_heads")):
+            if getattr(self, heads) < 1:
+                fail(heads, "a positive integer")
+            if getattr(self, dim) < 4 or getattr(self, dim) % 4 or getattr(self, dim) % getattr(self, heads):
+                fail(dim, f"a positive multiple of 4 (sin-cos position code) and of {heads}={getattr(self, heads)}")
+        if self.mlp_ratio <= 0:
+            fail("mlp_ratio", "> 0")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            fail("drop_path_rate", "a value in [0, 1)")
+        if self.mode not in MODES:
+            fail("mode", f"one of {MODES}")
+        num_kept = _mae_num_kept(self.num_patches, self.mask_ratio)
+        if not 0 < num_kept < self.num_patches:
+            fail("mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches visible "
+                               f"(int(N * (1 - ratio)) = {num_kept})")
+        num_masked = _tube_num_masked(self.num_patches, self.video_mask_ratio)
+        if not 0 < num_masked < self.num_patches:
+            fail("video_mask_ratio", f"a ratio masking 1..{self.num_patches - 1} of {self.num_patches} positions "
+                                     f"per time step (int(ratio * N) = {num_masked})")
+        for name in ("mae_loss_weight", "video_loss_weight"):
+            if getattr(self, name) < 0:
+                fail(name, ">= 0")
+        for name in ("mean", "std"):
+            if len(getattr(self, name)) != self.in_chans:
+                fail(name, f"{self.in_chans} values (one per input channel, in_chans={self.in_chans})")
+        if min(self.std) <= 0:
+            fail("std", "positive values")
+
+    @property
+    def grid_size(self) -> int:
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """Patches per frame (= spatial positions per tubelet time step)."""
+        return self.grid_size**2
+
+    @property
+    def num_time(self) -> int:
+        """Tubelet time steps per clip."""
+        return self.num_frames // self.tubelet_size
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _checked_type(name: str, value, kind):
+    """Coerce YAML-ish values (int for float, list for tuple); reject anything else with a one-line error."""
+    ok = True
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:  # tuple[float, ...]
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        value = tuple(float(v) for v in value) if ok else value
+    if not ok:
+        expected = getattr(kind, "__name__", None) if kind in (bool, int, float, str) else "a list of numbers"
+        raise ValueError(f"ExpMAEConfig.{name}={value!r}: expected {expected}")
+    return value
+
+
+# name -> encoder size (timm ViT names) + decoders. VideoMAE's decoders: small 192/4/3, base 384/4/6, large 512/4/8;
+# MAE's frame decoder: 512 wide, 8 deep, 16 heads for base/large; tiny/small get a scaled-down 256/4/8 (MAE has none).
+MODEL_SIZES: dict[str, dict] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3,
+                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+                 video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6,
+                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+                  video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
+    "base": dict(embed_dim=768, depth=12, num_heads=12,
+                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 video_decoder_embed_dim=384, video_decoder_depth=4, video_decoder_num_heads=6),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16,
+                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                  video_decoder_embed_dim=512, video_decoder_depth=4, video_decoder_num_heads=8),
+}
+
+
+def list_models() -> list[str]:
+    return list(MODEL_SIZES)
+
+
+def get_config(name: str, **overrides) -> ExpMAEConfig:
+    """The registry entry `name` with ExpMAEConfig field overrides applied (validated)."""
+    if name not in MODEL_SIZES:
+        raise ValueError(f"unknown expMAE model {name!r}: expected one of {list_models()}")
+    known = {f.name for f in fields(ExpMAEConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown ExpMAEConfig field(s) {unknown}: expected some of {sorted(known)}")
+    return ExpMAEConfig(**{**MODEL_SIZES[name], **overrides})
+
+
+def create_model(name: str = "base", **overrides) -> "ExpMAE":
+    """create_model("tiny", img_size=112, num_frames=8, mode="mae") -> ExpMAE with random init."""
+    return ExpMAE(get_config(name, **overrides))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Patches, masks and the position codes that ride with them
+# --------------------------------------------------------------------------------------------------------------
+def patchify_frames(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, p*p*C), pixels of each patch in (p, p, C) order (MAE)."""
+    B, C, H, W = images.shape
+    p = patch_size
+    x = images.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
+def unpatchify_frames(patches: torch.Tensor, patch_size: int, img_size: int) -> torch.Tensor:
+    B, N, D = patches.shape
+    p, g = patch_size, img_size // patch_size
+    C = D // (p * p)
+    return patches.reshape(B, g, g, p, p, C).permute(0, 5, 1, 3, 2, 4).reshape(B, C, g * p, g * p)
+
+
+def patchify_clips(clips: torch.Tensor, tubelet_size: int, patch_size: int) -> torch.Tensor:
+    """(B, C, T, H, W) -> (B, T/t * H/p * W/p, t*p*p*C), pixels in (t, p, p, C) order (VideoMAE / HF)."""
+    B, C, T, H, W = clips.shape
+    t, p = tubelet_size, patch_size
+    x = clips.reshape(B, C, T // t, t, H // p, p, W // p, p).permute(0, 2, 4, 6, 3, 5, 7, 1)
+    return x.reshape(B, (T // t) * (H // p) * (W // p), t * p * p * C)
+
+
+def unpatchify_clips(patches: torch.Tensor, tubelet_size: int, patch_size: int, img_size: int) -> torch.Tensor:
+    B, N, D = patches.shape
+    t, p, g = tubelet_size, patch_size, img_size // patch_size
+    C = D // (t * p * p)
+    x = patches.reshape(B, N // (g * g), g, g, t, p, p, C).permute(0, 7, 1, 4, 2, 5, 3, 6)
+    return x.reshape(B, C, (N // (g * g)) * t, g * p, g * p)
+
+
+def unnormalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """x * std + mean per channel (dim 1). Constants stay Python floats: exact, and no host-to-device copy."""
+    return torch.cat([c * s + m for c, m, s in zip(x.split(1, dim=1), mean, std)], dim=1)
+
+
+class Masking(NamedTuple):
+    ids_keep: torch.Tensor  # (B, num_visible) token indices the encoder sees
+    ids_restore: torch.Tensor  # (B, N) un-shuffles [visible, masked] back to token order
+    mask: torch.Tensor  # (B, N) bool, True = masked
+
+
+def _mae_num_kept(length: int, ratio: float) -> int:
+    return int(length * (1 - ratio))  # MAE's random_masking count
+
+
+def _tube_num_masked(length: int, ratio: float) -> int:
+    return int(ratio * length)  # VideoMAE's TubeMaskingGenerator count
+
+
+def _masking_from_shuffle(ids_shuffle: torch.Tensor, num_keep: int) -> Masking:
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    # a token is masked iff its rank in the shuffle falls after the kept ones
+    return Masking(ids_shuffle[:, :num_keep], ids_restore, ids_restore >= num_keep)
+
+
+def random_masking(batch: int, length: int, mask_ratio: float, device=None, generator=None) -> Masking:
+    """MAE: per-sample random masking by argsort of uniform noise; keeps int(L * (1 - ratio)) tokens."""
+    noise = torch.rand(batch, length, device=device, generator=generator)
+    return _masking_from_shuffle(torch.argsort(noise, dim=1), _mae_num_kept(length, mask_ratio))
+
+
+def tube_masking(batch: int, num_time: int, num_spatial: int, mask_ratio: float, device=None,
+                 generator=None) -> Masking:
+    """VideoMAE: one random spatial mask per sample (int(ratio * N) positions), repeated at every time step."""
+    num_keep = num_spatial - _tube_num_masked(num_spatial, mask_ratio)
+    noise = torch.rand(batch, num_spatial, device=device, generator=generator)
+    spatial_shuffle = torch.argsort(noise, dim=1)[:, None, :]  # (B, 1, N)
+    time_offsets = torch.arange(num_time, device=device)[None, :, None] * num_spatial  # (1, T', 1)
+    ids_keep = (spatial_shuffle[..., :num_keep] + time_offsets).flatten(1)
+    ids_masked = (spatial_shuffle[..., num_keep:] + time_offsets).flatten(1)
+    return _masking_from_shuffle(torch.cat([ids_keep, ids_masked], dim=1), num_time * num_keep)
+
+
+def masking_from_mask(mask: torch.Tensor, batch: int, length: int, name: str) -> Masking:
+    """A caller-given (B, N) mask (True/1 = masked, the same count per sample) -> Masking, visible in token order."""
+    if mask.ndim != 2 or tuple(mask.shape) != (batch, length):
+        raise ValueError(f"{name}: expected shape ({batch}, {length}) (True = masked), got {tuple(mask.shape)}")
+    mask = mask.bool()
+    counts = mask.sum(dim=1).tolist()  # a host sync, acceptable on this explicit (test / visualisation) path
+    if len(set(counts)) != 1 or not 0 < counts[0] < length:
+        raise ValueError(f"{name}: every sample needs the same number of masked tokens in 1..{length - 1}, "
+                         f"got per-sample counts {counts}")
+    ids_shuffle = torch.argsort(mask.to(torch.int32), dim=1, stable=True)
+    return _masking_from_shuffle(ids_shuffle, length - counts[0])
+
+
+def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """x[b, ids[b]] for (B, N, D) tokens, without boolean indexing (no host sync)."""
+    return torch.gather(x, 1, ids[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _register_pos_embed(module: nn.Module, name: str, value: torch.Tensor | None, learnable: bool) -> None:
+    # Fixed codes are non-persistent buffers: recomputed from the config, so checkpoints don't pin img_size.
+    if learnable and value is not None:
+        module.register_parameter(name, nn.Parameter(value))
+    else:
+        module.register_buffer(name, value, persistent=False)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared encoder
+# --------------------------------------------------------------------------------------------------------------
+class PatchEmbed3d(nn.Module):
+    """Tubelet stem (Conv3d, kernel = stride = (t, p, p)); a single image enters as a static tubelet."""
+
+    def __init__(self, patch_size: int, tubelet_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        kernel = (tubelet_size, patch_size, patch_size)
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=kernel, stride=kernel)
+
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> (B, T/t * H/p * W/p, D)."""
+        return self.proj(clips).flatten(2).transpose(1, 2)
+
+    def forward_frames(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, H/p * W/p, D), equal to forward() on the image repeated t times."""
+        # sum_tau W[:, :, tau] * x == Conv3d of the static tubelet, at 1/t of the cost; this summed kernel is
+        # exactly the Conv2d weight of the exported timm model.
+        weight = self.proj.weight.sum(dim=2)
+        return F.conv2d(images, weight, self.proj.bias, stride=self.proj.stride[1:]).flatten(2).transpose(1, 2)
+
+
+class ExpMAEEncoder(nn.Module):
+    """ViT without class token, keys named like timm's VisionTransformer (patch_embed, blocks.i, norm)."""
+
+    def __init__(self, cfg: ExpMAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed3d(cfg.patch_size, cfg.tubelet_size, cfg.in_chans, cfg.embed_dim)
+        _register_pos_embed(self, "pos_embed", get_2d_sincos_pos_embed(cfg.embed_dim, cfg.grid_size)[None],
+                            cfg.learn_pos_embed)
+        _register_pos_embed(self, "time_embed", get_1d_sincos_pos_embed(cfg.embed_dim, cfg.num_time)[None],
+                            cfg.learn_pos_embed)
+        drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
+        self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path[i])
+                                     for i in range(cfg.depth)])
+        self.norm = LayerNorm(cfg.embed_dim)
+        self.grad_checkpointing = cfg.grad_checkpointing
+
+    def embed_frames(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> patch tokens + 2-D position code, (B, N, D)."""
+        C, S = self.cfg.in_chans, self.cfg.img_size
+        if images.ndim != 4 or tuple(images.shape[1:]) != (C, S, S):
+            raise ValueError(f"images: expected shape (B, {C}, {S}, {S}), got {tuple(images.shape)}")
+        x = self.patch_embed.forward_frames(images.to(self.patch_embed.proj.weight.dtype))
+        return x + self.pos_embed
+
+    def embed_clips(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> tubelet tokens + (2-D + temporal) position code, (B, T/t * N, D)."""
+        _check_clips(clips, self.cfg)
+        x = self.patch_embed(clips.to(self.patch_embed.proj.weight.dtype))
+        num_time = clips.shape[2] // self.cfg.tubelet_size
+        return x + spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, :num_time])
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Transformer blocks + final norm on any (visible) subset of embedded tokens."""
+        return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing))
+
+    def forward_frames(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> all tokens after the final norm (B, N, D) (= timm forward_features)."""
+        return self.forward_tokens(self.embed_frames(images))
+
+    def forward_clips(self, clips: torch.Tensor) -> torch.Tensor:
+        """(B, C, T, H, W) -> all tokens after the final norm (B, T/t * N, D)."""
+        return self.forward_tokens(self.embed_clips(clips))
+
+
+def _check_clips(clips: torch.Tensor, cfg: ExpMAEConfig) -> None:
+    C, S, t = cfg.in_chans, cfg.img_size, cfg.tubelet_size
+    if (not torch.is_tensor(clips) or not clips.is_floating_point() or clips.ndim != 5
+            or tuple(clips.shape[1:2] + clips.shape[3:]) != (C, S, S)
+            or clips.shape[2] % t or not 0 < clips.shape[2] <= cfg.num_frames):
+        shape = tuple(clips.shape) if torch.is_tensor(clips) else type(clips).__name__
+        dtype = clips.dtype if torch.is_tensor(clips) else None
+        raise ValueError(f"clips: expected a float tensor (B, {C}, T, {S}, {S}) with T a multiple of "
+                         f"tubelet_size={t} and at most num_frames={cfg.num_frames}, got {shape} {dtype}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Decoders
+# --------------------------------------------------------------------------------------------------------------
+class MaskedDecoder(nn.Module):
+    """Visible latents + mask tokens, un-shuffled to token order, + position code -> blocks -> pixels per token.
+
+    MAE's decoder with a 2-D code (num_time=None), VideoMAE's with the 2-D + temporal code. The prediction
+    covers every token; the loss reads the masked ones.
+    """
+
+    def __init__(self, encoder_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, patch_dim: int,
+                 grid_size: int, num_time: int | None = None, embed_bias: bool = True, learn_pos_embed: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(encoder_dim, dim, bias=embed_bias)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        _register_pos_embed(self, "pos_embed", get_2d_sincos_pos_embed(dim, grid_size)[None], learn_pos_embed)
+        _register_pos_embed(self, "time_embed", get_1d_sincos_pos_embed(dim, num_time)[None] if num_time else None,
+                            learn_pos_embed)
+        self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.norm = LayerNorm(dim)
+        self.head = nn.Linear(dim, patch_dim)
+        self.grad_checkpointing = False
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """(B, num_visible, D_enc) latents in ids_keep order, ids_restore (B, N) -> (B, N, patch_dim)."""
+        x = self.embed(latent)
+        B, num_visible, D = x.shape
+        N = ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.to(x.dtype).expand(B, N - num_visible, D)], dim=1)
+        x = gather_tokens(x, ids_restore)
+        if self.time_embed is None:
+            x = x + self.pos_embed
+        else:
+            x = x + spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, : N // self.pos_embed.shape[1]])
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.head(self.norm(x))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# expMAE
+# --------------------------------------------------------------------------------------------------------------
+class ExpMAE(nn.Module):
+    """Shared encoder + MAE frame decoder (`decoder`) + VideoMAE clip decoder (`video_decoder`), per cfg.mode."""
+
+    def __init__(self, cfg: ExpMAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        p, t, C = cfg.patch_size, cfg.tubelet_size, cfg.in_chans
+        self.encoder = ExpMAEEncoder(cfg)
+        # A disabled branch has no decoder at all: no dead parameters for DDP / DeepSpeed to trip over.
+        self.decoder = self.video_decoder = None
+        if cfg.mode in ("expmae", "mae"):
+            self.decoder = MaskedDecoder(cfg.embed_dim, cfg.decoder_embed_dim, cfg.decoder_depth,
+                                         cfg.decoder_num_heads, cfg.mlp_ratio, p * p * C, cfg.grid_size,
+                                         embed_bias=True, learn_pos_embed=cfg.learn_pos_embed)
+        if cfg.mode in ("expmae", "videomae"):
+            # VideoMAE's encoder_to_decoder projection has no bias
+            self.video_decoder = MaskedDecoder(cfg.embed_dim, cfg.video_decoder_embed_dim, cfg.video_decoder_depth,
+                                               cfg.video_decoder_num_heads, cfg.mlp_ratio, t * p * p * C,
+                                               cfg.grid_size, num_time=cfg.num_time, embed_bias=False,
+                                               learn_pos_embed=cfg.learn_pos_embed)
+        self._init_weights()
+        self.set_grad_checkpointing(cfg.grad_checkpointing)
+
+    def _init_weights(self) -> None:
+        # MAE's initialisation: xavier-uniform linears (and the stem, seen as a linear), N(0, .02) mask tokens.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for decoder in (self.decoder, self.video_decoder):
+            if decoder is not None:
+                nn.init.normal_(decoder.mask_token, std=0.02)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.encoder.patch_embed.proj.weight.dtype
+
+    # ---- forward -------------------------------------------------------------------------------------------------
+    def forward(self, clips: torch.Tensor, *, frame_idx: torch.Tensor | int | None = None,
+                mask_mae: torch.Tensor | None = None, mask_video: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """clips (B, C, T, H, W) ImageNet-normalised, any float dtype (cast to the model's; targets are computed
+        from the clips as given, so pass float32 for exact targets). frame_idx / masks override the random draws
+        (masks: (B, N) True = masked); generator (on the clips' device) drives the random draws.
+
+        Returns loss (weighted total), loss_mae / loss_video (float32 scalars, only for enabled branches),
+        pred_mae (B, N, p*p*C), mask_mae (B, N), frame_idx (B,), pred_video (B, N', t*p*p*C), mask_video (B, N').
+        """
+        _check_clips(clips, self.cfg)
+        out: dict[str, torch.Tensor] = {}
+        if self.decoder is not None:
+            out.update(self.forward_mae(clips, frame_idx=frame_idx, mask=mask_mae, generator=generator))
+        if self.video_decoder is not None:
+            out.update(self.forward_video(clips, mask=mask_video, generator=generator))
+        loss = 0.0
+        if "loss_mae" in out:
+            loss = loss + self.cfg.mae_loss_weight * out["loss_mae"]
+        if "loss_video" in out:
+            loss = loss + self.cfg.video_loss_weight * out["loss_video"]
+        out["loss"] = loss
+        return out
+
+    def forward_mae(self, clips, frame_idx=None, mask=None, generator=None) -> dict[str, torch.Tensor]:
+        """MAE branch: one frame per clip, random patch masking, reconstruct its masked patches."""
+        B, T, N = clips.shape[0], clips.shape[2], self.cfg.num_patches
+        if frame_idx is None:
+            frame_idx = torch.randint(T, (B,), device=clips.device, generator=generator)
+        else:
+            frame_idx = torch.as_tensor(frame_idx, device=clips.device).long()
+            if frame_idx.shape not in ((), (B,)):
+                raise ValueError(f"frame_idx: expected an int or shape ({B},), got shape {tuple(frame_idx.shape)}")
+            frame_idx = frame_idx.expand(B)
+        frames = clips.transpose(1, 2)[torch.arange(B, device=clips.device), frame_idx]  # (B, C, H, W)
+        if mask is None:
+            masking = random_masking(B, N, self.cfg.mask_ratio, clips.device, generator)
+        else:
+            masking = masking_from_mask(mask.to(clips.device), B, N, "mask_mae")
+
+        latent = self.encoder.forward_tokens(gather_tokens(self.encoder.embed_frames(frames), masking.ids_keep))
+        pred = self.decoder(latent, masking.ids_restore)
+        loss = masked_mse(pred, self.mae_target(frames), masking.mask)
+        return {"loss_mae": loss, "pred_mae": pred, "mask_mae": masking.mask, "frame_idx": frame_idx}
+
+    def forward_video(self, clips, mask=None, generator=None) -> dict[str, torch.Tensor]:
+        """VideoMAE branch: tube masking, reconstruct the masked tubelets."""
+        B, N = clips.shape[0], self.cfg.num_patches
+        num_time = clips.shape[2] // self.cfg.tubelet_size
+        if mask is None:
+            masking = tube_masking(B, num_time, N, self.cfg.video_mask_ratio, clips.device, generator)
+        else:
+            masking = masking_from_mask(mask.to(clips.device), B, num_time * N, "mask_video")
+
+        latent = self.encoder.forward_tokens(gather_tokens(self.encoder.embed_clips(clips), masking.ids_keep))
+        pred = self.video_decoder(latent, masking.ids_restore)
+        loss = masked_mse(pred, self.video_target(clips), masking.mask)
+        return {"loss_video": loss, "pred_video": pred, "mask_video": masking.mask}
+
+    # ---- targets (float32) ---------------------------------------------------------------------------------------
+    def mae_target(self, frames: torch.Tensor) -> torch.Tensor:
+        """MAE: patches of the normalised frame; norm_pix normalises each patch over all its p*p*C values."""
+        target = patchify_frames(frames.float(), self.cfg.patch_size)
+        if self.cfg.norm_pix_loss:
+            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+            target = (target - mean) / (var + 1.0e-6) ** 0.5
+        return target
+
+    def video_target(self, clips: torch.Tensor) -> torch.Tensor:
+        """VideoMAE: tubelets of the clip un-normalised to [0, 1]; norm_pix normalises each colour channel over
+        the t*p*p values of a tubelet (unbiased std + 1e-6, as VideoMAE / HF)."""
+        target = patchify_clips(unnormalize(clips.float(), self.cfg.mean, self.cfg.std),
+                                self.cfg.tubelet_size, self.cfg.patch_size)
+        if self.cfg.norm_pix_loss:
+            B, L, _ = target.shape
+            target = target.reshape(B, L, -1, self.cfg.in_chans)
+            target = (target - target.mean(dim=-2, keepdim=True)) / (target.std(dim=-2, keepdim=True) + 1e-6)
+            target = target.reshape(B, L, -1)
+        return target
+
+    # ---- visualisation -------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, clips: torch.Tensor, *, frame_idx=None, mask_mae=None, mask_video=None,
+                    generator=None) -> dict[str, torch.Tensor]:
+        """Images in [0, 1] (float32) for the enabled branches, in eval mode (no drop-path):
+        mae_target / mae_masked / mae_pred (B, C, H, W) for the chosen frame, video_target / video_masked /
+        video_pred (B, C, T, H, W). *_masked shows masked patches in the mean colour; *_pred pastes the
+        prediction into the masked patches and keeps the visible ones from the input (as the MAE demo)."""
+        cfg = self.cfg
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(clips, frame_idx=frame_idx, mask_mae=mask_mae, mask_video=mask_video, generator=generator)
+        finally:
+            self.train(was_training)
+
+        def to_image(x):  # normalised -> [0, 1]
+            return unnormalize(x, cfg.mean, cfg.std).clamp(0, 1)
+
+        images = {}
+        if "pred_mae" in out:
+            B = clips.shape[0]
+            frames = clips.float().transpose(1, 2)[torch.arange(B, device=clips.device), out["frame_idx"]]
+            patches = patchify_frames(frames, cfg.patch_size)
+            pred = out["pred_mae"].float()
+            if cfg.norm_pix_loss:  # back from per-patch normalised to the patch's own mean / variance
+                pred = pred * (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+            mask = out["mask_mae"][..., None].float()
+            images["mae_target"] = to_image(frames)
+            images["mae_masked"] = to_image(unpatchify_frames(patches * (1 - mask), cfg.patch_size, cfg.img_size))
+            images["mae_pred"] = to_image(unpatchify_frames(patches * (1 - mask) + pred * mask, cfg.patch_size,
+                                                            cfg.img_size))
+        if "pred_video" in out:
+            t, p, C = cfg.tubelet_size, cfg.patch_size, cfg.in_chans
+            video = clips.float()
+            pix = patchify_clips(unnormalize(video, cfg.mean, cfg.std), t, p)  # [0, 1], VideoMAE's target space
+            pred = out["pred_video"].float()
+            if cfg.norm_pix_loss:  # back from normalised to each tubelet channel's own mean / std
+                B, L, _ = pix.shape
+                stats = pix.reshape(B, L, -1, C)
+                pred = pred.reshape(B, L, -1, C) * (stats.std(dim=-2, keepdim=True) + 1e-6)
+                pred = (pred + stats.mean(dim=-2, keepdim=True)).reshape(B, L, -1)
+            mask = out["mask_video"][..., None].float()
+            images["video_target"] = to_image(video)
+            images["video_masked"] = to_image(unpatchify_clips(patchify_clips(video, t, p) * (1 - mask), t, p,
+                                                               cfg.img_size))
+            images["video_pred"] = unpatchify_clips(pix * (1 - mask) + pred * mask, t, p, cfg.img_size).clamp(0, 1)
+        return images
+
+    # ---- training helpers ----------------------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names to keep out of weight decay (timm convention): mask tokens, learned position codes."""
+        return {name for name, _ in self.named_parameters()
+                if name.endswith(("mask_token", "pos_embed", "time_embed"))}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for module in (self.encoder, self.decoder, self.video_decoder):
+            if module is not None:
+                module.grad_checkpointing = enable
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked tokens only (float32), as MAE / VideoMAE."""
+    per_token = (pred.float() - target).pow(2).mean(dim=-1)
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Export of the frame path to timm
+# --------------------------------------------------------------------------------------------------------------
+_TIMM_FAMILIES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}  # by embed_dim
+
+
+def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the frame encoder in timm VisionTransformer keys (class_token=False, see timm_create_kwargs).
+
+    The stem's Conv3d kernel is summed over time (a static tubelet), the 2-D position code becomes pos_embed.
+    Under ZeRO-3 pass a model whose parameters are gathered (e.g. after accelerator.get_state_dict + load).
+    """
+    model = getattr(model_or_encoder, "module", model_or_encoder)  # unwrap DistributedDataParallel
+    encoder = getattr(model, "encoder", model)
+    if not isinstance(encoder, ExpMAEEncoder):
+        raise TypeError(f"frame_encoder_timm_state_dict: expected an ExpMAE or ExpMAEEncoder, got "
+                        f"{type(model_or_encoder).__name__}")
+    state = {}
+    for key, value in encoder.state_dict().items():
+        if key == "time_embed":  # a learned temporal code has no place in an image model
+            continue
+        if key == "patch_embed.proj.weight":
+            value = value.sum(dim=2)
+        state[key] = value.detach().clone()
+    state["pos_embed"] = encoder.pos_embed.detach().clone()
+    return state
+
+
+def timm_create_kwargs(cfg: ExpMAEConfig | nn.Module) -> tuple[str, dict]:
+    """(model_name, kwargs) such that timm.create_model(model_name, pretrained=False, **kwargs) strict-loads
+    frame_encoder_timm_state_dict(model) and reproduces encoder.forward_frames (forward_features) and the
+    mean-pooled feature (forward / forward_head). Every architecture argument is explicit, so the name only
+    picks the closest standard family. Replace num_classes=0 to add a fresh classifier head."""
+    cfg = getattr(cfg, "cfg", cfg)
+    family = _TIMM_FAMILIES.get(cfg.embed_dim, "vit_base")
+    kwargs = dict(
+        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
+        # no class token; average pooling of the final-normed tokens: with fc_norm=False timm keeps `norm` on the
+        # tokens and makes fc_norm an Identity (fc_norm=None would move the norm after the pooling instead)
+        class_token=False, global_pool="avg", fc_norm=False, num_classes=0,
+        # so timm.data.resolve_data_config normalises inputs the way this encoder was trained
+        pretrained_cfg_overlay=dict(mean=tuple(cfg.mean), std=tuple(cfg.std)),
+    )
+    return f"{family}_patch16_224", kwargs
