@@ -84,3 +84,12 @@ def test_nothing_succeeded_is_not_ok(tmp_path):
     s = run_jobs(["-1", "-2"], _work(tmp_path), tmp_path, key=str, progress=False)
     assert not s.ok and s.as_dict() == {"total": 2, "done": 0, "skipped": 0, "failed": 2}
     assert json.loads((tmp_path / "failures.jsonl").read_text().splitlines()[0])["key"] == "-1"
+
+
+def test_atomic_outputs_get_umask_permissions_not_mkstemp_0600(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = save_npy_atomic(tmp_path / "x.npy", np.zeros(2))
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
