@@ -1,0 +1,21 @@
+"""Per-sample features for the fusion stage: one folder per extractor, one ``<sample>.npy`` per sample.
+
+Modalities (each in its own module, heavy libraries imported only there): ``audio`` (HuBERT/wav2vec2 on
+the sound track), ``text`` (BERT-family on MER2023 transcripts), ``clip`` (CLIP image features of face
+frames); console script ``expmae-features`` (expmae.features.cli). Shared mechanics: expmae.features.common.
+"""
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "extract_audio_features": "expmae.features.audio",
+    "extract_text_features": "expmae.features.text",
+    "extract_clip_features": "expmae.features.clip",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

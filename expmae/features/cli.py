@@ -1,0 +1,75 @@
+"""Console script ``expmae-features``: per-sample features for the fusion stage, one subcommand per modality.
+
+    expmae-features audio VIDEOS FEATURES --model /models/chinese-hubert-large
+    expmae-features text  VIDEOS FEATURES --model /models/chinese-macbert-large --transcripts transcription.csv
+    expmae-features clip  FACES  FEATURES --model /models/clip-vit-large-patch14
+
+Each run writes ``FEATURES/<extractor>/<sample>.npy``, the folder named as in the MER2023 baseline
+(``chinese-hubert-large-UTT``; ``--name`` overrides). Rerunning resumes; failures go to failures.jsonl.
+A new modality is one more entry in ``MODALITIES``: a module with ``add_arguments(parser)`` and
+``run_cli(args, out_root) -> (out_dir, JobSummary)``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+
+MODALITIES = {
+    "audio": ("expmae.features.audio", "HuBERT/wav2vec2 features of each video's sound track (16 kHz mono)"),
+    "text": ("expmae.features.text", "BERT-family features of each sample's transcript (MER2023 CSV)"),
+    "clip": ("expmae.features.clip", "CLIP image features of face frames, from face-cropped videos"),
+}
+
+
+def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", help="a folder of videos, a .txt list of video paths (text: or the transcript CSV)")
+    parser.add_argument("output", type=Path, help="features root: the extractor's folder is created inside")
+    parser.add_argument("--model", required=True, help="local Hugging Face model folder (never downloaded)")
+    parser.add_argument("--name", default=None, help="the extractor folder's name (default: <model>[-<layers>]-UTT|FRA)")
+    parser.add_argument("--pooling", choices=("mean", "none"), default="mean",
+                        help="mean: one (D,) vector per sample; none: frame/token level (N, D)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                        help="model precision (features are saved as float32 either way)")
+    parser.add_argument("--limit", type=int, default=None, help="process at most this many new samples")
+    parser.add_argument("--retry-failed", action="store_true", help="retry samples recorded in failures.jsonl")
+    parser.add_argument("--prefetch", type=int, default=2, help="inputs decoded ahead in background threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expmae-features", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="modality", required=True, metavar="{" + ",".join(MODALITIES) + "}")
+    for name, (module_name, help_text) in MODALITIES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common_arguments(p)
+        importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from expmae.jobs import one_line
+
+    args = build_parser().parse_args(argv)
+    if args.no_progress:  # transformers' own "Loading weights" bars too (read when transformers is imported)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    module = importlib.import_module(MODALITIES[args.modality][0])
+    try:
+        out_dir, summary = module.run_cli(args, args.output)
+    except (OSError, ValueError, LookupError, ImportError) as exc:  # setup errors: one line, no traceback
+        print(f"expmae-features {args.modality}: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out_dir": str(out_dir), **summary.as_dict()}))
+    if summary.failed:
+        print(f"expmae-features {args.modality}: {summary.failed} sample(s) failed, reasons in {out_dir / 'failures.jsonl'}",
+              file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
