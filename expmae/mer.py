@@ -178,7 +178,8 @@ def parse_feature_specs(specs: Iterable[str]) -> dict[str, list[Path]]:
 
 def list_feature_names(folder: str | os.PathLike) -> list[str]:
     """Sample names with a ``.npy`` in ``folder``, sorted."""
-    return sorted(p.stem for p in Path(folder).glob("*.npy"))
+    # Hidden files are temporaries of an interrupted atomic write (expmae.jobs.atomic_path), not samples.
+    return sorted(p.stem for p in Path(folder).glob("*.npy") if not p.name.startswith("."))
 
 
 def read_feature(path: Path) -> np.ndarray:

@@ -134,3 +134,13 @@ def test_same_branch_folders_are_concatenated(feature_folders, tmp_path):
     assert list(parse_feature_specs([str(branches["audio"][0])])) == ["hubert"]  # default branch name: folder name
     with pytest.raises(FileNotFoundError, match="nowhere"):
         parse_feature_specs([f"audio={tmp_path / 'nowhere'}"])
+
+
+def test_feature_listing_ignores_interrupted_atomic_write_temporaries(tmp_path):
+    import numpy as np
+
+    from expmae.mer import list_feature_names
+
+    np.save(tmp_path / "s1.npy", np.zeros(3))
+    np.save(tmp_path / ".s2.abc123.npy", np.zeros(3))  # what a killed expmae.jobs.atomic_path leaves behind
+    assert list_feature_names(tmp_path) == ["s1"]
