@@ -1,0 +1,261 @@
+"""Pretraining loader and video reading: which frames, which crop, determinism, sharding, failures, errors.
+
+Clips whose frame t is a flat grey of level ``LEVEL * t`` make the frame selection observable after any crop,
+flip or resize: the mean of an output frame says which source frame it came from.
+"""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from expmae.data import (IMAGENET_MEAN, IMAGENET_STD, VideoClipDataset, multi_scale_crop_box, normalize_clips,
+                         sample_frame_indices)
+from expmae.video import VideoError, list_videos, open_video, read_frames, write_video
+
+LEVEL = 3  # grey step per frame: 80 frames fit in uint8, and H.264 (crf 18) keeps flat greys within +-1
+
+
+def grey_clip(num_frames: int, size: int = 64, offset: int = 0) -> np.ndarray:
+    levels = (offset + LEVEL * np.arange(num_frames)).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (num_frames, size, size, 3)).copy()
+
+
+def frame_ids(clip: torch.Tensor, offset: int = 0) -> list[int]:
+    """Which source frame each output frame (3, T, H, W) came from, read off its grey level."""
+    return [round((float(clip[:, t].float().mean()) - offset) / LEVEL) for t in range(clip.shape[1])]
+
+
+# ------------------------------------------------------------------------------------------- sampling
+
+
+def test_sample_frame_indices_windows_and_short_clips():
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(200):
+        idx = sample_frame_indices(100, 16, 4, rng)
+        assert np.array_equal(np.diff(idx), np.full(15, 4)) and idx[0] >= 0 and idx[-1] < 100
+        starts.add(int(idx[0]))
+    assert min(starts) == 0 and max(starts) == 100 - 61  # every window can be drawn
+    assert list(sample_frame_indices(100, 16, 4)) == list(range(19, 80, 4))  # centre window without rng
+    assert list(sample_frame_indices(15, 6, 4, short_clip="pad")) == [0, 4, 8, 12, 14, 14]
+    assert list(sample_frame_indices(15, 6, 4, short_clip="loop")) == [0, 4, 8, 12, 1, 5]
+    assert list(sample_frame_indices(1, 3, 4)) == [0, 0, 0]
+    with pytest.raises(ValueError, match="short_clip"):
+        sample_frame_indices(5, 6, 4, short_clip="wrap")
+    with pytest.raises(ValueError, match="0 frames"):
+        sample_frame_indices(0, 6, 4)
+
+
+def test_multi_scale_crop_follows_videomae_grid():
+    rng = np.random.default_rng(0)
+    sizes = [224, 196, 168, 147]  # int(224 * s) for VideoMAE's scales (1, .875, .75, .66)
+    seen = set()
+    for _ in range(2000):
+        top, left, h, w = multi_scale_crop_box(224, 224, 224, rng)
+        assert h in sizes and w in sizes and abs(sizes.index(h) - sizes.index(w)) <= 1  # max_distort=1
+        assert 0 <= top <= 224 - h and 0 <= left <= 224 - w
+        hs, ws = (224 - h) // 4, (224 - w) // 4
+        assert (hs == 0 or top % hs == 0) and (ws == 0 or left % ws == 0)  # one of the fixed offsets
+        seen.add((h, w, top, left))
+    # 10 size pairs; the 13 fixed offsets each turn up (for a crop that leaves room on both axes)
+    assert len({(h, w) for h, w, _, _ in seen}) == 10
+    assert len({(t, l) for h, w, t, l in seen if (h, w) == (147, 168)}) == 13
+    # a crop size within 3 px of the input size snaps to it (no needless 1-2 px resize)
+    assert multi_scale_crop_box(226, 226, 224, np.random.default_rng(1), scales=(1.0,))[2:] == (224, 224)
+
+
+# ------------------------------------------------------------------------------------------- the dataset
+
+
+@pytest.fixture
+def grey_sources(tmp_path):
+    """Two mp4 and two .npy grey clips (80 frames, different offsets so clips are told apart)."""
+    paths = []
+    for i in range(4):
+        frames = grey_clip(80, 64, offset=i)
+        if i % 2:
+            path = tmp_path / f"clip{i}.npy"
+            np.save(path, frames)
+        else:
+            path = write_video(tmp_path / f"clip{i}.mp4", frames)
+        paths.append(path)
+    return paths
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_dataset_returns_the_sampled_frames(grey_sources, train):
+    ds = VideoClipDataset(grey_sources, num_frames=16, sample_stride=4, input_size=32, train=train, seed=0)
+    assert len(ds) == 4 and ds.names == ["clip0", "clip1", "clip2", "clip3"]
+    for i in range(4):
+        clip = ds[i]
+        assert clip.shape == (3, 16, 32, 32) and clip.dtype == torch.uint8
+        ids = frame_ids(clip, offset=i)
+        if train:
+            assert np.array_equal(np.diff(ids), np.full(15, 4)) and 0 <= ids[0] <= 80 - 61
+        else:
+            assert ids == list(range(9, 70, 4))  # the centre window of 80 frames
+
+
+def test_short_clip_is_padded_with_its_last_frame(tmp_path):
+    path = tmp_path / "short.npy"
+    np.save(path, grey_clip(15))  # shorter than 16 frames (like marlin cropped04)
+    clip = VideoClipDataset([path], num_frames=16, sample_stride=4, input_size=32, train=True)[0]
+    assert frame_ids(clip) == [0, 4, 8, 12] + [14] * 12
+
+
+def test_crop_and_flip_are_the_same_for_every_frame(tmp_path):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 150, (1, 64, 64, 3))
+    path = tmp_path / "pattern.npy"
+    np.save(path, (base + 3 * np.arange(16)[:, None, None, None]).astype(np.uint8))
+    # Scale 1.0 and input size = stored size: the output must be the frames themselves, or all of them mirrored.
+    ds = VideoClipDataset([path], num_frames=16, sample_stride=1, input_size=64, train=True, scales=(1.0,))
+    flips = set()
+    for epoch in range(8):
+        ds.set_epoch(epoch)
+        out = ds[0].permute(1, 2, 3, 0).numpy().astype(int)
+        expected = base + 3 * np.arange(16)[:, None, None, None]
+        flipped = bool(np.array_equal(out, expected[:, :, ::-1]))
+        assert flipped or np.array_equal(out, expected)
+        flips.add(flipped)
+    assert flips == {True, False}
+    # Multi-scale crops: resized crops of a linear ramp stay a ramp, so frame t - frame 0 is 3 t everywhere.
+    ds = VideoClipDataset([path], num_frames=16, sample_stride=1, input_size=48, train=True)
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        out = ds[0].numpy().astype(int)
+        assert np.abs(out - out[:, :1] - 3 * np.arange(16)[None, :, None, None]).max() <= 1
+
+
+def test_augmentation_is_deterministic_in_seed_epoch_index(grey_sources):
+    make = lambda seed=0: VideoClipDataset(grey_sources, num_frames=8, sample_stride=2, input_size=32, seed=seed)  # noqa: E731
+    ds = make()
+    first = [ds[i] for i in range(4)]
+    backwards = [make()[i] for i in reversed(range(4))][::-1]  # fresh object, other call order
+    assert all(torch.equal(a, b) for a, b in zip(first, backwards))
+    ds.set_epoch(1)
+    assert any(not torch.equal(a, ds[i]) for i, a in enumerate(first))  # a new epoch, new crops/windows
+    ds.set_epoch(0)
+    assert all(torch.equal(a, ds[i]) for i, a in enumerate(first))  # resume: epoch 0 again is epoch 0
+    assert any(not torch.equal(a, make(seed=1)[i]) for i, a in enumerate(first))
+    # DataLoader workers do not change what a sample is
+    loader = torch.utils.data.DataLoader(make(), batch_size=2, num_workers=2)
+    assert torch.equal(torch.cat(list(loader)), torch.stack(first))
+    # normalize=True: the same clips as float, normalised on the CPU
+    as_float = VideoClipDataset(grey_sources, num_frames=8, sample_stride=2, input_size=32, normalize=True)
+    assert torch.equal(as_float[2], normalize_clips(first[2]))
+
+
+def test_distributed_ranks_see_disjoint_clips(tmp_path):
+    paths = []
+    for i in range(10):
+        paths.append(tmp_path / f"c{i}.npy")
+        np.save(paths[-1], grey_clip(8, 32, offset=i * 40 % 250))
+    ds = VideoClipDataset(paths, num_frames=2, sample_stride=1, input_size=32)
+    seen = []
+    for rank in range(2):
+        sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        sampler.set_epoch(3)
+        ds.set_epoch(3)
+        loader = torch.utils.data.DataLoader(ds, batch_size=5, sampler=sampler, num_workers=0)
+        batches = torch.cat(list(loader))
+        indices = list(sampler)
+        assert torch.equal(batches, torch.stack([ds[i] for i in indices]))
+        seen.append(set(indices))
+    assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10))
+
+
+def test_bad_clips_are_skipped_logged_and_counted(tmp_path, grey_sources, caplog):
+    bad_video = tmp_path / "corrupt.mp4"
+    bad_video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
+    bad_array = tmp_path / "wrong.npy"
+    np.save(bad_array, np.zeros((4, 8, 8), np.float32))
+    log = tmp_path / "loader_failures.jsonl"
+    ds = VideoClipDataset([grey_sources[0], bad_video, bad_array], num_frames=4, sample_stride=2, input_size=32,
+                          failure_log=log)
+    with caplog.at_level("WARNING"):
+        a = ds[1]
+    assert a.shape == (3, 4, 32, 32) and ds.num_failed >= 1
+    assert "corrupt.mp4" in caplog.text
+    assert torch.equal(a, ds[1])  # the stand-in is deterministic
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert records[0]["key"] == "corrupt" and "cannot open" in records[0]["reason"] and "\n" not in records[0]["reason"]
+    with pytest.raises(RuntimeError, match="failed to load"):
+        VideoClipDataset([bad_video, bad_array], num_frames=4, max_retries=3)[0]
+
+
+def test_dataset_sources_manifest_folder_and_labels(tmp_path):
+    from expmae.mer import MerLabel
+
+    clips = tmp_path / "crops"
+    (clips / "clips").mkdir(parents=True)
+    for i, name in enumerate(["sample_a", "sample_b", "sample_c"]):
+        np.save(clips / "clips" / f"{name}.npy", grey_clip(10, 32, offset=i))
+    with open(clips / "manifest.jsonl", "w") as f:
+        for name in ["sample_a", "sample_b", "sample_c"]:
+            f.write(json.dumps({"key": name, "path": f"clips/{name}.npy", "frames": 10}) + "\n")
+    ds = VideoClipDataset(clips, num_frames=4, sample_stride=2, input_size=32)
+    assert ds.names == ["sample_a", "sample_b", "sample_c"] and len(ds) == 3
+    # a folder without a manifest: its videos and .npy clips, named by path
+    assert VideoClipDataset(clips / "clips", num_frames=4).names == ["sample_a", "sample_b", "sample_c"]
+    # MER2023 layout: a label CSV keeps the labelled clips and returns (clip, label)
+    csv = tmp_path / "train-label.csv"
+    csv.write_text("name,discrete,valence\nsample_a,happy,2.5\nsample_c,sad,-1\n")
+    labelled = VideoClipDataset(clips, num_frames=4, sample_stride=2, input_size=32, labels=csv, train=False)
+    assert labelled.names == ["sample_a", "sample_c"]
+    clip, label = labelled[1]
+    assert label == MerLabel(3, -1.0) and frame_ids(clip, offset=2) == [1, 3, 5, 7]  # centre window of 10 frames
+    batch = next(iter(torch.utils.data.DataLoader(labelled, batch_size=2)))
+    assert batch[0].shape == (2, 3, 4, 32, 32) and batch[1].emotion.tolist() == [2, 3]
+    mapped = VideoClipDataset(clips, num_frames=4, labels={"sample_b": 7})
+    assert mapped.names == ["sample_b"] and mapped[0][1] == 7
+    with pytest.raises(ValueError, match="no clips found"):
+        VideoClipDataset(clips, labels={"other": 1})
+    (tmp_path / "bad.jsonl").write_text('{"key": "x"}\n')
+    with pytest.raises(ValueError, match="'key' and 'path'"):
+        VideoClipDataset(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError):
+        VideoClipDataset(tmp_path / "missing")
+
+
+def test_normalize_clips_matches_torchvision():
+    from torchvision.transforms.functional import normalize
+
+    x = torch.randint(0, 256, (2, 3, 4, 8, 8), dtype=torch.uint8)
+    frames = x.permute(0, 2, 1, 3, 4).float() / 255  # (B, T, 3, H, W) for torchvision
+    oracle = normalize(frames.reshape(-1, 3, 8, 8), IMAGENET_MEAN, IMAGENET_STD).reshape(2, 4, 3, 8, 8).permute(0, 2, 1, 3, 4)
+    torch.testing.assert_close(normalize_clips(x), oracle, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normalize_clips(x[0]), oracle[0], atol=1e-5, rtol=1e-5)
+    half = normalize_clips(x, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and (half.float() - oracle).abs().max() < 0.02
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_clips(x.float())
+    with pytest.raises(ValueError, match="3, T, H, W"):
+        normalize_clips(x[:, :2])
+
+
+# ------------------------------------------------------------------------------------------- video reading
+
+
+def test_read_frames_any_order_and_clear_errors(tmp_path):
+    path = write_video(tmp_path / "grey.mp4", grey_clip(20, 64))
+    reader = open_video(path)
+    frames = read_frames(reader, [7, 2, 7, 19], path)
+    assert frames.shape == (4, 64, 64, 3)
+    assert [round(float(f.mean()) / LEVEL) for f in frames] == [7, 2, 7, 19]
+    with pytest.raises(VideoError, match="frame index 20 outside 0..19"):
+        read_frames(reader, [3, 20], path)
+    # decord 0.6.0 cannot unpack 48-pixel-wide frames: a clear error instead of garbage
+    narrow = write_video(tmp_path / "narrow.mp4", grey_clip(4, 64)[:, :, :48])
+    with pytest.raises(VideoError, match="narrow.mp4.*width"):
+        read_frames(open_video(narrow), [0, 1], narrow)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "junk.mp4").write_text("junk")
+    for name, words in [("empty.mp4", "empty file"), ("junk.mp4", "cannot open as a video"), ("nope.mp4", "no such file")]:
+        with pytest.raises(VideoError, match=words) as info:
+            open_video(tmp_path / name)
+        assert "\n" not in str(info.value) and name in str(info.value)
+    (tmp_path / ".hidden.mp4").write_text("temp file of an interrupted write")
+    (tmp_path / "notes.txt").write_text("x")
+    assert [p.name for p in list_videos(tmp_path)] == ["empty.mp4", "grey.mp4", "junk.mp4", "narrow.mp4"]
