@@ -43,10 +43,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segments: list[int] | None = None) -> torch.Tensor:
+        """segments: lengths of independent sequences packed along dim 1; each attends only within itself."""
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if segments is None:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:  # exact block-diagonal attention, without the masked-out score blocks a mask would still compute
+            x = torch.cat([F.scaled_dot_product_attention(*qkv)
+                           for qkv in zip(q.split(segments, 2), k.split(segments, 2), v.split(segments, 2))], dim=2)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -70,17 +75,19 @@ class Block(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
+    def forward(self, x: torch.Tensor, segments: list[int] | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), segments))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
-    """Apply blocks in order; with grad_checkpointing, recompute each block's activations in backward."""
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool = False,
+               segments: list[int] | None = None) -> torch.Tensor:
+    """Apply blocks in order; with grad_checkpointing, recompute each block's activations in backward.
+    segments: see Attention.forward."""
     for block in blocks:
         if grad_checkpointing and torch.is_grad_enabled():
             # Non-reentrant checkpointing restores the RNG state, so drop-path masks match in the recompute.
-            x = checkpoint(block, x, use_reentrant=False)
+            x = checkpoint(block, x, segments, use_reentrant=False)
         else:
-            x = block(x)
+            x = block(x, segments)
     return x

@@ -122,8 +122,9 @@ def test_patchify_round_trips_and_matches_unfold():
 
 
 # ---- forward: shapes, masks ------------------------------------------------------------------------------------
-def test_forward_shapes_mask_ratios_and_visible_token_counts():
-    model = tiny_model()
+@pytest.mark.parametrize("pack", [True, False])
+def test_forward_shapes_mask_ratios_and_visible_token_counts(pack):
+    model = tiny_model(pack_branches=pack)
     clips = clips_like(model, batch=16)
     seen = []
     model.encoder.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
@@ -137,7 +138,8 @@ def test_forward_shapes_mask_ratios_and_visible_token_counts():
     assert (out["mask_mae"].sum(1) == N - 4).all()
     assert (out["mask_video"].sum(1) == T2 * 14).all()
     # the encoder ran on exactly the visible tokens: 4 for the frame, 2 x 2 tubelets for the clip
-    assert seen == [(B, 4, 64), (B, 4, 64)]
+    # (packed: both branches' visible tokens in one pass through the shared blocks)
+    assert seen == ([(B, 4 + 4, 64)] if pack else [(B, 4, 64), (B, 4, 64)])
     tube = out["mask_video"].reshape(B, T2, N)
     assert torch.equal(tube[:, 0], tube[:, 1])
     assert len({tuple(m.tolist()) for m in out["mask_mae"]}) > 1 and len({tuple(m.tolist()) for m in tube[:, 0]}) > 1
@@ -193,8 +195,9 @@ def test_bad_inputs_give_clear_errors():
 
 
 # ---- the encoder never sees masked tokens ----------------------------------------------------------------------
-def test_encoder_output_ignores_masked_pixels():
-    model = randomize_(tiny_model()).eval()
+@pytest.mark.parametrize("pack", [True, False])
+def test_encoder_output_ignores_masked_pixels(pack):
+    model = randomize_(tiny_model(pack_branches=pack)).eval()
     clips = clips_like(model)
     B, p = 2, 8
     mask_mae = tube_masking(B, 1, 16, 0.75, generator=torch.Generator().manual_seed(1)).mask
@@ -206,6 +209,8 @@ def test_encoder_output_ignores_masked_pixels():
     def run(x):
         latents.clear()
         out = model(x, frame_idx=frame_idx, mask_mae=mask_mae, mask_video=mask_video)
+        if pack:  # one pass: [MAE frame's 4 visible tokens | clip's 4 visible tubelets]
+            return out, latents[0][:, :4], latents[0][:, 4:]
         return out, latents[0], latents[1]  # MAE branch runs first
 
     out, mae_latent, video_latent = run(clips)

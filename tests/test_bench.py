@@ -1,0 +1,124 @@
+"""tools/bench_pretrain.py: a toy-size run and its JSON schema, the analytic FLOPs against torch's FLOP counter,
+the reference's configuration against our model, and its input errors. No timing is asserted."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from expmae.model import create_model
+
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_pretrain", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def keep_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_quick_run_prints_one_json_object_per_configuration(bench, keep_threads, capsys, tmp_path):
+    out = tmp_path / "runs" / "bench.jsonl"
+    assert bench.main(["--quick", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["config"] for r in records] == list(bench.CONFIGS)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records  # the --out copy
+    by_name = {r["config"]: r for r in records}
+    for r in records:
+        assert len(r["step_ms"]) == r["repeats"] == 2 and r["interleaved"] is True
+        assert r["median_step_ms"] > 0 and r["median_cpu_ms"] >= 0 and r["min_step_ms"] <= r["median_step_ms"]
+        assert r["clips_per_s"] == pytest.approx(r["batch_size"] / (r["median_step_ms"] / 1e3), rel=1e-4)
+        assert r["tokens_per_s"] == pytest.approx(r["clips_per_s"] * r["tokens_per_clip"])
+        assert r["ratio_to_reference"] > 0 and r["ratio_to_reference_cpu"] > 0 and r["ratio_of_medians"] > 0
+        assert r["peak_memory_mb"] * 2**20 > r["params_m"] * 1e6 * 4 * 3  # weights + two AdamW moments, fp32
+        assert r["mfu"] is None and r["peak_bf16_tflops"] is None  # CPU: no peak to compare with
+        env = r["env"]
+        assert env["device"] == "cpu" and env["threads"] == 1 and env["torch"] == torch.__version__
+        assert r["dtype"] == "float32" and r["fused_adamw"] is True and r["compile"] is False
+    reference = by_name["hf_videomae"]
+    assert reference["ratio_to_reference"] == 1.0 and reference["implementation"].startswith("transformers.")
+    assert reference["model_config"]["attn_implementation"] == "sdpa"
+    assert by_name["expmae_unpacked"]["model_config"]["pack_branches"] is False
+    assert by_name["expmae"]["model_config"]["pack_branches"] is True
+    # the same model FLOPs for the same algorithm; two branches = the sum of the single-branch modes
+    assert reference["model_flops_per_step"] == by_name["videomae"]["model_flops_per_step"]
+    assert by_name["expmae"]["model_flops_per_step"] == pytest.approx(
+        by_name["mae"]["model_flops_per_step"] + by_name["videomae"]["model_flops_per_step"])
+    assert by_name["expmae"]["encoder_tokens_per_clip"] == (
+        by_name["mae"]["encoder_tokens_per_clip"] + by_name["videomae"]["encoder_tokens_per_clip"])
+
+
+def test_transformer_flops_hand_computed_case(bench):
+    # 2 tokens, width 4, MLP 8: matmuls 2 * 2 * (4*16 + 2*4*8) = 512, attention 4 * 2^2 * 4 = 64
+    assert bench.transformer_forward_flops(seq_len=2, dim=4, depth=1, mlp_ratio=2.0) == 576
+    assert bench.transformer_forward_flops(seq_len=2, dim=4, depth=3, mlp_ratio=2.0) == 3 * 576
+
+
+@pytest.mark.parametrize("mode", ["mae", "videomae"])
+def test_branch_flops_match_torch_flop_counter(bench, mode):
+    """Our forward, counted by torch.utils.flop_counter, = the analytic count + what the implementation does
+    beyond the algorithm's need: the decoder head also on the visible tokens (its predictions are returned)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    overrides = dict(img_size=32, num_frames=4, patch_size=8, depth=2, decoder_depth=2, video_decoder_depth=1)
+    model = create_model("tiny", mode=mode, **overrides)
+    cfg = model.cfg
+    clips = torch.randn(3, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
+    # the math backend spells attention as matmuls, which the counter sees (it skips the CPU flash kernel)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(clips)
+    branch = "mae" if mode == "mae" else "video"
+    if branch == "mae":
+        visible, pixels, dec_dim = 4, 8 * 8 * 3, cfg.decoder_embed_dim  # int(16 * 0.25) of 16 patches
+    else:
+        visible, pixels, dec_dim = 2 * 2, 2 * 8 * 8 * 3, cfg.video_decoder_embed_dim  # 16 - int(0.9 * 16) per step
+    head_on_visible = 2 * visible * dec_dim * pixels
+    batch = clips.shape[0]
+    assert counter.get_total_flops() == batch * (bench.branch_forward_flops(cfg, branch) + head_on_visible)
+
+
+def test_reference_is_our_videomae_branch_in_transformers(bench):
+    """Same architecture: HF's parameter count = ours in videomae mode minus the key biases HF does not have."""
+    from transformers import VideoMAEForPreTraining
+
+    model = create_model("small", img_size=32, num_frames=4, patch_size=8, mode="videomae")
+    cfg, ours = model.cfg, sum(p.numel() for p in model.parameters())
+    hf = VideoMAEForPreTraining(bench.hf_videomae_config(cfg))
+    key_biases = cfg.depth * cfg.embed_dim + cfg.video_decoder_depth * cfg.video_decoder_embed_dim
+    assert sum(p.numel() for p in hf.parameters()) == ours - key_biases
+    hf_cfg = hf.config
+    assert (hf_cfg.tubelet_size, hf_cfg.patch_size, hf_cfg.norm_pix_loss) == (2, 8, True)
+    assert hf_cfg.decoder_num_hidden_layers == cfg.video_decoder_depth == 4
+    assert hf_cfg._attn_implementation == "sdpa"
+
+
+def test_peak_bf16_table_matches_device_names(bench):
+    assert bench.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert bench.peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert bench.peak_bf16_flops("NVIDIA H200") == 989e12
+    assert bench.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert bench.peak_bf16_flops("NVIDIA GeForce RTX 4090") is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--configs", "expmae,simclr"], "--configs 'expmae,simclr': expected a comma-separated subset"),
+    (["--set", "img_sz=64"], "unknown ExpMAEConfig field(s) ['img_sz']"),
+    (["--set", "decoder_depth"], "--set 'decoder_depth': expected key=value"),
+    (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--repeats", "0"], ""),
+])
+def test_bad_arguments_exit_with_one_line_errors(bench, keep_threads, argv, message):
+    with pytest.raises(SystemExit) as err:
+        bench.main(["--quick", *argv])
+    text = str(err.value)
+    assert "\n" not in text and message in text and text

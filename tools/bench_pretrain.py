@@ -1,0 +1,420 @@
+#!/usr/bin/env python
+"""Pretraining step throughput: expMAE's modes against transformers' VideoMAEForPreTraining, in one process.
+
+    python tools/bench_pretrain.py                   # CPU: ViT-S, 16 x 112, batch 4, fp32, 1 thread (~1 min)
+    python tools/bench_pretrain.py --quick           # seconds: a toy size, for smoke tests
+    python tools/bench_pretrain.py --device cuda     # GPU: ViT-B, 16 x 224, batch 16, bf16 autocast, MFU
+    python tools/bench_pretrain.py --set decoder_depth=1 --out runs/bench.jsonl
+
+A step is what a training loop does: draw the masks, forward, backward, AdamW step (set_to_none zero_grad).
+Configurations: expmae (both branches, the config's defaults), expmae_unpacked (the same with pack_branches=False:
+a separate encoder pass per branch), mae and videomae (one branch each) and hf_videomae, the reference:
+VideoMAEForPreTraining with the same encoder / VideoMAE-decoder sizes, tubelet, patch, norm_pix_loss, tube mask of
+the same count, SDPA attention, the same AdamW (fused by default, for every configuration) and the same dtype.
+Each model gets its input in its own layout (ours (B, C, T, H, W), HF's (B, T, C, H, W)), made once outside the
+timed steps; both draw their masks inside the step.
+
+Timing: every configuration runs `--warmup` steps, then `--repeats` rounds in which each configuration runs one step
+in turn (interleaved), so load drifting on a shared machine hits all of them alike. Reported per configuration:
+median step time (wall; and the process's CPU time, which ignores time spent descheduled by other work), clips/s,
+tokens/s (clip tubelets per second), peak memory, model FLOPs (and MFU on GPUs of known peak) and the ratio of its
+step time to the reference's: `ratio_to_reference` is the median over rounds of the per-round ratio (robust to
+load changes between rounds), `ratio_of_medians` the plain quotient, `ratio_to_reference_cpu` the per-round ratio
+of CPU times. Output: one JSON object per configuration per line (JSON Lines) on stdout and, with --out, appended
+to a file, to compare across commits. GPU: torch.cuda.synchronize() brackets each timed step (the steps themselves
+never sync), peak memory is the allocator's; this path has not been run on a GPU yet.
+
+Model FLOPs are counted analytically from the algorithm (not from what an implementation happens to compute), so
+implementations of the same algorithm get the same count. Per transformer layer on a sequence of n tokens of width
+d with MLP width h, forward: 2 * n * (4 d^2 + 2 d h) for the matmuls (qkv, proj, fc1, fc2) + 4 * n^2 * d for
+attention (QK^T and AV). Also counted: the patch stem on the tokens the encoder sees, the encoder-to-decoder
+projection on them, the decoder on all tokens, its head on the masked tokens (the ones the loss reads). Training =
+3 x forward (backward = 2 x forward, the usual 6 * params * tokens rule; the stem's input gradient, which is never
+computed, makes it a <1% overcount). Norms, GELU, softmax, the loss and the optimizer are not counted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout that is not pip-installed
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from expmae.model import ExpMAE, ExpMAEConfig, _mae_num_kept, _tube_num_masked, get_config, tube_masking  # noqa: E402
+
+REFERENCE = "hf_videomae"
+CONFIGS = ("expmae", "expmae_unpacked", "mae", "videomae", REFERENCE)
+MODES = {"expmae": "expmae", "expmae_unpacked": "expmae", "mae": "mae", "videomae": "videomae"}
+
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, matched against the device name in order.
+PEAK_BF16_FLOPS = (
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM / HBM3
+    ("A100", 312e12),
+)
+
+# Defaults per preset. CPU: one thread, because single-thread step times (and CPU times) reproduce on shared and
+# CI machines, where two OpenMP threads contend with other work; pass --threads to change it.
+PRESETS = {
+    "cpu": dict(model="small", img_size=112, num_frames=16, batch_size=4, warmup=2, repeats=9, threads=1),
+    "cuda": dict(model="base", img_size=224, num_frames=16, batch_size=16, warmup=5, repeats=20, threads=None),
+    # a toy size that still has >1 token kept and masked per branch
+    "quick": dict(model="tiny", img_size=32, num_frames=4, batch_size=2, warmup=1, repeats=2, threads=1,
+                  overrides=dict(patch_size=8, depth=2, decoder_depth=1, video_decoder_depth=1)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs and hardware peaks
+# ---------------------------------------------------------------------------------------------------------------
+def transformer_forward_flops(seq_len: int, dim: int, depth: int, mlp_ratio: float) -> float:
+    """Forward FLOPs of `depth` pre-norm ViT layers on one sequence of `seq_len` tokens (see module docstring)."""
+    hidden = int(dim * mlp_ratio)
+    return depth * (2 * seq_len * (4 * dim * dim + 2 * dim * hidden) + 4 * seq_len**2 * dim)
+
+
+def branch_forward_flops(cfg: ExpMAEConfig, branch: str) -> float:
+    """Forward FLOPs per clip of one branch: 'mae' (one frame, random masking) or 'video' (tube masking)."""
+    p, C, N = cfg.patch_size, cfg.in_chans, cfg.num_patches
+    if branch == "mae":
+        visible, total, pixels = _mae_num_kept(N, cfg.mask_ratio), N, p * p * C
+        dec_dim, dec_depth = cfg.decoder_embed_dim, cfg.decoder_depth
+    else:
+        visible = cfg.num_time * (N - _tube_num_masked(N, cfg.video_mask_ratio))
+        total, pixels = cfg.num_time * N, cfg.tubelet_size * p * p * C
+        dec_dim, dec_depth = cfg.video_decoder_embed_dim, cfg.video_decoder_depth
+    return (2 * visible * pixels * cfg.embed_dim  # stem on visible tokens
+            + transformer_forward_flops(visible, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
+            + 2 * visible * cfg.embed_dim * dec_dim  # encoder -> decoder projection
+            + transformer_forward_flops(total, dec_dim, dec_depth, cfg.mlp_ratio)
+            + 2 * (total - visible) * dec_dim * pixels)  # head on the masked tokens
+
+
+def train_flops_per_clip(cfg: ExpMAEConfig, name: str) -> float:
+    branches = {"expmae": ("mae", "video"), "mae": ("mae",), "videomae": ("video",)}.get(MODES.get(name), ("video",))
+    return 3 * sum(branch_forward_flops(cfg, b) for b in branches)
+
+
+def encoder_tokens_per_clip(cfg: ExpMAEConfig, name: str) -> int:
+    N = cfg.num_patches
+    mae = _mae_num_kept(N, cfg.mask_ratio)
+    video = cfg.num_time * (N - _tube_num_masked(N, cfg.video_mask_ratio))
+    return {"expmae": mae + video, "mae": mae, "videomae": video}.get(MODES.get(name), video)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The configurations
+# ---------------------------------------------------------------------------------------------------------------
+def hf_videomae_config(cfg: ExpMAEConfig):
+    """The VideoMAEConfig of exactly our encoder + VideoMAE decoder (no dropout, SDPA, eps as timm)."""
+    from transformers import VideoMAEConfig
+
+    return VideoMAEConfig(
+        image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans, num_frames=cfg.num_frames,
+        tubelet_size=cfg.tubelet_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth,
+        num_attention_heads=cfg.num_heads, intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu",
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=1e-6, qv_bias=cfg.qkv_bias,
+        use_mean_pooling=False, decoder_hidden_size=cfg.video_decoder_embed_dim,
+        decoder_num_hidden_layers=cfg.video_decoder_depth, decoder_num_attention_heads=cfg.video_decoder_num_heads,
+        decoder_intermediate_size=int(cfg.video_decoder_embed_dim * cfg.mlp_ratio), norm_pix_loss=cfg.norm_pix_loss,
+        attn_implementation="sdpa")
+
+
+class ConfigRun:
+    """One benchmarked configuration: its model, optimizer and step, and what the report needs."""
+
+    def __init__(self, name: str, cfg: ExpMAEConfig, args, device: torch.device):
+        self.name = name
+        if name == REFERENCE:
+            from transformers import VideoMAEForPreTraining
+
+            hf_cfg = hf_videomae_config(cfg)
+            model = VideoMAEForPreTraining(hf_cfg)
+            if cfg.grad_checkpointing:
+                model.gradient_checkpointing_enable()
+            self.implementation = "transformers.VideoMAEForPreTraining"
+            # to_dict() leaves out the attention implementation the model really runs
+            self.model_config = {**hf_cfg.to_dict(), "attn_implementation": model.config._attn_implementation}
+        else:
+            fields = {**cfg.to_dict(), "mode": MODES[name]}
+            if name == "expmae_unpacked":
+                fields["pack_branches"] = False
+            model = ExpMAE(ExpMAEConfig(**fields))
+            self.implementation = "expmae.model.ExpMAE"
+            self.model_config = model.cfg.to_dict()
+        self.model = model.to(device).train()
+        self.params = sum(p.numel() for p in self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.05, betas=(0.9, 0.95),
+                                           **({"fused": True} if args.fused_adamw else {}))
+        self.step_ms: list[float] = []
+        self.cpu_ms: list[float] = []
+        self.transient_bytes = 0
+        # the model's own input layout, made once, outside the timed steps
+        g = torch.Generator().manual_seed(0)
+        clips = torch.randn(args.batch_size, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g)
+        clips = clips.to(device)
+        forward_model = torch.compile(self.model) if args.compile else self.model
+        if name == REFERENCE:
+            videos = clips.transpose(1, 2).contiguous()
+            B, T, N, ratio = args.batch_size, cfg.num_time, cfg.num_patches, cfg.video_mask_ratio
+            # the same tube masking (same count) as ours, drawn every step as ours does
+            self.forward: Callable[[], torch.Tensor] = lambda: forward_model(
+                pixel_values=videos, bool_masked_pos=tube_masking(B, T, N, ratio, device).mask).loss
+        else:
+            self.forward = lambda: forward_model(clips)["loss"]
+        amp = args.dtype == "bfloat16"
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if amp else nullcontext
+
+    def step(self) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast():
+            loss = self.forward()
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def persistent_bytes(self) -> int:
+        """Parameters + optimizer state (what stays allocated between steps)."""
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        for state in self.optimizer.state.values():
+            total += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+        return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_step(config: ConfigRun, device: torch.device) -> None:
+    """One step: wall ms and this process's CPU ms (all threads; on a shared machine it ignores the time spent
+    descheduled). On CUDA, synchronize on both sides; the step itself never syncs (no .item())."""
+    synchronize(device)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    config.step()
+    synchronize(device)
+    config.step_ms.append((time.perf_counter() - start) * 1e3)
+    config.cpu_ms.append((time.process_time() - start_cpu) * 1e3)
+
+
+def measure_transient_memory(config: ConfigRun, device: torch.device) -> tuple[int, str]:
+    """Bytes a step needs on top of parameters + optimizer state. CUDA: the allocator's peak during a real step.
+    CPU (no allocator statistics): the tensors saved for backward (deduplicated by storage, parameters excluded)
+    + the gradients, which is what is alive at the start of backward."""
+    if device.type == "cuda":
+        config.optimizer.zero_grad(set_to_none=True)  # the step's own gradients count as transient
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        config.step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before, "cuda_max_memory_allocated"
+    param_storages = {p.untyped_storage().data_ptr() for p in config.model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        config.step()
+    grads = sum(p.numel() * p.element_size() for p in config.model.parameters() if p.requires_grad)
+    return sum(saved.values()) + grads, "cpu_estimate_saved_activations_plus_grads"
+
+
+def git_commit() -> str | None:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit + ("-dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    return dict(torch=torch.__version__, transformers=transformers.__version__, python=platform.python_version(),
+                device=device.type, device_name=device_name(device), threads=torch.get_num_threads(),
+                cpu_count=os.cpu_count(), cuda=torch.version.cuda if device.type == "cuda" else None,
+                git_commit=git_commit(), time=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+def parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected key=value with key an ExpMAEConfig field")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default: cpu)")
+    parser.add_argument("--quick", action="store_true", help="toy size, 1 warm-up + 2 rounds (smoke test)")
+    parser.add_argument("--model", help="registry size: tiny | small | base | large (small on CPU, base on GPU)")
+    parser.add_argument("--img-size", type=int)
+    parser.add_argument("--num-frames", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--warmup", type=int, help="warm-up steps per configuration")
+    parser.add_argument("--repeats", type=int, help="timed rounds (one step of each configuration per round)")
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="ExpMAEConfig field override for every configuration, e.g. decoder_depth=1")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="float32, or bfloat16 autocast (fp32 weights); default float32 on CPU, bfloat16 on GPU")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's default on GPU)")
+    parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True,
+                        help="AdamW(fused=True) for every configuration (default: on)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (opt-in)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    preset = dict(PRESETS["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")])
+    for key in ("model", "img_size", "num_frames", "batch_size", "warmup", "repeats", "threads"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if args.dtype is None:
+        args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown or not names:
+        raise SystemExit(f"--configs {args.configs!r}: expected a comma-separated subset of {','.join(CONFIGS)}")
+    if args.repeats < 1 or args.warmup < 0 or args.batch_size < 1:
+        raise SystemExit("--repeats and --batch-size must be >= 1, --warmup >= 0")
+    overrides = {**preset.get("overrides", {}), **parse_overrides(args.overrides),
+                 "img_size": args.img_size, "num_frames": args.num_frames}
+    try:
+        cfg = get_config(args.model, **overrides)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+
+    if REFERENCE in names and (cfg.drop_path_rate > 0 or cfg.learn_pos_embed):
+        raise SystemExit(f"--set drop_path_rate={cfg.drop_path_rate} learn_pos_embed={cfg.learn_pos_embed}: "
+                         f"{REFERENCE} has neither; leave them at 0 / false or drop {REFERENCE} from --configs")
+    torch.manual_seed(args.seed)
+    configs = [ConfigRun(name, cfg, args, device) for name in names]
+
+    from tqdm import tqdm
+
+    for _ in range(args.warmup):
+        for c in configs:
+            c.step()
+    for c in configs:  # a broken configuration must not pass as fast
+        loss = c.step().float().item()
+        if not math.isfinite(loss):
+            raise SystemExit(f"{c.name}: the loss is {loss} after warm-up")
+    for _ in tqdm(range(args.repeats), desc="rounds", file=sys.stderr, disable=None):
+        for c in configs:
+            timed_step(c, device)
+    memory_method = None
+    for c in configs:
+        c.transient_bytes, memory_method = measure_transient_memory(c, device)
+
+    env = environment(device)
+    peak = peak_bf16_flops(env["device_name"]) if device.type == "cuda" and args.dtype == "bfloat16" else None
+    reference = next((c for c in configs if c.name == REFERENCE), None)
+    tokens_per_clip = cfg.num_time * cfg.num_patches
+    records = []
+    for c in configs:
+        median_ms = statistics.median(c.step_ms)
+        step_s = median_ms / 1e3
+        flops = train_flops_per_clip(cfg, c.name) * args.batch_size
+        record = dict(
+            bench="pretrain_step", config=c.name, implementation=c.implementation, reference=REFERENCE,
+            model=args.model, img_size=cfg.img_size, num_frames=cfg.num_frames, batch_size=args.batch_size, dtype=args.dtype, amp=args.dtype == "bfloat16", compile=args.compile,
+            fused_adamw=args.fused_adamw, warmup=args.warmup, repeats=args.repeats, interleaved=True,
+            median_step_ms=round(median_ms, 3), min_step_ms=round(min(c.step_ms), 3),
+            step_ms=[round(t, 3) for t in c.step_ms], median_cpu_ms=round(statistics.median(c.cpu_ms), 3),
+            clips_per_s=args.batch_size / step_s,
+            tokens_per_s=args.batch_size * tokens_per_clip / step_s,
+            encoder_tokens_per_s=args.batch_size * encoder_tokens_per_clip(cfg, c.name) / step_s,
+            ratio_to_reference=None, ratio_of_medians=None, ratio_to_reference_cpu=None,
+            model_flops_per_step=flops, achieved_tflops=flops / step_s / 1e12,
+            peak_bf16_tflops=peak / 1e12 if peak else None, mfu=flops / step_s / peak if peak else None,
+            peak_memory_mb=(c.persistent_bytes() + c.transient_bytes) / 2**20, memory_method=memory_method,
+            params_m=c.params / 1e6, tokens_per_clip=tokens_per_clip,
+            encoder_tokens_per_clip=encoder_tokens_per_clip(cfg, c.name),
+            model_config=c.model_config, env=env)
+        if reference is not None:
+            per_round = [a / b for a, b in zip(c.step_ms, reference.step_ms)]
+            record["ratio_to_reference"] = statistics.median(per_round)
+            record["ratio_of_medians"] = median_ms / statistics.median(reference.step_ms)
+            record["ratio_to_reference_cpu"] = statistics.median(
+                [a / b for a, b in zip(c.cpu_ms, reference.cpu_ms)])
+        records.append(record)
+
+    lines = [json.dumps(r) for r in records]
+    print("\n".join(lines), flush=True)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+    summary = ", ".join(f"{r['config']} {r['median_step_ms']:.1f} ms"
+                        + (f" (x{r['ratio_to_reference']:.3f}, cpu x{r['ratio_to_reference_cpu']:.3f})"
+                           if r["ratio_to_reference"] is not None else "")
+                        for r in records)
+    print(f"[bench_pretrain] {cfg.img_size}px x {cfg.num_frames} frames, batch {args.batch_size}, {args.dtype}, "
+          f"{env['threads']} threads on {env['device_name']}: {summary}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
