@@ -1,0 +1,359 @@
+"""Pretraining config: plain dataclasses, a YAML file, `section.key=value` overrides, validated up front.
+
+The validation path imports only the standard library and PyYAML, so a typo'd key fails in well under a
+second, before torch, accelerate or deepspeed are imported. Every error is one line naming the key, the
+value and what is allowed::
+
+    cfg = load_config("pretrain/configs/tiny_demo.yaml", ["train.batch_size=4", "model.mode=mae"])
+
+Checks live next to each field (``metadata``): ``choices``, ``min``/``max`` (inclusive), ``gt``/``lt``
+(exclusive). The model section mirrors ``expmae.model.ExpMAEConfig``: ``name`` picks a preset of the
+model registry and every other field left at ``None`` keeps that preset's value.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+MODES = ("expmae", "mae", "videomae")
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the key, the value and what is allowed."""
+
+
+def _f(default: Any = None, help: str = "", **checks: Any) -> Any:
+    """A dataclass field with its help text and checks (choices, min, max, gt, lt) in metadata."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
+    return field(default=default, metadata={"help": help, **checks})
+
+
+@dataclass
+class ModelConfig:
+    """Which model to pretrain: a registry preset plus overrides of its ExpMAEConfig fields (None = preset)."""
+
+    name: str = _f("tiny", "registry preset, see expmae.model.list_models()")
+    mode: str | None = _f(None, "which branches train the encoder", choices=MODES)
+    img_size: int | None = _f(None, "input height = width in pixels", min=1)
+    num_frames: int | None = _f(None, "frames per clip", min=1)
+    patch_size: int | None = _f(None, "ViT patch size", min=1)
+    tubelet_size: int | None = _f(None, "frames per VideoMAE tubelet", min=1)
+    in_chans: int | None = _f(None, "input channels", min=1)
+    embed_dim: int | None = _f(None, "encoder width", min=1)
+    depth: int | None = _f(None, "encoder blocks", min=1)
+    num_heads: int | None = _f(None, "encoder attention heads", min=1)
+    mlp_ratio: float | None = _f(None, "MLP hidden width / embed_dim", gt=0)
+    qkv_bias: bool | None = _f(None, "bias in the qkv projection")
+    drop_path_rate: float | None = _f(None, "stochastic depth rate", min=0, lt=1)
+    decoder_embed_dim: int | None = _f(None, "MAE (frame) decoder width", min=1)
+    decoder_depth: int | None = _f(None, "MAE (frame) decoder blocks", min=1)
+    decoder_num_heads: int | None = _f(None, "MAE (frame) decoder heads", min=1)
+    video_decoder_embed_dim: int | None = _f(None, "VideoMAE decoder width", min=1)
+    video_decoder_depth: int | None = _f(None, "VideoMAE decoder blocks", min=1)
+    video_decoder_num_heads: int | None = _f(None, "VideoMAE decoder heads", min=1)
+    mask_ratio: float | None = _f(None, "MAE random patch masking ratio", gt=0, lt=1)
+    video_mask_ratio: float | None = _f(None, "VideoMAE tube masking ratio", gt=0, lt=1)
+    norm_pix_loss: bool | None = _f(None, "per-patch normalised reconstruction targets")
+    mae_loss_weight: float | None = _f(None, "weight of the MAE loss in the total", min=0)
+    video_loss_weight: float | None = _f(None, "weight of the VideoMAE loss in the total", min=0)
+    learn_pos_embed: bool | None = _f(None, "trainable position embeddings (initialised sin-cos) instead of fixed")
+    grad_checkpointing: bool | None = _f(None, "activation checkpointing in the transformer blocks")
+    pack_branches: bool | None = _f(None, "run both branches' visible tokens through the encoder in one call")
+    mean: tuple[float, ...] | None = _f(None, "input normalisation mean, one value per channel", min=0)
+    std: tuple[float, ...] | None = _f(None, "input normalisation std, one value per channel", gt=0)
+
+    def overrides(self) -> dict[str, Any]:
+        """The ExpMAEConfig fields this config sets (everything but ``name`` that is not None)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+
+
+@dataclass
+class DataConfig:
+    source: str | None = _f(None, "expmae-crop output folder (manifest.jsonl), or a folder of videos")
+    sample_stride: int = _f(4, "frame stride within a clip", min=1)
+    num_workers: int = _f(4, "DataLoader worker processes per rank", min=0)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/expmae", "run folder: checkpoints/, tensorboard/, metrics.jsonl, recon/")
+    seed: int = _f(0, "seeds model init, masking, data order and augmentation", min=0)
+    batch_size: int = _f(32, "clips per device per micro-step", min=1)
+    grad_accum_steps: int = _f(1, "micro-steps per optimizer step", min=1)
+    epochs: int = _f(800, "schedule length in epochs (unless max_steps is set)", min=1)
+    max_steps: int | None = _f(None, "schedule length in optimizer steps; overrides epochs", min=1)
+    base_lr: float = _f(1.5e-4, "lr per 256 clips: lr = base_lr * global_batch / 256", gt=0)
+    lr: float | None = _f(None, "absolute peak lr; overrides base_lr scaling", gt=0)
+    min_lr: float = _f(0.0, "final lr of the cosine schedule", min=0)
+    warmup_epochs: float = _f(40.0, "linear warmup length in epochs (unless warmup_steps is set)", min=0)
+    warmup_steps: int | None = _f(None, "linear warmup length in optimizer steps", min=0)
+    weight_decay: float = _f(0.05, "AdamW weight decay (none on norms, biases, pos/mask tokens)", min=0)
+    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas", min=0, lt=1)
+    clip_grad: float = _f(0.0, "max global grad norm; 0 disables clipping", min=0)
+    max_nonfinite: int = _f(5, "consecutive non-finite losses that stop the run", min=1)
+
+
+@dataclass
+class LogConfig:
+    log_every: int = _f(10, "optimizer steps between TensorBoard scalars", min=1)
+    recon_every: int = _f(500, "optimizer steps between reconstruction grids (0 = only at the end)", min=0)
+    recon_samples: int = _f(2, "clips shown in a reconstruction grid", min=1)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _f(1000, "optimizer steps between checkpoints (the end always gets one)", min=1)
+    keep_last: int = _f(3, "complete checkpoints kept; older ones are pruned", min=1)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, so tests can exercise the non-finite guard on the real training path."""
+
+    nonfinite_steps: list[int] = _f([], "micro-steps (0-based, global) whose loss is replaced by NaN")
+    nonfinite_rank: int = _f(-1, "rank that sees the injected NaN; -1 = all ranks", min=-1)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = typing.get_type_hints(PretrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _allowed(names: Sequence[str]) -> str:
+    return ", ".join(names)
+
+
+def _unknown(key: str, name: str, known: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"{where}unknown key '{key}'{hint}; allowed: {_allowed(known)}")
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin in (tuple, list):
+        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
+        inner = plural.get(args[0], "values") if args else "values"
+        n = "" if origin is list or (len(args) == 2 and args[1] is Ellipsis) else f" {len(args)}"
+        return f"a list of{n} {inner}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert a YAML value or a CLI string to ``tp``; raise ValueError when it does not fit."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            return _coerce(value, arg)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ValueError
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            return int(value.replace("_", ""))
+        raise ValueError
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            import yaml
+
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ValueError
+            return tuple(_coerce(v, a) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        items = [v if item is Any else _coerce(v, item) for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _check(key: str, value: Any, meta: dict) -> None:
+    """Range and choice checks from the field's metadata; ``None`` (keep default/preset) always passes."""
+    if value is None:
+        return
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if "choices" in meta and v not in meta["choices"]:
+            raise ConfigError(f"{key}={v!r} is not allowed; allowed values: {_allowed(meta['choices'])}")
+        bounds = []
+        if "min" in meta:
+            bounds.append((v >= meta["min"], f">= {meta['min']}"))
+        if "gt" in meta:
+            bounds.append((v > meta["gt"], f"> {meta['gt']}"))
+        if "max" in meta:
+            bounds.append((v <= meta["max"], f"<= {meta['max']}"))
+        if "lt" in meta:
+            bounds.append((v < meta["lt"], f"< {meta['lt']}"))
+        if not all(ok for ok, _ in bounds):
+            raise ConfigError(f"{key}={v!r} is out of range; expected a value {' and '.join(b for _, b in bounds)}")
+
+
+def _set_field(section_obj: Any, section: str, name: str, raw: Any, where: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    key = f"{section}.{name}"
+    if name not in fields:
+        raise _unknown(key, name, list(fields), where)
+    tp = typing.get_type_hints(type(section_obj))[name]
+    try:
+        value = _coerce(raw, tp)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{where}{key}={raw!r} is not {_type_name(tp)}") from None
+    try:
+        _check(key, value, dict(fields[name].metadata))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    setattr(section_obj, name, value)
+
+
+def apply_dict(cfg: PretrainConfig, data: Any, where: str = "") -> PretrainConfig:
+    """Set the values of a nested mapping {section: {key: value}} on ``cfg``, checking every key."""
+    if data is None:
+        return cfg
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}expected a mapping of sections ({_allowed(SECTIONS)}), got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise _unknown(str(section), str(section), list(SECTIONS), where)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}section '{section}' must be a mapping of keys, got {values!r}")
+        for name, raw in values.items():
+            _set_field(getattr(cfg, section), section, str(name), raw, where)
+    return cfg
+
+
+def apply_overrides(cfg: PretrainConfig, overrides: Sequence[str]) -> PretrainConfig:
+    """Apply CLI overrides ``section.key=value``; the value is parsed by the field's type."""
+    for item in overrides:
+        dotted, sep, raw = item.partition("=")
+        section, dot, name = dotted.strip().partition(".")
+        if not sep or not dot or not name:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (sections: {_allowed(SECTIONS)})")
+        if section not in SECTIONS:
+            raise _unknown(dotted, section, list(SECTIONS), "override: ")
+        _set_field(getattr(cfg, section), section, name, raw, "override: ")
+    return cfg
+
+
+def validate(cfg: PretrainConfig) -> PretrainConfig:
+    """Cross-field checks that no single field can make (the model's own shape checks run in ExpMAEConfig)."""
+    m = cfg.model
+    if m.img_size is not None and m.patch_size is not None and m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size={m.img_size} must be divisible by model.patch_size={m.patch_size}")
+    if m.num_frames is not None and m.tubelet_size is not None and m.num_frames % m.tubelet_size:
+        raise ConfigError(f"model.num_frames={m.num_frames} must be divisible by model.tubelet_size={m.tubelet_size}")
+    if m.embed_dim is not None and m.num_heads is not None and m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads}")
+    if cfg.data.source is None:
+        raise ConfigError("data.source is not set; expected an expmae-crop output folder or a folder of videos")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """Defaults <- YAML file <- CLI overrides, then validated. Raises ConfigError (one line)."""
+    cfg = PretrainConfig()
+    if path is not None:
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            line = getattr(getattr(exc, "problem_mark", None), "line", None)
+            at = f" at line {line + 1}" if line is not None else ""
+            raise ConfigError(f"{path}: invalid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        apply_dict(cfg, data, where=f"{path}: ")
+    apply_overrides(cfg, overrides)
+    return validate(cfg)
+
+
+def from_dict(data: dict) -> PretrainConfig:
+    """Rebuild a config saved with :func:`save_config` (e.g. from a checkpoint); checks keys, not data.source."""
+    return apply_dict(PretrainConfig(), data)
+
+
+def to_yaml(cfg: PretrainConfig) -> str:
+    """The config as plain YAML (tuples as lists, no python tags)."""
+    import yaml
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
+def save_config(cfg: PretrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically): the run's record of what it trained."""
+    from expmae.jobs import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(to_yaml(cfg), encoding="utf-8")
+    return Path(path)
+
+
+def describe() -> str:
+    """Every key with its default and help, for ``train.py --help-config``."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            extra = f" (allowed: {_allowed(f.metadata['choices'])})" if "choices" in f.metadata else ""
+            lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)

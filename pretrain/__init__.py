@@ -1,0 +1,1 @@
+"""expMAE pretraining entry points: `accelerate launch pretrain/train.py` and `python -m pretrain.demo`."""
