@@ -3,6 +3,8 @@
     expmae-features audio VIDEOS FEATURES --model /models/chinese-hubert-large
     expmae-features text  VIDEOS FEATURES --model /models/chinese-macbert-large --transcripts transcription.csv
     expmae-features clip  FACES  FEATURES --model /models/clip-vit-large-patch14
+    expmae-features video FACES  FEATURES --model /models/expmae-base    (an expmae-export encoder folder)
+    expmae-features frame VIDEOS FEATURES --model /models/expmae-base --crop   (raw videos: faces cropped first)
 
 Each run writes ``FEATURES/<extractor>/<sample>.npy``, the folder named as in the MER2023 baseline
 (``chinese-hubert-large-UTT``; ``--name`` overrides). Rerunning resumes; failures go to failures.jsonl.
@@ -22,6 +24,8 @@ MODALITIES = {
     "audio": ("expmae.features.audio", "HuBERT/wav2vec2 features of each video's sound track (16 kHz mono)"),
     "text": ("expmae.features.text", "BERT-family features of each sample's transcript (MER2023 CSV)"),
     "clip": ("expmae.features.clip", "CLIP image features of face frames, from face-cropped videos"),
+    "video": ("expmae.features.visual", "expMAE clip features (sliding windows of T frames) of face videos"),
+    "frame": ("expmae.features.visual", "expMAE frame features (evenly spaced frames) of face videos"),
 }
 
 

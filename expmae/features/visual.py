@@ -1,0 +1,269 @@
+"""expMAE visual features from an exported encoder folder (``expmae-export``): ``video`` and ``frame`` level.
+
+- ``video``: sliding windows of T frames taken ``sample_stride`` apart (as in pretraining), window starts
+  ``clip_stride`` frames apart (default T x sample_stride: back to back), each through the clip encoder
+  (``forward_clips``) and mean-pooled over its tokens: segment level (N_clips, D). A video shorter than one
+  window gives one window that repeats its last frame (as the pretraining loader does).
+- ``frame``: ``num_frames`` frames spread evenly over the video (all when 0), each through the frame encoder
+  (``forward_frames``) and mean-pooled over its patch tokens, which is exactly the exported timm model's
+  ``forward()``: frame level (N_frames, D).
+- utterance level (``pooling="mean"``): the mean over clips / frames, (D,). D = the encoder's embed_dim.
+
+Input: face clips (an ``expmae-crop`` output folder, mp4 or npy, or any folder of face videos), or raw videos
+with ``crop=True``: the main face is cropped on the fly by expmae.facecrop (MTCNN), nothing is kept on disk.
+Frames are centre-cropped to a square, resized to the encoder's img_size (PIL bilinear, as expmae.data does)
+and normalised with the encoder's mean / std. Everything is deterministic (eval mode, no random sampling).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from expmae.features.clip import frame_indices
+from expmae.features.common import list_inputs, model_fingerprint, pool, resolve_device, resolve_dtype, run_extraction
+
+MODALITIES = ("video", "frame")
+DEFAULT_SAMPLE_STRIDE = 4  # expmae.config's data.sample_stride default, for encoders that do not record theirs
+DEFAULT_FRAME_COUNT = 16
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+def clip_windows(num_available: int, num_frames: int, sample_stride: int, clip_stride: int | None = None,
+                 max_clips: int = 0) -> np.ndarray:
+    """Frame indices (N, num_frames) of the sliding windows over a video of ``num_available`` frames.
+
+    Windows start at 0, clip_stride, 2 x clip_stride, ... while they fit; ``max_clips`` > 0 keeps that many,
+    spread evenly. A video shorter than one window gives one window padded with its last frame.
+    """
+    from expmae.data import sample_frame_indices
+
+    if num_frames < 1 or sample_stride < 1 or (clip_stride is not None and clip_stride < 1) or max_clips < 0:
+        raise ValueError(f"num_frames={num_frames}, sample_stride={sample_stride}, clip_stride={clip_stride}, "
+                         f"max_clips={max_clips}: expected positive values (max_clips >= 0)")
+    span = (num_frames - 1) * sample_stride + 1
+    if num_available < span:
+        return sample_frame_indices(num_available, num_frames, sample_stride, None, "pad")[None]
+    starts = np.arange(0, num_available - span + 1, clip_stride or num_frames * sample_stride)
+    if 0 < max_clips < len(starts):
+        starts = starts[np.unique(np.linspace(0, len(starts) - 1, max_clips).round().astype(np.int64))]
+    return starts[:, None] + np.arange(num_frames)[None] * sample_stride
+
+
+def _frame_reader(source) -> tuple[int, Any]:
+    """(frame count, read(indices) -> uint8 (N, H, W, 3)) for a video file, a .npy face clip or a frame array."""
+    if isinstance(source, np.ndarray) or _is_tensor(source):
+        frames = source.numpy() if _is_tensor(source) else source
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise ValueError(f"frames: expected uint8 (T, H, W, 3) with T > 0, got {frames.dtype}{tuple(frames.shape)}")
+        return len(frames), lambda idx: np.ascontiguousarray(frames[idx])
+    path = Path(source)
+    if path.suffix.lower() == ".npy":
+        try:
+            clip = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read as a .npy face clip ({exc})") from None
+        if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or len(clip) == 0:
+            raise ValueError(f"{path}: a {clip.dtype} array shaped {clip.shape}; expected a uint8 (T, H, W, 3) face clip")
+        return len(clip), lambda idx: np.ascontiguousarray(clip[idx])
+    from expmae.video import open_video, read_frames
+
+    reader = open_video(path)
+    return len(reader), lambda idx: read_frames(reader, idx, path)
+
+
+def _is_tensor(x) -> bool:
+    import torch
+
+    return torch.is_tensor(x)
+
+
+def crop_face_frames(path: str | os.PathLike, size: int = 224, device: str = "cpu") -> tuple[np.ndarray, dict]:
+    """The main face of a raw video as uint8 (T, size, size, 3), cropped by expmae.facecrop (MTCNN, tracking,
+    smoothing) into a temporary file; returns the frames and the crop tool's record (detection rate, ...)."""
+    from expmae.facecrop import CropOptions, crop_video
+
+    with tempfile.TemporaryDirectory(prefix="expmae-crop-") as tmp:
+        out = Path(tmp) / "face.npy"
+        record = crop_video(path, out, CropOptions(size=size, format="npy", device=device))
+        return np.load(out), record
+
+
+# ----------------------------------------------------------------------------------------------- extractor
+class VisualFeatureExtractor:
+    """An expMAE encoder as ``video / frames -> features (N, D)``: ``load`` (CPU: decode, crop, resize) then
+    ``encode`` (batched, on the GPU when there is one); ``extractor(source)`` does both.
+
+    ``encoder``: an encoder folder, or an already loaded ExpMAEEncoder / ExpMAE (``expmae.load_encoder``).
+    """
+
+    def __init__(self, encoder, *, modality: str = "video", num_frames: int | None = None,
+                 sample_stride: int | None = None, clip_stride: int | None = None, max_clips: int = 0,
+                 batch_size: int = 8, device: str = "auto", dtype: str = "float32", crop: bool = False):
+        import torch
+
+        from expmae.export import load_encoder, read_encoder_config, unwrap_encoder
+
+        if modality not in MODALITIES:
+            raise ValueError(f"modality={modality!r}: expected one of {MODALITIES}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
+        self.encoder_dir: Path | None = None
+        recorded_stride = None
+        if isinstance(encoder, (str, os.PathLike)):
+            self.encoder_dir = Path(encoder)
+            recorded_stride = read_encoder_config(self.encoder_dir)["expmae"].get("clip", {}).get("sample_stride")
+            encoder = load_encoder(self.encoder_dir)
+        encoder = unwrap_encoder(encoder)
+        self.encoder = encoder.to(self.device, self.dtype).eval()
+        self.cfg = cfg = encoder.cfg
+        self.modality, self.batch_size, self.crop = modality, batch_size, crop
+        self.sample_stride = int(sample_stride or recorded_stride or DEFAULT_SAMPLE_STRIDE)
+        if modality == "video":
+            self.num_frames = num_frames or cfg.num_frames
+            if self.num_frames % cfg.tubelet_size or self.num_frames > cfg.num_frames:
+                raise ValueError(f"num_frames={self.num_frames}: expected a multiple of tubelet_size={cfg.tubelet_size} "
+                                 f"and at most the encoder's num_frames={cfg.num_frames}")
+        else:
+            self.num_frames = DEFAULT_FRAME_COUNT if num_frames is None else num_frames
+            if self.num_frames < 0:
+                raise ValueError(f"num_frames={self.num_frames}: expected >= 0 (0: every frame)")
+        self.clip_stride, self.max_clips = clip_stride, max_clips
+        if modality == "video":
+            clip_windows(1, self.num_frames, self.sample_stride, clip_stride, max_clips)  # validate now
+        self._torch = torch
+
+    @property
+    def settings(self) -> dict:
+        """What determines the features (recorded in the feature folder's extractor.json)."""
+        out = {"modality": self.modality, "num_frames": self.num_frames, "crop": self.crop,
+               "dtype": str(self.dtype).replace("torch.", "")}
+        if self.modality == "video":
+            out.update(sample_stride=self.sample_stride, clip_stride=self.clip_stride, max_clips=self.max_clips)
+        if self.encoder_dir is not None:
+            out.update(encoder=self.encoder_dir.resolve().name, encoder_config=model_fingerprint(self.encoder_dir))
+        return out
+
+    def load(self, source) -> dict:
+        """Decode (and crop) one video / .npy clip / frame array: uint8 frames (3, U, S, S) + which to use."""
+        from expmae.data import center_crop_box, crop_resize_frames
+
+        info: dict[str, Any] = {}
+        if self.crop:
+            if not isinstance(source, (str, os.PathLike)):
+                raise ValueError("crop=True needs a video path (frames given as an array are used as they are)")
+            size = self.cfg.img_size
+            if size < 32 or size % 2 or size in (48, 72):  # sizes the crop tool refuses (video / decord limits)
+                size = 224
+            frames, record = crop_face_frames(source, size, str(self.device) if self.device.type == "cuda" else "cpu")
+            info["crop"] = {k: record[k] for k in ("start", "frames", "detection_rate", "face_side") if k in record}
+            source = frames
+        total, read = _frame_reader(source)
+        if self.modality == "video":
+            windows = clip_windows(total, self.num_frames, self.sample_stride, self.clip_stride, self.max_clips)
+        else:
+            windows = frame_indices(total, self.num_frames)[:, None]  # one "window" of one frame each
+        unique, inverse = np.unique(windows, return_inverse=True)
+        frames = read(unique)
+        h, w = frames.shape[1:3]
+        pixels = crop_resize_frames(frames, center_crop_box(h, w), self.cfg.img_size)  # (3, U, S, S) uint8
+        info.update(source_frames=int(total), size=[int(h), int(w)])
+        return {"pixels": pixels, "windows": inverse.reshape(windows.shape), "info": info}
+
+    def encode(self, loaded: dict) -> tuple[np.ndarray, dict]:
+        """(N, D) float32: one row per clip (video) or frame (frame), tokens mean-pooled."""
+        from expmae.data import normalize_clips
+
+        torch = self._torch
+        pixels, windows = loaded["pixels"], torch.from_numpy(loaded["windows"])
+        cfg, out = self.cfg, []
+        with torch.inference_mode():
+            for start in range(0, len(windows), self.batch_size):
+                idx = windows[start : start + self.batch_size]
+                x = pixels[:, idx].permute(1, 0, 2, 3, 4).to(self.device)  # (B, 3, T, S, S) uint8
+                x = normalize_clips(x, dtype=self.dtype, mean=cfg.mean, std=cfg.std)
+                if self.modality == "video":
+                    tokens = self.encoder.forward_clips(x)
+                else:
+                    tokens = self.encoder.forward_frames(x[:, :, 0])
+                out.append(tokens.float().mean(dim=1).cpu().numpy())
+        count = "clips" if self.modality == "video" else "frames"
+        return np.concatenate(out, axis=0), {**loaded["info"], count: int(len(windows))}
+
+    def __call__(self, source) -> np.ndarray:
+        return self.encode(self.load(source))[0]
+
+
+def extract(video_or_frames, encoder, *, modality: str = "video", pooling: str = "mean", **options) -> np.ndarray:
+    """Features of one video (a path: video file or .npy face clip) or of frames (uint8 (T, H, W, 3)), for
+    notebooks: (D,) with ``pooling="mean"``, else (N, D) per clip (video) or frame (frame).
+
+    ``encoder``: an encoder folder or a loaded encoder (``expmae.load_encoder(folder)``: load it once when
+    calling this in a loop). ``options``: see :class:`VisualFeatureExtractor` (num_frames, sample_stride,
+    clip_stride, max_clips, batch_size, device, dtype, crop).
+    """
+    extractor = VisualFeatureExtractor(encoder, modality=modality, **options)
+    return pool(extractor(video_or_frames), pooling)
+
+
+def extract_visual_features(
+    videos: str | os.PathLike | Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    encoder_dir: str | os.PathLike,
+    *,
+    modality: str = "video",
+    pooling: str = "mean",
+    num_frames: int | None = None,
+    sample_stride: int | None = None,
+    clip_stride: int | None = None,
+    max_clips: int = 0,
+    crop: bool = False,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "float32",
+    limit: int | None = None,
+    retry_failed: bool = False,
+    prefetch: int = 2,
+    progress: bool = True,
+):
+    """One ``<video stem>.npy`` per video in ``out_dir`` ((D,) for pooling="mean", (N, D) for "none"); resumable,
+    failures recorded in failures.jsonl. Returns the job's JobSummary."""
+    videos = list_inputs(videos)  # a bad INPUT fails before the model loads
+    extractor = VisualFeatureExtractor(encoder_dir, modality=modality, num_frames=num_frames,
+                                       sample_stride=sample_stride, clip_stride=clip_stride, max_clips=max_clips,
+                                       batch_size=batch_size, device=device, dtype=dtype, crop=crop)
+    return run_extraction(videos, out_dir, load=extractor.load, encode=extractor.encode, pooling=pooling,
+                          settings=extractor.settings, limit=limit, retry_failed=retry_failed, prefetch=prefetch,
+                          desc=f"expMAE {modality} features", progress=progress)
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--num-frames", type=int, default=None,
+                        help="video: frames per clip (default: the encoder's); frame: frames per video, evenly "
+                             f"spaced (default {DEFAULT_FRAME_COUNT}, 0: every frame)")
+    parser.add_argument("--sample-stride", type=int, default=None,
+                        help="video: frame step inside a clip (default: the one recorded at pretraining, else "
+                             f"{DEFAULT_SAMPLE_STRIDE})")
+    parser.add_argument("--clip-stride", type=int, default=None,
+                        help="video: frames between clip starts (default num_frames x sample_stride: back to back)")
+    parser.add_argument("--max-clips", type=int, default=0, help="video: at most this many clips, evenly spread (0: all)")
+    parser.add_argument("--crop", action="store_true",
+                        help="inputs are raw videos: crop the main face first (expmae-crop's MTCNN pipeline)")
+    parser.add_argument("--batch-size", type=int, default=8, help="clips (video) or frames (frame) per forward pass")
+
+
+def run_cli(args: argparse.Namespace, out_root: Path):
+    level = "UTT" if args.pooling == "mean" else "FRA"
+    out_dir = out_root / (args.name or f"{Path(args.model).expanduser().resolve().name}-{args.modality}-{level}")
+    summary = extract_visual_features(
+        args.input, out_dir, args.model, modality=args.modality, pooling=args.pooling, num_frames=args.num_frames,
+        sample_stride=args.sample_stride, clip_stride=args.clip_stride, max_clips=args.max_clips, crop=args.crop,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, limit=args.limit,
+        retry_failed=args.retry_failed, prefetch=args.prefetch, progress=not args.no_progress)
+    return out_dir, summary

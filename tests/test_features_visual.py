@@ -1,0 +1,215 @@
+"""expMAE video / frame features: window and frame sampling against hand-computed indices, values against the
+encoder (clips) and the exported timm model (frames), folder jobs (one file per video, resume, failures,
+determinism), the notebook API, the CLI, on-the-fly face cropping, and real face crops when available.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import moving_pattern, write_video
+
+from expmae.export import create_timm_model, load_encoder, save_encoder
+from expmae.features.visual import VisualFeatureExtractor, clip_windows, extract, extract_visual_features
+from expmae.model import create_model
+
+# 32 px, patch 8, 4 frames, tubelet 2, width 48: features are 48-d. Pretraining recorded sample_stride=2.
+# Non-ImageNet mean / std, so the test sees that the encoder's own normalisation is used.
+MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, mean=MEAN, std=STD)
+D = 48
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("tiny", **TINY)
+    with torch.no_grad():
+        for p in model.parameters():  # norms start at 1 / 0: perturb so every weight matters
+            p.add_(torch.randn_like(p) * 0.05)
+    return save_encoder(model, tmp_path_factory.mktemp("enc") / "expmae-tiny", sample_stride=2, model_name="tiny")
+
+
+def normalise(frames_uint8: np.ndarray) -> torch.Tensor:
+    """(..., H, W, 3) uint8 -> normalised with the encoder's MEAN / STD, channels moved to dim -3 (by hand)."""
+    x = torch.from_numpy(frames_uint8).float() / 255.0
+    x = (x - torch.tensor(MEAN)) / torch.tensor(STD)
+    return x.movedim(-1, -3)
+
+
+# ---------------------------------------------------------------------------------- sampling
+def test_clip_windows_hand_computed():
+    # 4 frames 2 apart span 7 frames; back to back means starts 8 apart: 0, 8, 16 fit in 23 frames
+    assert clip_windows(23, 4, 2).tolist() == [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18, 20, 22]]
+    assert clip_windows(22, 4, 2).tolist() == [[0, 2, 4, 6], [8, 10, 12, 14]]
+    assert clip_windows(23, 4, 2, clip_stride=5).tolist() == [[0, 2, 4, 6], [5, 7, 9, 11], [10, 12, 14, 16],
+                                                              [15, 17, 19, 21]]
+    assert clip_windows(40, 4, 1, clip_stride=1, max_clips=3).tolist() == [[0, 1, 2, 3], [18, 19, 20, 21],
+                                                                           [36, 37, 38, 39]]
+    assert clip_windows(3, 4, 2).tolist() == [[0, 2, 2, 2]]  # shorter than one window: hold the last frame
+    with pytest.raises(ValueError, match="positive"):
+        clip_windows(10, 4, 0)
+
+
+# ---------------------------------------------------------------------------------- values
+@pytest.fixture
+def npy_clips(tmp_path):
+    """An expmae-crop output folder with .npy face clips: 23 frames (3 clips) and 3 frames (1 padded clip)."""
+    rng = np.random.default_rng(0)
+    clips = {"long": rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8),
+             "short": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)}
+    (tmp_path / "crops" / "clips").mkdir(parents=True)
+    for name, clip in clips.items():
+        np.save(tmp_path / "crops" / "clips" / f"{name}.npy", clip)
+    return tmp_path / "crops", clips
+
+
+def test_video_features_are_the_encoder_on_the_documented_windows(encoder_dir, npy_clips, tmp_path):
+    crops, clips = npy_clips
+    summary = extract_visual_features(crops, tmp_path / "fra", encoder_dir, modality="video", pooling="none",
+                                      progress=False)
+    assert (summary.done, summary.failed) == (2, 0)
+    encoder = load_encoder(encoder_dir)
+    windows = {"long": [[0, 2, 4, 6], [8, 10, 12, 14], [16, 18, 20, 22]], "short": [[0, 2, 2, 2]]}
+    for name, idx in windows.items():
+        x = normalise(clips[name][np.array(idx)]).transpose(1, 2)  # (N, 3, T, H, W)
+        with torch.no_grad():
+            expected = encoder.forward_clips(x).mean(dim=1).numpy()
+        got = np.load(tmp_path / "fra" / f"{name}.npy")
+        assert got.shape == (len(idx), D) and got.dtype == np.float32
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+    # utterance level is the mean over clips
+    extract_visual_features(crops, tmp_path / "utt", encoder_dir, modality="video", progress=False)
+    utt = np.load(tmp_path / "utt" / "long.npy")
+    assert utt.shape == (D,)
+    np.testing.assert_allclose(utt, np.load(tmp_path / "fra" / "long.npy").mean(0), atol=1e-6)
+
+
+def test_frame_features_are_the_exported_timm_model(encoder_dir, npy_clips, tmp_path):
+    crops, clips = npy_clips
+    extract_visual_features(crops, tmp_path / "fra", encoder_dir, modality="frame", num_frames=5, pooling="none",
+                            progress=False)
+    timm_model = create_timm_model(encoder_dir)
+    for name, idx in {"long": [0, 6, 11, 16, 22], "short": [0, 1, 2]}.items():  # evenly spaced, ends included
+        got = np.load(tmp_path / "fra" / f"{name}.npy")
+        with torch.no_grad():
+            expected = timm_model(normalise(clips[name][idx])).numpy()
+        assert got.shape == (len(idx), D)
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def test_notebook_api_matches_the_folder_job(encoder_dir, npy_clips, tmp_path):
+    import expmae.features
+
+    crops, clips = npy_clips
+    extract_visual_features(crops, tmp_path / "fra", encoder_dir, modality="video", pooling="none", progress=False)
+    expected = np.load(tmp_path / "fra" / "long.npy")
+    np.testing.assert_allclose(expmae.features.extract(crops / "clips" / "long.npy", encoder_dir, pooling="none"),
+                               expected, atol=1e-6)
+    encoder = load_encoder(encoder_dir)  # a loaded encoder works too; frames as an array or a uint8 tensor
+    np.testing.assert_allclose(extract(clips["long"], encoder, pooling="none", sample_stride=2), expected, atol=1e-6)
+    utt = extract(torch.from_numpy(clips["long"]), encoder, sample_stride=2)
+    np.testing.assert_allclose(utt, expected.mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match=r"expected uint8 \(T, H, W, 3\)"):
+        extract(clips["long"].astype(np.float32), encoder)
+    with pytest.raises(ValueError, match="num_frames=6: expected a multiple of tubelet_size=2 and at most"):
+        extract(clips["long"], encoder, num_frames=6)
+
+
+# ---------------------------------------------------------------------------------- folder jobs on videos
+@pytest.fixture
+def video_folder(tmp_path):
+    root = tmp_path / "videos"
+    write_video(root / "a.mp4", moving_pattern(num_frames=24, size=64, seed=1))
+    write_video(root / "b.mp4", moving_pattern(num_frames=10, size=64, seed=2))
+    (root / "broken.mp4").write_bytes(b"\x00\x01not a video" * 50)
+    return root
+
+
+def test_video_folder_one_file_per_video_resume_failures_determinism(encoder_dir, video_folder, tmp_path):
+    out = tmp_path / "features"
+    summary = extract_visual_features(video_folder, out, encoder_dir, pooling="none", progress=False)
+    assert (summary.total, summary.done, summary.failed) == (3, 2, 1)
+    assert sorted(p.name for p in out.glob("*.npy")) == ["a.npy", "b.npy"]
+    assert np.load(out / "a.npy").shape == (3, D)  # 24 frames: windows at 0, 8, 16 (64 px resized to 32)
+    assert np.load(out / "b.npy").shape == (1, D)  # 10 frames: one window
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [f["key"] for f in failures] == ["broken"] and "\n" not in failures[0]["reason"]
+    records = {json.loads(line)["key"]: json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()}
+    assert records["a"]["clips"] == 3 and records["a"]["source_frames"] == 24 and records["a"]["size"] == [64, 64]
+
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    again = extract_visual_features(video_folder, out, encoder_dir, pooling="none", progress=False)
+    assert (again.done, again.skipped, again.failed) == (0, 2, 1)  # resumed: nothing redone
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")} == before
+
+    other = tmp_path / "features2"
+    extract_visual_features(video_folder, other, encoder_dir, pooling="none", progress=False, prefetch=0)
+    for name in ("a.npy", "b.npy"):
+        assert np.array_equal(np.load(out / name), np.load(other / name))  # deterministic
+
+    with pytest.raises(ValueError, match="sample_stride=2, not 3"):  # one folder never mixes settings
+        extract_visual_features(video_folder, out, encoder_dir, pooling="none", sample_stride=3, progress=False)
+
+
+def test_cli_video_and_frame(encoder_dir, video_folder, tmp_path, capsys):
+    from expmae.features.cli import main
+
+    out = tmp_path / "features"
+    assert main(["frame", str(video_folder), str(out), "--model", str(encoder_dir), "--num-frames", "4",
+                 "--pooling", "none", "--no-progress"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["done"] == 2 and printed["failed"] == 1
+    assert printed["out_dir"] == str(out / "expmae-tiny-frame-FRA")
+    assert np.load(out / "expmae-tiny-frame-FRA" / "a.npy").shape == (4, D)
+    assert main(["video", str(video_folder), str(out), "--model", str(encoder_dir), "--no-progress"]) == 0
+    assert np.load(out / "expmae-tiny-video-UTT" / "b.npy").shape == (D,)
+    capsys.readouterr()
+    assert main(["video", str(video_folder), str(out), "--model", str(tmp_path / "no-encoder")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not an expmae encoder folder" in err[0]
+
+
+# ---------------------------------------------------------------------------------- raw videos, real faces
+def test_raw_videos_are_face_cropped_on_the_fly(encoder_dir, tmp_path):
+    from expmae.synthetic import make_face_videos, make_noface_video
+
+    raw = tmp_path / "raw"
+    make_face_videos(raw, n=1, num_frames=16, size=128)
+    make_noface_video(raw / "noface.mp4", num_frames=16, size=128)
+    out = tmp_path / "features"
+    summary = extract_visual_features(raw, out, encoder_dir, modality="frame", num_frames=4, pooling="none",
+                                      crop=True, progress=False)
+    assert (summary.done, summary.failed) == (1, 1)
+    (face,) = [p for p in out.glob("*.npy")]
+    assert np.load(face).shape == (4, D)
+    record = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
+    assert record["crop"]["detection_rate"] > 0.5
+    reason = json.loads((out / "failures.jsonl").read_text().splitlines()[0])["reason"]
+    assert reason.startswith("NoFaceError")
+
+
+def test_real_face_crops(encoder_dir, shared_data):
+    crops = sorted((shared_data / "marlin").glob("cropped*.mp4"))
+    if not crops:
+        pytest.skip(f"no marlin face crops in {shared_data}")
+    encoder = load_encoder(encoder_dir)
+    for path in crops[:2]:
+        frames = extract(path, encoder, modality="frame", num_frames=3, pooling="none")
+        clips = extract(path, encoder, modality="video", max_clips=2, pooling="none")
+        assert frames.shape == (3, D) and clips.shape[1] == D and 1 <= clips.shape[0] <= 2
+        assert np.isfinite(frames).all() and np.isfinite(clips).all()
+        assert not np.allclose(frames[0], frames[-1])  # different frames of a real face video differ
+
+
+def test_extractor_settings_record_the_encoder(encoder_dir):
+    extractor = VisualFeatureExtractor(encoder_dir, modality="video")
+    assert extractor.num_frames == 4 and extractor.sample_stride == 2  # the encoder's T and recorded stride
+    settings = extractor.settings
+    assert settings["encoder"] == "expmae-tiny" and len(settings["encoder_config"]) == 16
+    assert VisualFeatureExtractor(encoder_dir, modality="frame").num_frames == 16
+    with pytest.raises(ValueError, match="modality='audio'"):
+        VisualFeatureExtractor(encoder_dir, modality="audio")
