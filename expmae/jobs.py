@@ -205,8 +205,9 @@ def _run_pool(todo, work, workers, record, bar) -> None:
             try:
                 while pending or in_flight:
                     while pending and len(in_flight) < 2 * workers:
-                        k, item = pending.pop(0)
-                        in_flight[pool.submit(_call, work, item)] = (k, item)
+                        k, item = pending[0]
+                        in_flight[pool.submit(_call, work, item)] = (k, item)  # raises if the pool broke:
+                        pending.pop(0)  # so only dequeue once submitted, or the input would be lost
                     done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
                     for fut in done:
                         result = fut.result()  # raises BrokenProcessPool if a worker died
