@@ -16,6 +16,15 @@ Finished folds are skipped on a rerun with the same settings and the same featur
 
     expmae-finetune --labels train-label.csv --features audio=feats/hubert text=feats/macbert visual=feats/expmae \
         --test test3-label.csv --head attention --out runs/mer
+
+End-to-end mode (``--videos`` + ``--encoder``, expmae.e2e): the same protocol, but each fold finetunes the
+exported expMAE encoder on the face clips, its mean-pooled tokens being the "visual" branch of the head
+(other ``--features`` folders, if given, are fused with it). Both modes share everything here; they differ
+only in their backend (:class:`FeatureBackend` / ``expmae.e2e.VideoBackend``): how samples load, and how a
+fold's model is built, trained, applied and saved.
+
+    expmae-finetune --labels train-label.csv --videos faces/ --encoder encoders/expmae-base --test test3-label.csv \
+        --epochs 30 --lr 5e-4 --weight-decay 0.05 --layer-decay 0.75 --out runs/mer-e2e
 """
 from __future__ import annotations
 
@@ -74,6 +83,19 @@ class FinetuneConfig:
     threads: int = 0  # torch CPU threads; 0 = torch's default (small heads are often fastest with 1)
     tensorboard: bool = True
     progress: bool = True
+    # End-to-end mode (expmae.e2e): lr / weight_decay / epochs / batch_size above then drive AdamW over
+    # encoder + head, with layer-wise lr decay and a warmup + cosine schedule.
+    videos: str = ""  # face clips named like the labels: an expmae-crop output folder or a folder of videos
+    encoder: str = ""  # expmae-export encoder folder (or a pretraining run / checkpoint folder)
+    freeze_encoder: bool = False  # train the head only; the encoder stays as loaded (eval mode)
+    layer_decay: float = 0.75  # lr of block i = lr * layer_decay^(depth - i); stem depth + 1; final norm, head 1
+    warmup_epochs: float = 5.0
+    min_lr: float = 1e-6  # end of the cosine schedule
+    drop_path: float = -1.0  # stochastic depth of the encoder; < 0: the encoder config's drop_path_rate
+    sample_stride: int = 0  # frames between a clip's frames; 0: the stride recorded in the encoder folder, else 4
+    augment: bool = True  # VideoMAE multi-scale crop + flip of training clips; off: whole frames (random window only)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    workers: int = 0  # DataLoader processes decoding clips
 
 
 # Settings that change what a fold computes; a finished fold is reused only if these match.
@@ -112,6 +134,42 @@ def predict(head, features: FeatureSet, *, batch_size: int = 1024, device=None) 
     return np.concatenate(probs), np.concatenate(valence)
 
 
+def fit_epochs(
+    model,
+    run_epoch,
+    *,
+    epochs: int,
+    evaluate: tuple | None = None,
+    writer=None,
+    tag: str = "",
+) -> FitResult:
+    """The epoch loop of both modes: ``run_epoch(epoch)`` trains one epoch and returns its scalars (train_loss, ...);
+    ``evaluate = (predict_fn, emotion, valence)`` scores the held-out split after every epoch, ``predict_fn()``
+    returning (probs, valence). The state of the epoch with the best combined metric is kept (the last epoch's
+    without evaluation); ``model`` is left holding it."""
+    best_epoch, best, best_score, best_state = -1, {}, -math.inf, None
+    history = []
+    for epoch in range(epochs):
+        record = {"epoch": epoch, **run_epoch(epoch)}
+        if evaluate is not None:
+            predict_fn, val_emotion, val_valence = evaluate
+            probs, v_pred = predict_fn()
+            record.update(mer_metrics(val_emotion, probs, val_valence, v_pred))
+            score = _selection_score(record)
+            if score > best_score:
+                best_epoch, best, best_score = epoch, {k: record[k] for k in ("metric_e", "metric_v", "metric", "accuracy")}, score
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if writer is not None:
+            for key, value in record.items():
+                if key != "epoch" and math.isfinite(value):
+                    writer.add_scalar(f"{tag}/{key}", value, epoch)
+        history.append(record)
+    if best_state is None:
+        best_epoch, best_state = epochs - 1, {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    return FitResult(best_epoch, best, history, best_state)
+
+
 def fit_head(
     head,
     train: FeatureSet,
@@ -145,9 +203,7 @@ def fit_head(
     optimizer = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=weight_decay)
     generator = torch.Generator().manual_seed(seed)
 
-    best_epoch, best, best_score, best_state = -1, {}, -math.inf, None
-    history = []
-    for epoch in range(epochs):
+    def run_epoch(epoch: int) -> dict[str, float]:
         head.train()
         order = torch.randperm(len(train), generator=generator).to(device)
         total, seen = 0.0, 0
@@ -160,23 +216,77 @@ def fit_head(
             loss.backward()
             optimizer.step()
             total, seen = total + loss.item() * len(idx), seen + len(idx)
-        record = {"epoch": epoch, "train_loss": total / max(seen, 1)}
-        if val is not None:
-            probs, v_pred = predict(head, val[0], device=device)
-            record.update(mer_metrics(val[1], probs, val[2], v_pred))
-            score = _selection_score(record)
-            if score > best_score:
-                best_epoch, best, best_score = epoch, {k: record[k] for k in ("metric_e", "metric_v", "metric", "accuracy")}, score
-                best_state = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        if writer is not None:
-            for key, value in record.items():
-                if key != "epoch" and math.isfinite(value):
-                    writer.add_scalar(f"{tag}/{key}", value, epoch)
-        history.append(record)
-    if best_state is None:
-        best_epoch, best_state = epochs - 1, {k: v.detach().clone() for k, v in head.state_dict().items()}
-    head.load_state_dict(best_state)
-    return FitResult(best_epoch, best, history, best_state)
+        return {"train_loss": total / max(seen, 1)}
+
+    evaluate = (lambda: predict(head, val[0], device=device), val[1], val[2]) if val is not None else None
+    return fit_epochs(head, run_epoch, epochs=epochs, evaluate=evaluate, writer=writer, tag=tag)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends: what differs between feature-folder mode and end-to-end mode (expmae.e2e.VideoBackend)
+
+
+class FeatureBackend:
+    """Feature-folder mode: a sample is its rows in the feature folders; each fold trains a fusion head."""
+
+    run_keys = _RUN_KEYS  # settings that change what a fold computes
+
+    def __init__(self, cfg: FinetuneConfig):
+        if not cfg.features:
+            raise ValueError("at least one feature folder (features) is required, or videos + encoder for end-to-end mode")
+        self.cfg = cfg
+        self.branches = parse_feature_specs(cfg.features)
+
+    def load(self, names: Sequence[str], missing: str) -> FeatureSet:
+        return load_features(self.branches, names, missing=missing, progress=self.cfg.progress)
+
+    def available_names(self) -> set[str]:
+        """Samples present in every input (the unlabeled pool of pseudo-labelling is drawn from them)."""
+        folders = [f for fs in self.branches.values() for f in fs]
+        common = set(list_feature_names(folders[0]))
+        for folder in folders[1:]:
+            common &= set(list_feature_names(folder))
+        return common
+
+    def fingerprint(self) -> list:
+        """What identifies the inputs beyond the loaded feature values (nothing here)."""
+        return []
+
+    def describe(self, train: FeatureSet) -> dict:
+        return {"branches": {b: [str(f) for f in fs] for b, fs in self.branches.items()}, "feature_dims": train.dims}
+
+    def fit(self, train: FeatureSet, emotion: np.ndarray, valence: np.ndarray, val, *, seed: int, writer=None,
+            tag: str = ""):
+        """A fresh head trained on ``train``; returns (head holding its best state, FitResult)."""
+        from expmae.features.common import resolve_device
+        from expmae.fusion import create_head
+
+        cfg = self.cfg
+        head = create_head(cfg.head, train.dims, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout,
+                           factor_k=cfg.factor_k).to(resolve_device(cfg.device))
+        fit = fit_head(head, train, emotion, valence, val, epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+                       weight_decay=cfg.weight_decay, valence_weight=cfg.valence_weight, seed=seed, writer=writer, tag=tag)
+        return head, fit
+
+    def predict(self, model, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+        return predict(model, features)
+
+    def save(self, model, fit: FitResult, run_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        from expmae.jobs import atomic_path
+
+        with atomic_path(run_dir / "head.safetensors") as tmp:
+            save_file({n: v.contiguous().cpu() for n, v in fit.state_dict.items()}, str(tmp))
+
+
+def make_backend(cfg: FinetuneConfig):
+    """End-to-end mode when videos or an encoder are given, else feature-folder mode."""
+    if cfg.videos or cfg.encoder:
+        from expmae.e2e import VideoBackend
+
+        return VideoBackend(cfg)
+    return FeatureBackend(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -224,27 +334,23 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _load_test(path: str, branches, cfg: FinetuneConfig) -> _TestSet:
+def _load_test(path: str, backend, cfg: FinetuneConfig) -> _TestSet:
     p = Path(path)
     header = p.read_text(encoding="utf-8-sig").splitlines()[:1] if p.is_file() else []
     labelled = p.suffix.lower() == ".csv" and bool(header) and "discrete" in [h.strip() for h in header[0].split(",")]
     labels = read_label_csv(p, require_valence=False) if labelled else None
     names = list(labels) if labels else read_name_list(p)
-    features = load_features(branches, names, missing=cfg.missing, progress=cfg.progress)
+    features = backend.load(names, cfg.missing)
     for line in describe_missing(features, cfg.missing):
         _log(f"[test {p.stem}] {line}")
     emotion, valence = labels_to_arrays(labels, features.names) if labels else (None, None)
     return _TestSet(p.stem, features, emotion, valence)
 
 
-def _unlabeled_names(cfg: FinetuneConfig, branches, exclude: set[str]) -> list[str]:
+def _unlabeled_names(cfg: FinetuneConfig, backend, exclude: set[str]) -> list[str]:
     if cfg.unlabeled != "auto":
         return [n for n in read_name_list(cfg.unlabeled) if n not in exclude]
-    folders = [f for fs in branches.values() for f in fs]
-    common = set(list_feature_names(folders[0]))
-    for folder in folders[1:]:
-        common &= set(list_feature_names(folder))
-    return sorted(common - exclude)
+    return sorted(backend.available_names() - exclude)
 
 
 def _minority_spec(cfg: FinetuneConfig) -> str | list[int]:
@@ -270,21 +376,21 @@ def train_fold(
     run_dir: Path,
     data_key: str,
     writer=None,
+    backend=None,
 ) -> tuple[dict, dict[str, np.ndarray]]:
-    """Train (or reuse, if finished with the same settings and data) one fold's head in ``run_dir``.
+    """Train (or reuse, if finished with the same settings and data) one fold's model in ``run_dir``.
+    ``backend``: how the model is built, trained, applied and saved (default: a FeatureBackend of ``cfg``).
 
     Returns the fold record (best epoch and its validation metrics) and its predictions: the held-out fold
     (``val_*``), each test set (``test{i}_*``) and the unlabeled pool (``pool_probs``).
     """
     import torch
-    from safetensors.torch import save_file
 
-    from expmae.features.common import resolve_device
-    from expmae.fusion import create_head
     from expmae.jobs import atomic_path
 
+    backend = backend if backend is not None else FeatureBackend(cfg)
     tr, va = split
-    run_settings = {k: getattr(cfg, k) for k in _RUN_KEYS}
+    run_settings = {k: getattr(cfg, k) for k in backend.run_keys}
     pseudo_key = (pseudo[0].names, pseudo[1].tolist()) if pseudo is not None else None
     fingerprint = _digest(run_settings, fold, data_key, pseudo_key)
     record_path, preds_path = run_dir / "result.json", run_dir / "predictions.npz"
@@ -293,26 +399,22 @@ def train_fold(
     if record is not None and record.get("fingerprint") == fingerprint and preds_path.is_file():
         _log(f"[{tag}] finished earlier with the same settings; reusing it")
     else:
-        device = resolve_device(cfg.device)
         torch.manual_seed(cfg.seed * 1000 + fold)
-        head = create_head(cfg.head, train.dims, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k).to(device)
         fold_train, fold_emotion, fold_valence = train.subset(tr), emotion[tr], valence[tr]
         if pseudo is not None:
             fold_train = fold_train.concat(pseudo[0])
             fold_emotion = np.concatenate([fold_emotion, pseudo[1]])
             fold_valence = np.concatenate([fold_valence, np.full(len(pseudo[1]), np.nan, np.float32)])
         held_out = train.subset(va)
-        fit = fit_head(head, fold_train, fold_emotion, fold_valence, (held_out, emotion[va], valence[va]),
-                       epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       valence_weight=cfg.valence_weight, seed=cfg.seed * 1000 + fold, writer=writer, tag=tag)
+        model, fit = backend.fit(fold_train, fold_emotion, fold_valence, (held_out, emotion[va], valence[va]),
+                                 seed=cfg.seed * 1000 + fold, writer=writer, tag=tag)
         arrays = {}
-        arrays["val_probs"], arrays["val_valence"] = predict(head, held_out)
+        arrays["val_probs"], arrays["val_valence"] = backend.predict(model, held_out)
         for i, t in enumerate(tests):
-            arrays[f"test{i}_probs"], arrays[f"test{i}_valence"] = predict(head, t.features)
+            arrays[f"test{i}_probs"], arrays[f"test{i}_valence"] = backend.predict(model, t.features)
         if unlabeled is not None:
-            arrays["pool_probs"], _ = predict(head, unlabeled)
-        with atomic_path(run_dir / "head.safetensors") as tmp:
-            save_file({n: v.contiguous().cpu() for n, v in fit.state_dict.items()}, str(tmp))
+            arrays["pool_probs"], _ = backend.predict(model, unlabeled)
+        backend.save(model, fit, run_dir)
         with atomic_path(preds_path, suffix=".npz") as tmp:
             np.savez(tmp, **arrays)
         record = {"fold": fold, "fingerprint": fingerprint, "best_epoch": fit.best_epoch, "num_train": len(fold_train),
@@ -343,8 +445,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
     if cfg.pseudo_label not in MODES:
         raise ValueError(f"pseudo_label={cfg.pseudo_label!r}; expected one of {MODES}")
-    if not cfg.labels or not cfg.features:
-        raise ValueError("both a label CSV (labels) and at least one feature folder (features) are required")
+    if not cfg.labels:
+        raise ValueError("a label CSV (labels) is required")
     if cfg.threads > 0:
         import torch
 
@@ -354,8 +456,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     minority = _minority_spec(cfg)
 
     labels = read_label_csv(cfg.labels)
-    branches = parse_feature_specs(cfg.features)
-    train = load_features(branches, list(labels), missing=cfg.missing, progress=cfg.progress)
+    backend = make_backend(cfg)
+    train = backend.load(list(labels), cfg.missing)
     for line in describe_missing(train, cfg.missing):
         _log(f"[Train&Val] {line}")
     emotion, valence = labels_to_arrays(labels, train.names)
@@ -364,20 +466,21 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         rare = [MER_CLASSES[c] for c in range(len(MER_CLASSES)) if 0 < counts[c] < cfg.folds]
         raise ValueError(f"{cfg.labels}: classes {rare} have fewer samples than folds ({cfg.folds}); "
                          "stratified CV needs at least one per fold")
-    tests = [_load_test(p, branches, cfg) for p in cfg.test]
+    tests = [_load_test(p, backend, cfg) for p in cfg.test]
     unlabeled = None
     if cfg.pseudo_label != "none":
         exclude = set(labels) | {n for t in tests for n in t.features.names}
-        pool_names = _unlabeled_names(cfg, branches, exclude)
+        pool_names = _unlabeled_names(cfg, backend, exclude)
         if not pool_names:
             raise ValueError("pseudo-labelling needs unlabeled samples, but none were found (check --unlabeled)")
-        unlabeled = load_features(branches, pool_names, missing="drop", progress=cfg.progress)
+        unlabeled = backend.load(pool_names, "drop")
         for line in describe_missing(unlabeled, "drop"):
             _log(f"[unlabeled] {line}")
     # Feature values are part of every fold's key: re-extracted features in the same folders must not reuse old folds.
     data_key = _digest(train.names, emotion, valence, *train.arrays.values(),
                        *[a for t in tests for a in (t.features.names, *t.features.arrays.values())],
-                       *([unlabeled.names, *unlabeled.arrays.values()] if unlabeled is not None else []))
+                       *([unlabeled.names, *unlabeled.arrays.values()] if unlabeled is not None else []),
+                       *backend.fingerprint())
 
     writer = None
     if cfg.tensorboard:
@@ -396,7 +499,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         def train_and_predict(index: np.ndarray, label: np.ndarray, round_no: int) -> np.ndarray:
             pseudo = (unlabeled.subset(index), label) if len(index) else None
             runs.append(train_fold(cfg, k, splits[k], train, emotion, valence, tests, unlabeled, pseudo,
-                                   out_dir / f"fold{k}" / f"round{round_no}", data_key, writer))
+                                   out_dir / f"fold{k}" / f"round{round_no}", data_key, writer, backend))
             return runs[-1][1].get("pool_probs")
 
         fold_pseudo.append(pseudo_label_rounds(
@@ -439,11 +542,11 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         else:
             path.unlink(missing_ok=True)  # not a stale one from an earlier run
 
+    described = backend.describe(train)
     results = {
         "config": dataclasses.asdict(cfg),
         "classes": list(MER_CLASSES),
-        "branches": {b: [str(f) for f in fs] for b, fs in branches.items()},
-        "feature_dims": train.dims,
+        **described,  # branches, feature_dims (and, end to end, the encoder and clip settings)
         "num_train": len(train),
         "class_counts": {c: int(n) for c, n in zip(MER_CLASSES, counts)},
         "missing_features": train.missing,
@@ -461,7 +564,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     }
     _write_json(out_dir / "results.json", results)
     print(f"metric {_fmt(cv['metric'])} (metric_e {_fmt(cv['metric_e'])}, metric_v {_fmt(cv['metric_v'])}) "
-          f"{cfg.folds}-fold CV on Train&Val, head={cfg.head}, branches={'+'.join(branches)}; results in {out_dir / 'results.json'}")
+          f"{cfg.folds}-fold CV on Train&Val, head={cfg.head}, branches={'+'.join(described['branches'])}; results in {out_dir / 'results.json'}")
     return results
 
 
@@ -504,7 +607,8 @@ def load_config(path: str | Path) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="expmae-finetune",
-        description="MER2023 fusion protocol: K-fold CV on Train&Val from feature folders + label CSV; prints the combined metric.",
+        description="MER2023 fusion protocol: K-fold CV on Train&Val from feature folders + label CSV; prints the combined metric. "
+                    "With --videos and --encoder, each fold finetunes the expMAE encoder end to end on the face clips.",
     )
     p.add_argument("--config", help="YAML file of settings (command-line flags override it)")
     p.add_argument("--labels", help="Train&Val label CSV (columns name, discrete, valence)")
@@ -533,6 +637,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-minority", type=int)
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_const", const=False)
     p.add_argument("--no-progress", dest="progress", action="store_const", const=False)
+    e2e = p.add_argument_group("end-to-end mode (expmae.e2e)")
+    e2e.add_argument("--videos", help="face clips named like the labels: an expmae-crop output folder or a folder of videos")
+    e2e.add_argument("--encoder", help="expmae-export encoder folder (or a pretraining run / checkpoint folder)")
+    e2e.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_const", const=True,
+                     help="train the head only, the encoder stays as loaded")
+    e2e.add_argument("--layer-decay", type=float, help="lr of block i = lr * layer_decay^(depth - i); head at lr")
+    e2e.add_argument("--warmup-epochs", type=float)
+    e2e.add_argument("--min-lr", type=float, help="lr at the end of the cosine schedule")
+    e2e.add_argument("--drop-path", type=float, help="encoder stochastic depth (default: the encoder config's)")
+    e2e.add_argument("--sample-stride", type=int, help="frames between a clip's frames (default: the encoder's)")
+    e2e.add_argument("--no-augment", dest="augment", action="store_const", const=False,
+                     help="train on whole frames (no multi-scale crop or flip; the clip window stays random)")
+    e2e.add_argument("--precision", choices=["fp32", "bf16"])
+    e2e.add_argument("--workers", type=int, help="DataLoader processes decoding clips")
     return p
 
 

@@ -1,0 +1,413 @@
+"""End-to-end finetuning of an exported expMAE encoder on MER labels: ``expmae-finetune --videos --encoder``.
+
+The protocol (folds, best epoch by the combined metric, test averaging, reports, reuse of finished folds) is
+expmae.finetune's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
+built, trained, applied and saved. Per fold:
+
+    face clip (uint8, expmae.data.VideoClipDataset: T frames ``sample_stride`` apart; training: a random window,
+    VideoMAE multi-scale crop + flip unless ``augment`` is off; evaluation: the centre window and centre crop,
+    the deterministic view expmae.data gives with train=False) -> normalised with the encoder's
+    mean / std -> ExpMAEEncoder.forward_clips -> mean over all tokens -> the fusion head as its "visual"
+    branch, beside any precomputed feature folders (audio, text, ...).
+
+Optimisation as in MAE / VideoMAE finetuning: AdamW; layer-wise lr decay (block i at layer_decay^(depth - i),
+stem and position codes at layer_decay^(depth + 1), final norm and head at 1); no weight decay on norms,
+biases and position codes; per-step linear warmup, then cosine to ``min_lr``; stochastic depth from the
+encoder config (or ``drop_path``); a LayerNorm after the pooling (``fc_norm``, as VideoMAE / MAE finetuning).
+
+Each fold/round folder gets head.safetensors (``fc_norm.*`` and ``head.*``, the latter expmae.fusion.create_head
+keys) and, unless the encoder is
+frozen, the finetuned encoder as an encoder folder (encoder/, the expmae-export layout: expmae-features and
+timm read it). A clip that fails to load is recorded in clip_failures.jsonl: in training another clip
+stands in (expmae.data), in evaluation the sample gets the uniform class distribution and valence 0.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from expmae.finetune import _RUN_KEYS, FinetuneConfig, FitResult, _digest, _log, fit_epochs
+from expmae.mer import FeatureSet, list_feature_names, load_features, parse_feature_specs
+from expmae.model import ExpMAEEncoder
+
+VIDEO_BRANCH = "visual"  # the head's input branch fed by the encoder
+PRECISIONS = ("fp32", "bf16")
+
+
+# ----------------------------------------------------------------------------------------------- model
+class VideoFusionModel(nn.Module):
+    """Encoder -> mean-pooled tokens -> LayerNorm (``fc_norm``) -> fusion head (the "visual" branch, beside
+    precomputed feature branches).
+
+    ``fc_norm`` is VideoMAE's / MAE's norm after mean pooling. It stands in for the per-dimension standardisation
+    the head applies to precomputed features: statistics measured once would go stale as the encoder (and
+    augmentation) moves the pooled features, and dimensions of small spread would then blow up. With
+    ``freeze_encoder`` the encoder gets no gradients and stays in eval mode (no drop-path): only fc_norm and the
+    head learn.
+    """
+
+    def __init__(self, encoder: ExpMAEEncoder, head: nn.Module, *, freeze_encoder: bool = False):
+        from expmae.vit import LayerNorm
+
+        super().__init__()
+        self.encoder, self.head, self.freeze_encoder = encoder, head, freeze_encoder
+        self.fc_norm = LayerNorm(encoder.cfg.embed_dim)
+        if freeze_encoder:
+            encoder.requires_grad_(False)
+            encoder.eval()
+
+    def pool(self, clips: torch.Tensor) -> torch.Tensor:
+        """Normalised clips (B, C, T, H, W) -> the mean of all encoder tokens (B, D), before fc_norm."""
+        return self.encoder.forward_clips(clips).mean(dim=1)
+
+    def forward(self, clips: torch.Tensor, features: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
+            pooled = self.pool(clips)
+        return self.head({**(features or {}), VIDEO_BRANCH: self.fc_norm(pooled)})
+
+    def train(self, mode: bool = True) -> "VideoFusionModel":
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        """Position codes (when learned), as in timm's ViT; norms and biases are excluded by shape."""
+        return {f"encoder.{n}" for n, _ in self.encoder.named_parameters() if n in ("pos_embed", "time_embed")}
+
+
+def load_finetune_encoder(path: str | os.PathLike, drop_path: float = -1.0) -> ExpMAEEncoder:
+    """The encoder of an expmae-export folder (or pretraining checkpoint) with stochastic depth ``drop_path``
+    (linearly increasing over the blocks); ``drop_path < 0`` keeps the encoder config's ``drop_path_rate``."""
+    from expmae.export import load_encoder
+
+    encoder = load_encoder(path)
+    if drop_path >= 0 and drop_path != encoder.cfg.drop_path_rate:
+        state = encoder.state_dict()
+        encoder = ExpMAEEncoder(dataclasses.replace(encoder.cfg, drop_path_rate=float(drop_path)))
+        encoder.load_state_dict(state, strict=True)
+    return encoder.train()
+
+
+# ----------------------------------------------------------------------------------------------- optimisation
+def layer_id(name: str, depth: int) -> int:
+    """Layer index of a VideoFusionModel parameter for lr decay (MAE's ``get_layer_id_for_vit``, timm's
+    ViT group_matcher): 0 for the stem and position codes, i + 1 for encoder block i, depth + 1 for the rest
+    (final norm, fc_norm, head)."""
+    if name.startswith("encoder."):
+        rest = name[len("encoder."):]
+        if rest.startswith(("patch_embed.", "pos_embed", "time_embed")):
+            return 0
+        if rest.startswith("blocks."):
+            return int(rest.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict]:
+    """AdamW groups, one per (layer, decay or not), each with ``lr_scale = layer_decay ** (depth + 1 - layer)``.
+
+    No weight decay on 1-D parameters (norms, biases) and ``model.no_weight_decay()`` names (position codes).
+    Frozen parameters are left out. Each group lists its ``param_names``, in model order.
+    """
+    depth = len(model.encoder.blocks)
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = layer_id(name, depth)
+        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
+        group = groups.setdefault((layer, no_decay), {
+            "params": [], "param_names": [], "lr_scale": layer_decay ** (depth + 1 - layer),
+            "weight_decay": 0.0 if no_decay else weight_decay})
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def set_scaled_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr = ``lr`` x its ``lr_scale`` (expmae.optim.set_lr sets one lr for all)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+# ----------------------------------------------------------------------------------------------- data
+def index_videos(source: str | os.PathLike) -> dict[str, Path]:
+    """``{sample name: clip}`` of an expmae-crop output folder or a folder of videos; the name is the file stem,
+    as for the feature folders (expmae.features.common.list_inputs) and the MER2023 label names."""
+    from expmae.features.common import list_inputs
+
+    index: dict[str, Path] = {}
+    for path in list_inputs(source):
+        if path.stem in index:
+            raise ValueError(f"{source}: two clips are named {path.stem!r} ({index[path.stem]} and {path}); "
+                             "sample names (file stems) must be unique")
+        index[path.stem] = path
+    return index
+
+
+class _EvalClips(torch.utils.data.Dataset):
+    """Deterministic evaluation view (centre window, centre crop) of clips: ``(row, clip, "")``, or
+    ``(row, zeros, reason)`` for a clip that fails to load: an evaluation pass never stops on one clip, and
+    never silently scores another sample's clip in its place."""
+
+    def __init__(self, clips):  # a VideoClipDataset with train=False
+        self.clips = clips
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, row: int):
+        from expmae.jobs import one_line
+
+        try:
+            return row, self.clips.transform(self.clips.load_frames(row, None), None), ""
+        except Exception as exc:  # noqa: BLE001 - reported by the caller
+            size, frames = self.clips.input_size, self.clips.num_frames
+            return row, torch.zeros(3, frames, size, size, dtype=torch.uint8), one_line(exc)
+
+
+# ----------------------------------------------------------------------------------------------- backend
+class VideoBackend:
+    """End-to-end mode of expmae.finetune: samples are face clips (+ optional feature folders); a fold
+    finetunes a copy of the pretrained encoder together with a fresh fusion head."""
+
+    run_keys = _RUN_KEYS + ("freeze_encoder", "layer_decay", "warmup_epochs", "min_lr", "drop_path",
+                            "sample_stride", "augment", "precision")
+
+    def __init__(self, cfg: FinetuneConfig):
+        from expmae.features.common import resolve_device
+
+        if not (cfg.videos and cfg.encoder):
+            raise ValueError(f"end-to-end mode needs both videos (face clips) and encoder (an expmae-export folder); "
+                             f"got videos={cfg.videos!r}, encoder={cfg.encoder!r}")
+        if cfg.missing == "zero":
+            raise ValueError("missing='zero' zero-fills feature files; in end-to-end mode a sample needs its clip: "
+                             "use missing='drop' or 'error'")
+        for name, ok, expected in (("layer_decay", 0 < cfg.layer_decay <= 1, "in (0, 1]"),
+                                   ("warmup_epochs", cfg.warmup_epochs >= 0, ">= 0"),
+                                   ("min_lr", 0 <= cfg.min_lr <= cfg.lr, f"in [0, lr={cfg.lr}]"),
+                                   ("drop_path", cfg.drop_path < 1, "< 1 (negative: the encoder config's)"),
+                                   ("sample_stride", cfg.sample_stride >= 0, ">= 0 (0: the encoder's)"),
+                                   ("precision", cfg.precision in PRECISIONS, f"one of {PRECISIONS}"),
+                                   ("workers", cfg.workers >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1")):
+            if not ok:
+                raise ValueError(f"{name}={getattr(cfg, name)!r}: expected {expected}")
+        self.cfg = cfg
+        self.branches = parse_feature_specs(cfg.features) if cfg.features else {}
+        if VIDEO_BRANCH in self.branches:
+            raise ValueError(f"feature branch {VIDEO_BRANCH!r} is the encoder's in end-to-end mode; "
+                             "name the feature folder another branch (BRANCH=FOLDER)")
+        self.videos = index_videos(cfg.videos)
+        self.pretrained = load_finetune_encoder(cfg.encoder, cfg.drop_path).cpu()  # each fold trains a copy
+        self.encoder_info = _encoder_folder_info(cfg.encoder)
+        from expmae.features.visual import DEFAULT_SAMPLE_STRIDE
+
+        self.sample_stride = int(cfg.sample_stride or self.encoder_info.get("sample_stride") or DEFAULT_SAMPLE_STRIDE)
+        self.device = resolve_device(cfg.device)
+        self.failure_log = Path(cfg.out_dir) / "clip_failures.jsonl"
+        self._failed: dict[str, str] = {}  # evaluation failures already reported
+
+    # ---- samples
+    def load(self, names: Sequence[str], missing: str) -> FeatureSet:
+        names = list(names)
+        absent = [n for n in names if n not in self.videos]
+        if absent and missing == "error":
+            raise ValueError(f"{self.cfg.videos}: no clip for {len(absent)} of {len(names)} samples (first: {absent[0]}); "
+                             "use missing='drop'")
+        present = [n for n in names if n in self.videos]
+        if not present:
+            example = next(iter(self.videos), None)
+            raise ValueError(f"{self.cfg.videos}: none of the {len(names)} requested samples has a clip "
+                             f"(clips are matched by file stem, e.g. {example!r}; requested e.g. {names[0]!r})")
+        if self.branches:
+            features = load_features(self.branches, present, missing=missing, progress=self.cfg.progress)
+        else:
+            features = FeatureSet(present, {})
+        if absent:
+            features.missing = {str(self.cfg.videos): absent, **features.missing}
+        return features
+
+    def available_names(self) -> set[str]:
+        names = set(self.videos)
+        for folders in self.branches.values():
+            for folder in folders:
+                names &= set(list_feature_names(folder))
+        return names
+
+    def fingerprint(self) -> list:
+        """The pretrained weights and the clip files (size, mtime): a changed input retrains finished folds."""
+        weights = _digest(*(v.numpy() for v in self.pretrained.state_dict().values()), list(self.pretrained.state_dict()))
+        clips = []
+        for name, path in sorted(self.videos.items()):
+            st = path.stat()
+            clips.append([name, st.st_size, st.st_mtime_ns])
+        return [weights, _digest(clips), self.sample_stride]
+
+    def describe(self, train: FeatureSet) -> dict:
+        from expmae.jobs import JsonlLog
+
+        enc = self.pretrained.cfg
+        return {
+            "branches": {VIDEO_BRANCH: [str(self.cfg.videos)], **{b: [str(f) for f in fs] for b, fs in self.branches.items()}},
+            "feature_dims": {VIDEO_BRANCH: enc.embed_dim, **train.dims},
+            "end_to_end": {
+                "encoder": str(self.cfg.encoder), "model_name": self.encoder_info.get("model_name"),
+                "encoder_config": {k: getattr(enc, k) for k in ("embed_dim", "depth", "num_heads", "patch_size",
+                                                                 "tubelet_size", "img_size", "num_frames")},
+                "frozen": self.cfg.freeze_encoder, "drop_path_rate": enc.drop_path_rate,
+                "sample_stride": self.sample_stride, "num_clips": len(self.videos),
+                # records in the (append-only) log, earlier runs into this folder included
+                "clip_failures": len(JsonlLog(self.failure_log).read()), "clip_failures_log": str(self.failure_log),
+            },
+        }
+
+    # ---- one fold
+    def build_model(self, in_dims: Mapping[str, int]) -> VideoFusionModel:
+        """A fresh head on a fresh copy of the pretrained encoder, on the device."""
+        from expmae.fusion import create_head
+
+        cfg = self.cfg
+        head = create_head(cfg.head, {VIDEO_BRANCH: self.pretrained.cfg.embed_dim, **in_dims},
+                           hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k)
+        model = VideoFusionModel(copy.deepcopy(self.pretrained), head, freeze_encoder=cfg.freeze_encoder)
+        return model.to(self.device)
+
+    def fit(self, train: FeatureSet, emotion: np.ndarray, valence: np.ndarray, val=None, *, seed: int,
+            writer=None, tag: str = "") -> tuple[VideoFusionModel, FitResult]:
+        """Finetune encoder + head on ``train``; returns (model holding its best epoch's state, FitResult)."""
+        from tqdm.auto import tqdm
+
+        from expmae.data import VideoClipDataset
+        from expmae.fusion import mer_loss
+        from expmae.optim import cosine_lr
+
+        cfg, enc = self.cfg, self.pretrained.cfg
+        model = self.build_model(train.dims)
+        # Precomputed branches are standardised with training-split statistics, as in feature mode; the visual
+        # branch is normalised by the model's fc_norm instead.
+        model.head.set_input_stats({k: (torch.from_numpy(a.mean(0)), torch.from_numpy(a.std(0)))
+                                    for k, a in train.arrays.items()})
+
+        # labels = row numbers: a clip that fails to load is replaced by another clip *with that clip's row*
+        augment = {} if cfg.augment else {"scales": (1.0,), "flip": False}
+        clips = VideoClipDataset([str(self.videos[n]) for n in train.names], enc.num_frames, self.sample_stride,
+                                 enc.img_size, train=True, seed=seed, labels={n: i for i, n in enumerate(train.names)},
+                                 failure_log=self.failure_log, **augment)
+        loader = torch.utils.data.DataLoader(clips, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                                             generator=torch.Generator().manual_seed(seed),
+                                             pin_memory=self.device.type == "cuda")
+        features = {k: torch.from_numpy(a) for k, a in train.arrays.items()}
+        y_emotion = torch.as_tensor(np.asarray(emotion), dtype=torch.int64)
+        y_valence = torch.as_tensor(np.asarray(valence), dtype=torch.float32)
+        optimizer = torch.optim.AdamW(layer_decay_param_groups(model, weight_decay=cfg.weight_decay,
+                                                               layer_decay=cfg.layer_decay), lr=cfg.lr)
+        total_steps = cfg.epochs * len(loader)
+        warmup_steps = round(cfg.warmup_epochs * len(loader))
+        step = 0
+
+        def run_epoch(epoch: int) -> dict[str, float]:
+            nonlocal step
+            model.train()
+            clips.set_epoch(epoch)
+            total, seen, lr = 0.0, 0, cfg.lr
+            for batch, rows in tqdm(loader, desc=f"{tag} epoch {epoch}", disable=not cfg.progress, leave=False, unit="batch"):
+                if len(rows) < 2 and len(clips) > 1:  # as fit_head: a batch of one adds noise only
+                    continue
+                lr = cosine_lr(step, peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
+                set_scaled_lr(optimizer, lr)
+                with self._autocast():
+                    out = model(self._normalize(batch), {k: v[rows].to(self.device) for k, v in features.items()})
+                loss, _ = mer_loss(out, y_emotion[rows].to(self.device), y_valence[rows].to(self.device), cfg.valence_weight)
+                if not torch.isfinite(loss):
+                    raise RuntimeError(f"{tag}: non-finite loss at epoch {epoch}, step {step} (lr {lr:.3g}); "
+                                       "lower lr or use precision fp32")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                total, seen = total + loss.item() * len(rows), seen + len(rows)
+            return {"train_loss": total / max(seen, 1), "lr": lr}
+
+        evaluate = (lambda: self.predict(model, val[0]), val[1], val[2]) if val is not None else None
+        return model, fit_epochs(model, run_epoch, epochs=cfg.epochs, evaluate=evaluate, writer=writer, tag=tag)
+
+    @torch.no_grad()
+    def predict(self, model: VideoFusionModel, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities (N, C) and valence (N,) from each sample's evaluation view, in eval mode."""
+        num_classes = model.head.num_classes
+        probs = np.full((len(features), num_classes), 1.0 / num_classes, np.float32)
+        valence = np.zeros(len(features), np.float32)
+        arrays = {k: torch.from_numpy(a) for k, a in features.arrays.items()}
+        model.eval()
+        for rows, clips, ok in self._eval_batches(features.names):
+            with self._autocast():
+                out = model(clips, {k: v[rows].to(self.device) for k, v in arrays.items()})
+            probs[rows[ok]] = out["logits"].float().softmax(1).cpu().numpy()[ok]
+            valence[rows[ok]] = out["valence"].float().cpu().numpy()[ok]
+        return probs, valence
+
+    def save(self, model: VideoFusionModel, fit: FitResult, run_dir: Path) -> None:
+        from safetensors.torch import save_file
+
+        from expmae.export import save_encoder
+        from expmae.jobs import atomic_path
+
+        # fc_norm + head: what turns the encoder's mean-pooled tokens into predictions
+        head = {k: v.contiguous().cpu() for k, v in fit.state_dict.items() if not k.startswith("encoder.")}
+        with atomic_path(run_dir / "head.safetensors") as tmp:
+            save_file(head, str(tmp))
+        if not self.cfg.freeze_encoder:
+            save_encoder(model.encoder, run_dir / "encoder", overwrite=True, sample_stride=self.sample_stride,
+                         model_name=self.encoder_info.get("model_name"),
+                         source={"finetuned_from": str(Path(self.cfg.encoder).resolve()), "run": str(run_dir.resolve())})
+
+    # ---- helpers
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def _normalize(self, clips: torch.Tensor) -> torch.Tensor:
+        from expmae.data import normalize_clips
+
+        enc = self.pretrained.cfg
+        return normalize_clips(clips.to(self.device, non_blocking=True), mean=enc.mean, std=enc.std)
+
+    def _eval_batches(self, names: Sequence[str]):
+        """Yield (rows, normalised clips on the device, ok mask) over ``names`` in order (rows and mask as numpy);
+        a clip that fails is recorded once in the failure log and masked out."""
+        from expmae.data import VideoClipDataset
+        from expmae.jobs import JsonlLog
+
+        enc = self.pretrained.cfg
+        clips = VideoClipDataset([str(self.videos[n]) for n in names], enc.num_frames, self.sample_stride, enc.img_size,
+                                 train=False)
+        loader = torch.utils.data.DataLoader(_EvalClips(clips), batch_size=self.cfg.batch_size,
+                                             num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda")
+        for rows, batch, reasons in loader:
+            rows, ok = rows.numpy(), np.array([not r for r in reasons])
+            for row, reason in zip(rows.tolist(), reasons):
+                if reason and names[row] not in self._failed:
+                    self._failed[names[row]] = reason
+                    _log(f"[clips] {names[row]}: {reason} (evaluated as a uniform prediction)")
+                    JsonlLog(self.failure_log).append({"key": names[row], "path": str(self.videos[names[row]]),
+                                                       "stage": "evaluation", "reason": reason})
+            yield rows, self._normalize(batch), ok
+
+
+def _encoder_folder_info(path: str | os.PathLike) -> dict:
+    """model_name and pretraining sample_stride recorded in an encoder folder's config.json ({} for a checkpoint)."""
+    from expmae.export import CONFIG_NAME, read_encoder_config
+
+    folder = Path(path)
+    if not (folder / CONFIG_NAME).is_file():
+        return {}
+    expmae = read_encoder_config(folder)["expmae"]
+    return {"model_name": expmae.get("model_name"), "sample_stride": (expmae.get("clip") or {}).get("sample_stride")}

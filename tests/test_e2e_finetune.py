@@ -1,0 +1,272 @@
+"""End-to-end finetuning (expmae.e2e): layer-wise lr decay, and the one command from an exported encoder + face
+clips to results.json, on a tiny encoder and tiny synthetic videos (64 px wide: decord 0.6.0 mis-reads some widths)."""
+import csv
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from expmae.mer import MER_CLASSES
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny_model(**overrides):
+    from expmae.model import create_model
+
+    return create_model("tiny", img_size=32, num_frames=4, **{"depth": 3, **overrides})
+
+
+def write_labels(path, names, classes):
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["name", "discrete", "valence"])
+        for i, (n, c) in enumerate(zip(names, classes)):
+            writer.writerow([n, MER_CLASSES[c], f"{(c - 2.5) + 0.1 * i:.2f}"])
+    return path
+
+
+@pytest.fixture
+def mer_videos(tmp_path, make_video):
+    """An exported tiny encoder (pretraining stride 2), 14 face clips: 12 labelled (2 per class) + 2 test, a
+    test name without a clip, and 14 audio-like utterance features."""
+    from expmae.export import save_encoder
+
+    torch.manual_seed(0)
+    encoder_dir = save_encoder(tiny_model(), tmp_path / "encoder", sample_stride=2, model_name="tiny")
+    names = [f"sample_{i:08d}" for i in range(14)]
+    for i, name in enumerate(names):
+        make_video(f"videos/{name}.mp4", num_frames=24, size=64, seed=i)
+    classes = np.arange(14) % 6
+    write_labels(tmp_path / "train-label.csv", names[:12], classes[:12])
+    write_labels(tmp_path / "test1-label.csv", names[12:] + ["sample_99999999"], [0, 1, 2])
+    rng = np.random.default_rng(0)
+    (tmp_path / "audio").mkdir()
+    for name in names:
+        np.save(tmp_path / "audio" / f"{name}.npy", rng.normal(size=8).astype(np.float32))
+    return {"root": tmp_path, "encoder": encoder_dir, "videos": tmp_path / "videos", "names": names}
+
+
+def e2e_args(data, out, *extra):
+    root = data["root"]
+    return ["--labels", str(root / "train-label.csv"), "--videos", str(data["videos"]), "--encoder", str(data["encoder"]),
+            "--test", str(root / "test1-label.csv"), "--out", str(out), "--folds", "2", "--epochs", "2",
+            "--batch-size", "4", "--warmup-epochs", "1", "--lr", "1e-3", "--weight-decay", "0.05",
+            "--no-progress", "--threads", "1", *extra]
+
+
+# ----------------------------------------------------------------------------------------------- LLRD
+def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    from expmae.e2e import VideoFusionModel, layer_decay_param_groups, set_scaled_lr
+    from expmae.fusion import create_head
+    from expmae.model import timm_create_kwargs
+
+    model = tiny_model(learn_pos_embed=True)  # learned position codes: they must land in the stem, without decay
+    fused = VideoFusionModel(model.encoder, create_head("attention", {"visual": 192, "audio": 8}, hidden_dim=16))
+    groups = layer_decay_param_groups(fused, weight_decay=0.05, layer_decay=0.5)
+    scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
+    decay = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert sorted(scale) == sorted(n for n, _ in fused.named_parameters())  # every parameter exactly once
+    assert sum(len(g["params"]) for g in groups) == len(scale)
+
+    # depth 3, decay 0.5, by hand: stem 0.5^4, block i 0.5^(3 - i); final norm, norm after pooling and head 1.
+    expected = {"encoder.patch_embed.": 0.0625, "encoder.pos_embed": 0.0625, "encoder.time_embed": 0.0625,
+                "encoder.blocks.0.": 0.125, "encoder.blocks.1.": 0.25, "encoder.blocks.2.": 0.5,
+                "encoder.norm.": 1.0, "fc_norm.": 1.0, "head.": 1.0}
+    for name, s in scale.items():
+        prefix = next(p for p in expected if name.startswith(p))
+        assert s == expected[prefix], name
+    for name, param in fused.named_parameters():
+        no_decay = param.ndim == 1 or name in ("encoder.pos_embed", "encoder.time_embed")
+        assert decay[name] == (0.0 if no_decay else 0.05), name
+    assert decay["encoder.blocks.1.attn.qkv.weight"] == 0.05 and decay["encoder.blocks.1.norm1.weight"] == 0.0
+
+    # Oracle: timm's BEiT/MAE layer decay on the timm ViT the encoder exports to (same parameter names).
+    name, kwargs = timm_create_kwargs(model.cfg)
+    vit = timm.create_model(name, pretrained=False, **{**kwargs, "num_classes": 6})
+    timm_groups = param_groups_layer_decay(vit, weight_decay=0.05, no_weight_decay_list=vit.no_weight_decay(),
+                                           layer_decay=0.5)
+    timm_scale = {n: g["lr_scale"] for g in timm_groups for n, p in vit.named_parameters()
+                  if any(p is q for q in g["params"])}
+    timm_decay = {n: g["weight_decay"] for g in timm_groups for n, p in vit.named_parameters()
+                  if any(p is q for q in g["params"])}
+    shared = [n for n in timm_scale if f"encoder.{n}" in scale]
+    assert len(shared) == len(timm_scale) - 2  # all but timm's classifier head.weight / head.bias
+    for n in shared:
+        assert decay[f"encoder.{n}"] == timm_decay[n], n
+        if n.startswith("norm."):  # the one difference: timm groups the final norm with the last block,
+            assert timm_scale[n] == 0.5 and scale[f"encoder.{n}"] == 1.0  # MAE / VideoMAE (and we) with the head
+        else:
+            assert scale[f"encoder.{n}"] == pytest.approx(timm_scale[n]), n
+    assert timm_scale["head.weight"] == scale["head.fc_emotion.weight"] == 1.0
+
+    optimizer = torch.optim.AdamW(groups, lr=1.0)
+    set_scaled_lr(optimizer, 2e-3)
+    lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}
+    assert lrs["encoder.blocks.0.mlp.fc1.weight"] == pytest.approx(2e-3 * 0.125)
+    assert lrs["encoder.patch_embed.proj.bias"] == pytest.approx(2e-3 * 0.0625) and lrs["head.fc_valence.bias"] == 2e-3
+
+    frozen = VideoFusionModel(tiny_model().encoder, create_head("concat", {"visual": 192}, hidden_dim=16),
+                              freeze_encoder=True)
+    frozen_groups = layer_decay_param_groups(frozen, weight_decay=0.05, layer_decay=0.5)
+    assert {n.split(".")[0] for g in frozen_groups for n in g["param_names"]} == {"fc_norm", "head"}
+    assert all(g["lr_scale"] == 1.0 for g in frozen_groups)
+
+
+def test_drop_path_comes_from_the_encoder_config_unless_overridden(tmp_path):
+    from expmae.e2e import load_finetune_encoder
+    from expmae.export import save_encoder
+
+    folder = save_encoder(tiny_model(drop_path_rate=0.2), tmp_path / "enc")
+    rates = lambda enc: [b.drop_path.drop_prob if hasattr(b.drop_path, "drop_prob") else 0.0 for b in enc.blocks]
+    assert rates(load_finetune_encoder(folder)) == pytest.approx([0.0, 0.1, 0.2])  # linear over depth 3
+    override = load_finetune_encoder(folder, drop_path=0.4)
+    assert rates(override) == pytest.approx([0.0, 0.2, 0.4]) and override.training
+    from expmae.export import load_encoder
+
+    same = {k: v for k, v in load_encoder(folder).state_dict().items()}
+    assert all(torch.equal(same[k], v) for k, v in override.state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------- the one command
+def test_one_command_finetunes_the_encoder_end_to_end_fused_with_features(mer_videos, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from expmae.export import load_encoder
+    from expmae.finetune import main
+    from expmae.fusion import create_head
+    from expmae.mer import read_label_csv
+    from expmae.optim import cosine_lr
+
+    data, out = mer_videos, tmp_path / "run"
+    (data["videos"] / f"{data['names'][11]}.mp4").write_bytes(b"not a video")  # one labelled clip is broken
+    args = e2e_args(data, out, "--features", f"audio={data['root'] / 'audio'}", "--head", "attention")
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    results = json.loads((out / "results.json").read_text())
+
+    printed = re.search(r"^metric (-?\d+\.\d+) \(metric_e (\d+\.\d+), metric_v (\d+\.\d+)\)", captured.out, re.M)
+    assert printed and float(printed.group(1)) == pytest.approx(results["cv"]["metric"], abs=1e-4)
+    assert "branches=visual+audio" in captured.out
+    assert results["feature_dims"] == {"visual": 192, "audio": 8}
+    e2e = results["end_to_end"]
+    assert e2e["sample_stride"] == 2 and e2e["encoder_config"]["depth"] == 3 and not e2e["frozen"]
+    assert len(results["folds"]) == 2 and results["num_train"] == 12
+    assert (out / "confusion_matrix.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "confusion_matrix_test1-label.png").read_bytes()[:8] == PNG_MAGIC
+
+    # The broken clip is recorded and the run goes on; the test name without a clip is reported, not predicted.
+    failures = [json.loads(line) for line in (out / "clip_failures.jsonl").read_text().splitlines()]
+    assert failures and {f["key"] for f in failures} == {data["names"][11]}
+    assert data["names"][11] in captured.err and "sample_99999999" in captured.err
+    assert results["tests"]["test1-label"]["missing_features"] == {str(data["videos"]): ["sample_99999999"]}
+    assert list(read_label_csv(out / "predictions_test1-label.csv")) == data["names"][12:]
+
+    # Warmup + cosine per optimizer step: 6 training clips per fold, batches of 4 -> 2 steps per epoch.
+    history = json.loads((out / "fold0" / "round0" / "result.json").read_text())["history"]
+    for epoch, record in enumerate(history):
+        assert record["lr"] == pytest.approx(cosine_lr(2 * epoch + 1, peak_lr=1e-3, min_lr=1e-6, warmup_steps=2,
+                                                        total_steps=4))
+
+    # Gradients reach every encoder tensor: each fold's finetuned encoder (an encoder folder) differs from the
+    # pretrained one everywhere, stem included. head.safetensors holds the norm after pooling and a create_head
+    # state dict whose precomputed branch is standardised with training statistics (the visual one by fc_norm).
+    pretrained = load_encoder(data["encoder"]).state_dict()
+    for k in range(2):
+        finetuned = load_encoder(out / f"fold{k}" / "round0" / "encoder").state_dict()
+        unchanged = [n for n, v in pretrained.items() if torch.equal(v, finetuned[n])]
+        assert not unchanged, unchanged
+        state = load_file(out / f"fold{k}" / "round0" / "head.safetensors")
+        assert {n.split(".")[0] for n in state} == {"fc_norm", "head"}
+        head = create_head("attention", {"visual": 192, "audio": 8})
+        head.load_state_dict({n[len("head."):]: v for n, v in state.items() if n.startswith("head.")})
+        assert torch.all(head.standardize["audio"].std != 1) and torch.all(head.standardize["visual"].std == 1)
+
+    # A rerun with the same settings reuses both folds.
+    assert main(args) == 0
+    assert capsys.readouterr().err.count("finished earlier with the same settings") == 2
+
+
+def test_labels_stay_with_their_clips_dark_versus_bright_faces_are_learned(mer_videos, tmp_path):
+    """Class = brightness, which no crop or flip removes: held-out accuracy near chance would mean labels and
+    clips were paired wrongly somewhere between the label CSV, the shuffled loader and the predictions.
+    (valence_weight 0: at 20 optimizer steps the valence term would still dominate the small head; with it,
+    the classes separate only after ~12 epochs.)"""
+    from conftest import moving_pattern, write_video
+
+    from expmae.finetune import main
+
+    names = [f"clip_{i:02d}" for i in range(12)]
+    classes = [i % 2 * 2 for i in range(12)]  # neutral (dark) or happy (bright)
+    for i, (name, c) in enumerate(zip(names, classes)):
+        frames = moving_pattern(24, 64, seed=i).astype(np.float32) * 0.1 + (200 if c else 20)
+        write_video(tmp_path / "faces" / f"{name}.mp4", frames.astype(np.uint8))
+    write_labels(tmp_path / "labels.csv", names, classes)
+    out = tmp_path / "run"
+    assert main(["--labels", str(tmp_path / "labels.csv"), "--videos", str(tmp_path / "faces"),
+                 "--encoder", str(mer_videos["encoder"]), "--out", str(out), "--folds", "2", "--epochs", "10",
+                 "--batch-size", "3", "--warmup-epochs", "1", "--lr", "2e-3", "--valence-weight", "0", "--head", "concat",
+                 "--hidden-dim", "32", "--no-progress", "--threads", "1", "--no-tensorboard"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["cv_pooled"]["accuracy"] >= 0.9, results["cv_pooled"]
+
+
+def test_freeze_encoder_trains_only_the_head(mer_videos, tmp_path, monkeypatch, capsys):
+    from expmae.e2e import VideoBackend
+    from expmae.export import load_encoder
+    from expmae.finetune import main
+
+    built, trained, modes = [], [], []
+    build_model, save = VideoBackend.build_model, VideoBackend.save
+
+    def spy_build(self, in_dims):  # the model as each fold starts it
+        model = build_model(self, in_dims)
+        built.append({k: v.clone() for k, v in model.head.state_dict().items()})
+        # (model in training?, encoder in training?) at every encoder call
+        model.encoder.blocks[0].register_forward_pre_hook(lambda blk, args: modes.append((model.training, blk.training)))
+        return model
+
+    def spy_save(self, model, fit, run_dir):  # and as the command leaves it
+        trained.append(({k: v.clone() for k, v in model.encoder.state_dict().items()},
+                        {k: v.clone() for k, v in model.head.state_dict().items()}))
+        return save(self, model, fit, run_dir)
+
+    monkeypatch.setattr(VideoBackend, "build_model", spy_build)
+    monkeypatch.setattr(VideoBackend, "save", spy_save)
+    out = tmp_path / "frozen"
+    assert main(e2e_args(mer_videos, out, "--freeze-encoder", "--head", "concat", "--no-tensorboard",
+                         "--drop-path", "0.5")) == 0
+    assert "metric" in capsys.readouterr().out
+    pretrained = load_encoder(mer_videos["encoder"]).state_dict()
+    assert len(built) == len(trained) == 2
+    for initial_head, (encoder_state, head_state) in zip(built, trained):
+        assert all(torch.equal(pretrained[n], v) for n, v in encoder_state.items())
+        assert not torch.equal(initial_head["fc_emotion.weight"], head_state["fc_emotion.weight"])
+    # A frozen encoder runs in eval mode (no drop-path) even while the head trains.
+    assert (True, False) in modes and (True, True) not in modes
+    assert not list(out.glob("fold*/round0/encoder"))  # nothing to export: the encoder is the pretrained one
+    assert json.loads((out / "results.json").read_text())["end_to_end"]["frozen"] is True
+
+
+def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
+    from expmae.finetune import main
+
+    data = mer_videos
+    cases = [
+        (["--encoder", ""], "needs both videos"),
+        (["--encoder", str(tmp_path / "nowhere")], "nowhere"),
+        (["--features", f"visual={data['root'] / 'audio'}"], "'visual' is the encoder's"),
+        (["--missing", "zero"], "missing='zero'"),
+        (["--layer-decay", "1.5"], "layer_decay=1.5"),
+        (["--videos", str(data["root"] / "audio")], "audio"),  # no videos there
+    ]
+    for extra, message in cases:
+        assert main(e2e_args(data, tmp_path / "out", *extra)) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and message in err, (extra, err)
+    assert not (tmp_path / "out" / "results.json").exists()
