@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from expmae.features.common import resolve_device
 from expmae.jobs import atomic_path, run_jobs
 from expmae.video import (VIDEO_EXTENSIONS, VideoError, VideoInfo, iter_frames, list_videos, open_video, read_frames,
                           video_info)
@@ -102,14 +103,6 @@ def torch_threads(n: int):
     finally:
         if torch.get_num_threads() != before:
             torch.set_num_threads(before)
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def detect_faces(frames: np.ndarray, detector) -> list[np.ndarray]:
@@ -283,7 +276,7 @@ def plan_crop(path: str | os.PathLike, options: CropOptions | None = None, reade
     scale = min(1.0, opt.detect_size / max(info.width, info.height)) if opt.detect_size else 1.0
     dw, dh = scaled_size(info.width, info.height, scale)
     small = reader if (dw, dh) == (info.width, info.height) else open_video(path, width=dw, height=dh)
-    detector = get_detector(resolve_device(opt.device), opt.min_face_size)
+    detector = get_detector(str(resolve_device(opt.device)), opt.min_face_size)
     to_source = np.array([info.width / dw, info.height / dh, info.width / dw, info.height / dh, 1.0], np.float32)
     detections: list[np.ndarray] = []
     with torch_threads(opt.threads):
@@ -479,7 +472,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not Path(args.input_dir).is_dir():
         p.error(f"{args.input_dir}: not a folder")
     options = {f.name: getattr(args, f.name) for f in fields(CropOptions) if hasattr(args, f.name)}
-    options["device"] = resolve_device(args.device)
+    options["device"] = str(resolve_device(args.device))
     try:
         summary = crop_folder(args.input_dir, args.output_dir, workers=args.workers, limit=args.limit,
                               retry_failed=args.retry_failed, progress=not args.quiet, **options)
