@@ -174,7 +174,7 @@ class EpochItems:
         return self.dataset[index]
 
 
-def save_reconstruction(model, clips_uint8, *, seed: int, device, dtype, path: Path | None):
+def save_reconstruction(model, clips_uint8, *, seed: int, device, path: Path | None):
     """Reconstruct a fixed batch with fixed masks (its own generator: grids stay comparable over training
     and the training RNG is untouched). Every rank runs it (ZeRO-3 gathers parameters collectively); the
     main process writes ``path``. Returns the grid (3, H, W) in [0, 1]."""
@@ -185,7 +185,8 @@ def save_reconstruction(model, clips_uint8, *, seed: int, device, dtype, path: P
     from expmae.jobs import atomic_path
 
     generator = torch.Generator(device=device).manual_seed(seed)
-    clips = normalize_clips(clips_uint8.to(device), dtype=dtype, mean=model.cfg.mean, std=model.cfg.std)
+    # float32 clips: the model casts its encoder input to its own dtype, and the targets stay exact.
+    clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
     images = model.reconstruct(clips, generator=generator)
     grid = make_grid(reconstruction_rows(images), nrow=1, padding=2, pad_value=1.0)
     if path is not None:
@@ -358,7 +359,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
 
     def reconstruction(step: int) -> Path:
         path = out_dir / "recon" / f"step_{step:07d}.png"
-        grid = save_reconstruction(raw_model, recon_clips, seed=t.seed, device=device, dtype=dtype,
+        grid = save_reconstruction(raw_model, recon_clips, seed=t.seed, device=device,
                                    path=path if is_main else None)
         if writer is not None:
             writer.add_image("reconstruction", grid, step)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import moving_pattern, write_video
-from test_pretrain import CPU_DEEPSPEED, LAUNCH_TIMEOUT, REPO, finish, free_port, write_tiny_config
+from launching import CPU_DEEPSPEED, LAUNCH_TIMEOUT, REPO, finish, free_port, write_tiny_config
 
 from expmae.export import (ENCODER_WEIGHTS, TIMM_WEIGHTS, convert_state_dict, create_timm_model, export_encoder,
                            load_encoder, load_pretrained_weights, read_checkpoint, save_encoder)

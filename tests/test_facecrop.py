@@ -1,6 +1,5 @@
 """Face cropping: geometry, tracking and smoothing units; the folder job on synthetic and real videos (bad
 inputs, resume after a kill); crops judged by the real MTCNN re-detecting the face in them."""
-import json
 import os
 import signal
 import subprocess

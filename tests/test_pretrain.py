@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,87 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from conftest import moving_pattern, write_video
-
-REPO = Path(__file__).resolve().parents[1]
-CPU_DEEPSPEED = REPO / "pretrain" / "configs" / "accelerate" / "cpu_deepspeed_2proc.yaml"
-N = 5  # checkpoint / kill step; 12 clips / (2 ranks x batch 2) = 3 steps per epoch, so step 5 is mid-epoch
-LAUNCH_TIMEOUT = 240
-
-
-# ------------------------------------------------------------------------------------------------ helpers
-
-
-def free_port() -> int:
-    with socket.socket() as s:  # other runs on this machine may hold accelerate's default 29500
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_tiny_config(path: Path, videos: Path, output_dir: Path, **sections) -> Path:
-    cfg = {
-        "model": {"name": "tiny", "img_size": 32, "num_frames": 4, "patch_size": 8, "embed_dim": 48, "depth": 2,
-                  "num_heads": 3, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2,
-                  "video_decoder_embed_dim": 32, "video_decoder_depth": 1, "video_decoder_num_heads": 2},
-        "data": {"source": str(videos), "sample_stride": 2, "num_workers": 1},
-        "train": {"output_dir": str(output_dir), "batch_size": 2, "max_steps": 2 * N, "warmup_steps": 2,
-                  "lr": 1.0e-3, "seed": 0},
-        "log": {"log_every": 2, "recon_every": 4},
-        "checkpoint": {"every": N, "keep_last": 2},
-    }
-    for section, values in sections.items():
-        cfg.setdefault(section, {}).update(values)
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def launch(config: Path, *extra: str, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DEEPSPEED),
-           "--main_process_port", str(free_port()), "pretrain/train.py", "--config", str(config), *extra]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def kill_hard(proc: subprocess.Popen) -> None:
-    """SIGKILL the launcher's process group and each rank's: torchrun starts every rank in a session of its
-    own, so killing only the launcher's group would leave the ranks training on as orphans."""
-    import psutil
-
-    groups = {proc.pid}
-    try:
-        groups |= {os.getpgid(child.pid) for child in psutil.Process(proc.pid).children(recursive=True)}
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        pass
-    for pgid in groups:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
-def finish(proc: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> int:
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_hard(proc)
-        pytest.fail(f"launch timed out after {timeout}s (deadlock?); log tail:\n{log.read_text()[-3000:]}")
-
-
-def run_ok(config: Path, *extra: str, log: Path) -> None:
-    rc = finish(launch(config, *extra, log=log), log)
-    assert rc == 0, f"training failed (rc={rc}); log tail:\n{log.read_text()[-3000:]}"
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def trained(records: list[dict]) -> dict[int, dict]:
-    return {r["step"]: r for r in records if not r.get("skipped")}
+from launching import (
+    CPU_DEEPSPEED, LAUNCH_TIMEOUT, N, REPO, finish, kill_hard, launch, read_metrics, run_ok, trained,
+    write_tiny_config,
+)
 
 
 @pytest.fixture(scope="module")
