@@ -18,10 +18,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from expmae.model import IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
 from expmae.video import VIDEO_EXTENSIONS
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 VIDEOMAE_SCALES = (1.0, 0.875, 0.75, 0.66)  # GroupMultiScaleCrop scales of VideoMAE pretraining
 SHORT_CLIP_MODES = ("pad", "loop")
 
