@@ -64,6 +64,16 @@ def make_video(tmp_path):
 
 
 @pytest.fixture
+def single_thread():
+    """Pin torch to one thread for the test: tiny models and heads train several times faster on one thread
+    than on two contended ones (a loaded 2-core CI box). Restores the previous count afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def shared_data() -> Path:
     """The real sample media folder (../shared/data); skips the test when it is absent."""
     if not SHARED_DATA.is_dir():

@@ -45,6 +45,16 @@ def inputs(cfg, seed: int = 0):
     return images, clips
 
 
+def assert_encoder_folder_matches(folder, model) -> None:
+    """The folder's clip encoder (expmae) and frame encoder (timm, strict) reproduce ``model``'s encoder."""
+    images, clips = inputs(model.cfg)
+    with torch.no_grad():
+        torch.testing.assert_close(load_encoder(folder).forward_clips(clips),
+                                   model.encoder.forward_clips(clips), atol=1e-6, rtol=0)
+        torch.testing.assert_close(create_timm_model(folder).forward_features(images),
+                                   model.encoder.forward_frames(images), atol=1e-5, rtol=0)
+
+
 class NotATensor:  # a pickled object that torch.load(weights_only=True) must refuse
     pass
 
@@ -186,13 +196,9 @@ def test_plain_and_ddp_checkpoints_export(tmp_path, prefix, fmt):
     summary = export_encoder(tmp_path / "run", tmp_path / "enc")  # a run folder: its newest checkpoint
     assert summary["source"]["weights"] == ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
     assert summary["verify"]["timm_frame_max_abs_diff"] < 1e-5
-    images, clips = inputs(model.cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(load_encoder(tmp_path / "enc").forward_clips(clips),
-                                   model.encoder.forward_clips(clips), atol=1e-6, rtol=0)
-        torch.testing.assert_close(create_timm_model(tmp_path / "enc").forward_features(images),
-                                   model.encoder.forward_frames(images), atol=1e-5, rtol=0)
+    assert_encoder_folder_matches(tmp_path / "enc", model)
     # load_encoder also takes the checkpoint itself
+    _, clips = inputs(model.cfg)
     with torch.no_grad():
         torch.testing.assert_close(load_encoder(tmp_path / "run").forward_clips(clips),
                                    model.encoder.forward_clips(clips), atol=1e-6, rtol=0)
@@ -202,12 +208,7 @@ def test_learned_position_codes_travel_with_the_encoder(tmp_path):
     torch.manual_seed(0)
     model = randomize_(create_model("tiny", **TINY, learn_pos_embed=True)).eval()
     save_encoder(model, tmp_path / "enc")
-    images, clips = inputs(model.cfg)
-    with torch.no_grad():
-        torch.testing.assert_close(load_encoder(tmp_path / "enc").forward_clips(clips),
-                                   model.encoder.forward_clips(clips), atol=1e-6, rtol=0)
-        torch.testing.assert_close(create_timm_model(tmp_path / "enc").forward_features(images),
-                                   model.encoder.forward_frames(images), atol=1e-5, rtol=0)
+    assert_encoder_folder_matches(tmp_path / "enc", model)
 
 
 def test_export_errors_are_one_line(tmp_path, capsys):

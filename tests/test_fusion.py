@@ -13,13 +13,7 @@ from expmae.metrics import weighted_f1
 DIMS = {"audio": 5, "text": 7, "visual": 3}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny heads train far faster on one thread; two threads on a loaded 2-core CI box spin against each other.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny heads, one thread
 
 
 def batch(n=4, dims=DIMS, seed=0):

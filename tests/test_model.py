@@ -35,15 +35,6 @@ def clips_like(model: ExpMAE, batch: int = 2, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g)
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny models run faster on one thread than on two contended ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---- config and registry ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("overrides, field", [
     (dict(img_size=30, patch_size=8), "img_size"),
@@ -400,7 +391,7 @@ def test_runs_in_bfloat16():
     assert torch.isfinite(out["loss"])
 
 
-def test_tiny_model_overfits_one_clip(one_thread):
+def test_tiny_model_overfits_one_clip(single_thread):
     model = tiny_model(video_decoder_depth=1)
     yy, xx = torch.meshgrid(torch.linspace(0, 1, 32), torch.linspace(0, 1, 32), indexing="ij")
     clip = torch.stack([torch.stack([torch.sin(6 * xx * (c + 1) + 3 * yy + 0.5 * t) for t in range(4)])

@@ -11,12 +11,7 @@ from expmae.metrics import per_class_f1
 from expmae.pseudo_label import minority_classes, pseudo_label_rounds, select_confident
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny heads, one thread
 
 
 def test_select_confident_by_hand():
