@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from expmae.model import (ExpMAE, ExpMAEConfig, create_model, frame_encoder_timm_state_dict, get_config,
-                          list_models, patchify_clips, patchify_frames, timm_create_kwargs, tube_masking,
-                          unpatchify_clips, unpatchify_frames)
+                          list_models, masking_from_mask, patchify_clips, patchify_frames, timm_create_kwargs,
+                          tube_masking, unpatchify_clips, unpatchify_frames)
 from expmae.pos_embed import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, spatiotemporal_pos_embed
 
 # 32 px, patch 8 -> 16 patches per frame; 4 frames, tubelet 2 -> 2 time steps, 32 tubelets.
@@ -122,7 +122,8 @@ def test_forward_shapes_mask_ratios_and_visible_token_counts(pack):
     out = model(clips, generator=torch.Generator().manual_seed(0))
 
     B, N, T2 = 16, 16, 2
-    assert out["pred_mae"].shape == (B, N, 8 * 8 * 3) and out["pred_video"].shape == (B, T2 * N, 2 * 8 * 8 * 3)
+    # predictions cover the masked tokens only: 16 - 4 of the frame's, 2 x 14 of the clip's
+    assert out["pred_mae"].shape == (B, N - 4, 8 * 8 * 3) and out["pred_video"].shape == (B, T2 * 14, 2 * 8 * 8 * 3)
     assert out["mask_mae"].dtype == torch.bool and out["mask_mae"].shape == (B, N)
     assert out["mask_video"].shape == (B, T2 * N)
     # MAE keeps int(16 * 0.25) = 4 patches; VideoMAE masks int(0.9 * 16) = 14 positions at each time step
@@ -152,6 +153,9 @@ def test_default_size_mask_counts():
     assert v.ids_keep.shape == (3, 160) and (v.mask.sum(1) == 8 * 176).all()
     # ids_keep really are the unmasked tokens, and ids_restore inverts the [keep, masked] order
     assert not v.mask.gather(1, v.ids_keep).any()
+    # ids_masked lists the masked tokens in token order, the order of x[mask] (where predictions go)
+    for masking in (m, v, masking_from_mask(v.mask, 3, v.mask.shape[1], "mask")):
+        assert torch.equal(masking.ids_masked, masking.mask.nonzero()[:, 1].reshape(3, -1))
 
 
 def test_loss_weights_and_single_branch_modes():
@@ -287,7 +291,7 @@ def test_videomae_branch_matches_hf_videomae_for_pretraining(norm_pix_loss):
         ours = model(clips, mask_video=mask)
         ref = hf(clips.transpose(1, 2), bool_masked_pos=mask)
     torch.testing.assert_close(ours["loss_video"], ref.loss, atol=1e-5, rtol=0)
-    torch.testing.assert_close(ours["pred_video"][mask].reshape(ref.logits.shape), ref.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours["pred_video"], ref.logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
@@ -309,7 +313,8 @@ def test_mae_loss_matches_mae_reference(norm_pix_loss):
     if norm_pix_loss:  # MAE's forward_loss, verbatim
         target = (target - target.mean(dim=-1, keepdim=True)) / (target.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
     mask = out["mask_mae"].float()
-    reference = (((out["pred_mae"] - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
+    pred = torch.zeros_like(target).masked_scatter(out["mask_mae"][..., None], out["pred_mae"])  # token order
+    reference = (((pred - target) ** 2).mean(dim=-1) * mask).sum() / mask.sum()
     torch.testing.assert_close(out["loss_mae"], reference, atol=1e-6, rtol=1e-6)
 
 
@@ -430,8 +435,9 @@ def test_reconstruct_returns_images_and_inverts_the_targets(norm_pix_loss, monke
     frame_idx = torch.tensor([2, 1])
     frames = clips[torch.arange(2), :, frame_idx]
     mask_mae = tube_masking(2, 1, 16, 0.75, generator=torch.Generator().manual_seed(1)).mask
-    monkeypatch.setattr(model.decoder, "forward", lambda latent, ids_restore: model.mae_target(frames))
-    monkeypatch.setattr(model.video_decoder, "forward", lambda latent, ids_restore: model.video_target(clips))
+    monkeypatch.setattr(model.decoder, "forward", lambda latent, ids_keep, ids_masked: model.mae_target(frames, ids_masked))
+    monkeypatch.setattr(model.video_decoder, "forward",
+                        lambda latent, ids_keep, ids_masked: model.video_target(clips, ids_masked))
     images = model.reconstruct(clips, frame_idx=frame_idx, mask_mae=mask_mae)
     mean = torch.tensor(model.cfg.mean).view(1, 3, 1, 1, 1)
     std = torch.tensor(model.cfg.std).view(1, 3, 1, 1, 1)

@@ -28,6 +28,16 @@ def clips_like(model, batch=3, seed=0):
     return torch.randn(batch, cfg.in_chans, cfg.num_frames, cfg.img_size, cfg.img_size, generator=g)
 
 
+def test_gather_tokens_picks_rows_per_sample_and_from_a_shared_code():
+    x = torch.randn(3, 10, 5, requires_grad=True)
+    ids = torch.tensor([[9, 0, 4], [1, 1, 2], [5, 8, 3]])
+    expected = torch.stack([x[b, ids[b]] for b in range(3)])
+    torch.testing.assert_close(gather_tokens(x, ids), expected, atol=0, rtol=0)
+    torch.testing.assert_close(gather_tokens(x[:1], ids), torch.stack([x[0, ids[b]] for b in range(3)]), atol=0, rtol=0)
+    gather_tokens(x, ids).sum().backward()  # repeated ids accumulate their gradient
+    assert x.grad[1, 1].eq(2).all() and x.grad[1, 0].eq(0).all() and x.grad.sum() == 9 * 5
+
+
 def test_patchify_with_ids_gathers_exactly_those_patches():
     x = torch.randn(2, 3, 4, 32, 32)
     ids = tube_masking(2, 2, 16, 0.75, generator=torch.Generator().manual_seed(0)).ids_keep
@@ -140,6 +150,9 @@ def test_video_target_matches_videomae_including_near_constant_tubelets():
     reference = _videomae_target_reference(clips, mean, std, 2, 8)
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-4)
     assert reference[0, 0].abs().max() > 0.1  # the near-constant tubelet is really in the eps regime
+    # targets of a subset of tubelets (the loss asks for the masked ones) are those rows of the full target
+    ids = tube_masking(2, 2, 16, 0.75, generator=torch.Generator().manual_seed(0)).ids_masked
+    torch.testing.assert_close(model.video_target(clips, ids), gather_tokens(ours, ids), atol=0, rtol=0)
     # non-normalised targets are the un-normalised tubelets
     plain = tiny_model(mean=(0.5, 0.25, 0.0), std=std, norm_pix_loss=False).video_target(clips)
     torch.testing.assert_close(plain, patchify_clips(clips * torch.tensor(std).view(1, 3, 1, 1, 1)
