@@ -367,7 +367,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
 
     data = batches()
     last_ckpt = resume_from  # stays the answer when a finished run is resumed
-    interval = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "mae": 0.0, "video": 0.0}
+    interval = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "mae": 0.0, "video": 0.0, "data_s": 0.0}
     bar = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="pretrain", unit="step",
                dynamic_ncols=True)
     model.train()
@@ -377,7 +377,11 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
         set_lr(optimizer, lr)  # before backward: under DeepSpeed the step runs inside accelerator.backward
         sums, good, poisoned = torch.zeros(3, dtype=torch.float64), 0, False
         for _ in range(t.grad_accum_steps):
-            clips = next(data).to(device, non_blocking=True)
+            # time blocked on the loader: > 0 for long means the data path, not the model, sets the pace
+            wait_start = time.perf_counter()
+            clips = next(data)
+            interval["data_s"] += time.perf_counter() - wait_start
+            clips = clips.to(device, non_blocking=True)
             with accelerator.accumulate(model):
                 out = model(normalize_clips(clips, dtype=dtype, mean=mcfg.mean, std=mcfg.std))
                 loss = out["loss"]
@@ -455,11 +459,13 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
                 clips_per_s = n * global_batch / elapsed
                 writer.add_scalar("perf/clips_per_s", clips_per_s, step)
                 writer.add_scalar("perf/tokens_per_s", clips_per_s * tokens_per_clip, step)  # input tubelet tokens
+                writer.add_scalar("perf/data_wait_frac", interval["data_s"] / elapsed, step)
                 if device.type == "cuda":
                     writer.add_scalar("perf/gpu_mem_peak_gib", torch.cuda.max_memory_allocated(device) / 2**30, step)
                     torch.cuda.reset_peak_memory_stats(device)
-                bar.set_postfix(loss=f"{interval['loss'] / n:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}")
-                interval.update(t0=time.perf_counter(), steps=0, loss=0.0, mae=0.0, video=0.0)
+                bar.set_postfix(loss=f"{interval['loss'] / n:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}",
+                                data_wait=f"{interval['data_s'] / elapsed:.0%}")
+                interval.update(t0=time.perf_counter(), steps=0, loss=0.0, mae=0.0, video=0.0, data_s=0.0)
         bar.update(1)
 
         if cfg.log.recon_every and step % cfg.log.recon_every == 0 and step != total_steps:

@@ -82,8 +82,9 @@ def test_deepspeed_zero2_two_ranks_trains_logs_and_checkpoints(straight_run):
     events = EventAccumulator(str(straight_run / "tensorboard"), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_mae", "train/loss_video", "train/lr", "train/grad_norm",
-            "perf/clips_per_s", "perf/tokens_per_s"} <= scalars
+            "perf/clips_per_s", "perf/tokens_per_s", "perf/data_wait_frac"} <= scalars
     assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 2 * N + 1, 2))
+    assert all(0 <= e.value <= 1 for e in events.Scalars("perf/data_wait_frac"))
     assert "reconstruction" in events.Tags()["images"]
 
     from PIL import Image
