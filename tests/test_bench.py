@@ -54,6 +54,10 @@ def test_quick_run_prints_one_json_object_per_configuration(bench, keep_threads,
     assert reference["model_flops_per_step"] == by_name["videomae"]["model_flops_per_step"]
     assert by_name["expmae"]["model_flops_per_step"] == pytest.approx(
         by_name["mae"]["model_flops_per_step"] + by_name["videomae"]["model_flops_per_step"])
+    for r in records:  # time ratio = FLOP ratio / efficiency
+        assert r["flops_ratio_to_reference"] == pytest.approx(
+            r["model_flops_per_step"] / reference["model_flops_per_step"])
+        assert r["efficiency_vs_reference"] == pytest.approx(r["flops_ratio_to_reference"] / r["ratio_to_reference"])
     assert by_name["expmae"]["encoder_tokens_per_clip"] == (
         by_name["mae"]["encoder_tokens_per_clip"] + by_name["videomae"]["encoder_tokens_per_clip"])
 

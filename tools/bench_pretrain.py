@@ -20,8 +20,9 @@ median step time (wall; and the process's CPU time, which ignores time spent des
 tokens/s (clip tubelets per second), peak memory, model FLOPs (and MFU on GPUs of known peak) and the ratio of its
 step time to the reference's: `ratio_to_reference` is the median over rounds of the per-round ratio (robust to
 load changes between rounds), `ratio_of_medians` the plain quotient, `ratio_to_reference_cpu` the per-round ratio
-of CPU times. Output: one JSON object per configuration per line (JSON Lines) on stdout and, with --out, appended
-to a file, to compare across commits. GPU: torch.cuda.synchronize() brackets each timed step (the steps themselves
+of CPU times; `flops_ratio_to_reference` is the model-FLOP ratio and `efficiency_vs_reference` = FLOP ratio / time
+ratio (> 1: more model FLOPs per second than the reference). Output: one JSON object per configuration per line
+(JSON Lines) on stdout and, with --out, appended to a file, to compare across commits. GPU: torch.cuda.synchronize() brackets each timed step (the steps themselves
 never sync), peak memory is the allocator's; this path has not been run on a GPU yet.
 
 Model FLOPs are counted analytically from the algorithm (not from what an implementation happens to compute), so
@@ -387,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             tokens_per_s=args.batch_size * tokens_per_clip / step_s,
             encoder_tokens_per_s=args.batch_size * encoder_tokens_per_clip(cfg, c.name) / step_s,
             ratio_to_reference=None, ratio_of_medians=None, ratio_to_reference_cpu=None,
+            flops_ratio_to_reference=None, efficiency_vs_reference=None,
             model_flops_per_step=flops, achieved_tflops=flops / step_s / 1e12,
             peak_bf16_tflops=peak / 1e12 if peak else None, mfu=flops / step_s / peak if peak else None,
             peak_memory_mb=(c.persistent_bytes() + c.transient_bytes) / 2**20, memory_method=memory_method,
@@ -399,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
             record["ratio_of_medians"] = median_ms / statistics.median(reference.step_ms)
             record["ratio_to_reference_cpu"] = statistics.median(
                 [a / b for a, b in zip(c.cpu_ms, reference.cpu_ms)])
+            # time ratio = FLOP ratio / efficiency: what the algorithm costs vs how well the implementation runs it
+            record["flops_ratio_to_reference"] = flops / (train_flops_per_clip(cfg, REFERENCE) * args.batch_size)
+            record["efficiency_vs_reference"] = record["flops_ratio_to_reference"] / record["ratio_to_reference"]
         records.append(record)
 
     lines = [json.dumps(r) for r in records]
@@ -408,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         with args.out.open("a") as f:
             f.write("\n".join(lines) + "\n")
     summary = ", ".join(f"{r['config']} {r['median_step_ms']:.1f} ms"
-                        + (f" (x{r['ratio_to_reference']:.3f}, cpu x{r['ratio_to_reference_cpu']:.3f})"
+                        + (f" (x{r['ratio_to_reference']:.3f}, cpu x{r['ratio_to_reference_cpu']:.3f}, "
+                           f"flops x{r['flops_ratio_to_reference']:.3f})"
                            if r["ratio_to_reference"] is not None else "")
                         for r in records)
     print(f"[bench_pretrain] {cfg.img_size}px x {cfg.num_frames} frames, batch {args.batch_size}, {args.dtype}, "
