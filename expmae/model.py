@@ -5,8 +5,9 @@
 Both branches run the same encoder (stem, blocks, final norm). A frame enters the Conv3d stem as a static
 tubelet (the frame repeated t times, as OmniMAE does), computed as a Conv2d with the kernel summed over time,
 so the frame path is exactly a timm VisionTransformer (see frame_encoder_timm_state_dict / timm_create_kwargs).
-In training the stem sees only the visible patches / tubelets (a matmul on gathered pixels, the same tokens), and
-with cfg.pack_branches both branches' visible tokens go through the encoder in one pass (tools/bench_pretrain.py).
+In training the stem sees only the visible patches / tubelets (a matmul on gathered pixels, the same tokens), the
+decoders' heads and the targets only the masked ones, and with cfg.pack_branches both branches' visible tokens go
+through the encoder in one pass: no matmul work beyond the algorithm's FLOPs (tools/bench_pretrain.py).
 
 Layout conventions (shared with MAE / VideoMAE / HF transformers):
 - clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
