@@ -1,23 +1,16 @@
 """tools/bench_pretrain.py: a toy-size run and its JSON schema, the analytic FLOPs against torch's FLOP counter,
 the reference's configuration against our model, and its input errors. No timing is asserted."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from expmae.model import create_model
 
-TOOL = Path(__file__).resolve().parents[1] / "tools" / "bench_pretrain.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_pretrain", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_tool):
+    return load_tool("bench_pretrain")
 
 
 @pytest.fixture

