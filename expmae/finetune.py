@@ -12,7 +12,8 @@ Outputs in ``out_dir``: results.json, confusion_matrix.png (out-of-fold, Train&V
 per labelled test set, predictions_<test>.csv (name, discrete, valence); per fold, fold<k>/round<r>/ with
 each round's head (safetensors), predictions and epoch curves, and fold<k>/pseudo_labels.csv (name, discrete)
 when pseudo-labelling; TensorBoard curves in tb/.
-Finished folds are skipped on a rerun with the same settings and the same feature values.
+Finished folds are skipped on a rerun with the same settings and the same feature values; in end-to-end mode
+an unfinished fold continues after its last finished epoch (fold<k>/round<r>/resume.pt, removed when it finishes).
 
     expmae-finetune --labels train-label.csv --features audio=feats/hubert text=feats/macbert visual=feats/expmae \
         --test test3-label.csv --head attention --out runs/mer
@@ -111,6 +112,12 @@ class FitResult:
     state_dict: dict
 
 
+# A fold's resume state (end-to-end mode), in its run dir while it trains; removed once its result.json is written.
+RESUME_CHECKPOINT = "resume.pt"
+# fit_epochs' state after a finished epoch: what a resumed loop needs besides the model and optimizer.
+LOOP_KEYS = ("epoch", "best_epoch", "best", "best_score", "best_state", "history")
+
+
 def _selection_score(metrics: dict[str, float]) -> float:
     # The challenge ranks by the combined metric; without valence truth fall back to metric_e.
     return metrics["metric"] if math.isfinite(metrics["metric"]) else metrics["metric_e"]
@@ -142,14 +149,23 @@ def fit_epochs(
     evaluate: tuple | None = None,
     writer=None,
     tag: str = "",
+    resume: dict | None = None,
+    on_epoch_end=None,
 ) -> FitResult:
     """The epoch loop of both modes: ``run_epoch(epoch)`` trains one epoch and returns its scalars (train_loss, ...);
     ``evaluate = (predict_fn, emotion, valence)`` scores the held-out split after every epoch, ``predict_fn()``
     returning (probs, valence). The state of the epoch with the best combined metric is kept (the last epoch's
-    without evaluation); ``model`` is left holding it."""
-    best_epoch, best, best_score, best_state = -1, {}, -math.inf, None
-    history = []
-    for epoch in range(epochs):
+    without evaluation); ``model`` is left holding it.
+
+    Resuming (end-to-end mode, expmae.e2e): ``on_epoch_end(loop)`` gets the loop's state after every epoch (keys
+    :data:`LOOP_KEYS`: the finished ``epoch``, best so far, ``history``), and ``resume``, such a state saved
+    earlier, continues after its epoch; restoring the model, optimizer and RNG is the caller's part."""
+    best_epoch, best, best_score, best_state, history = -1, {}, -math.inf, None, []
+    start = 0
+    if resume is not None:
+        best_epoch, best, best_score, best_state, history = (resume[k] for k in LOOP_KEYS[1:])
+        start = resume["epoch"] + 1
+    for epoch in range(start, epochs):
         record = {"epoch": epoch, **run_epoch(epoch)}
         if evaluate is not None:
             predict_fn, val_emotion, val_valence = evaluate
@@ -164,6 +180,8 @@ def fit_epochs(
                 if key != "epoch" and math.isfinite(value):
                     writer.add_scalar(f"{tag}/{key}", value, epoch)
         history.append(record)
+        if on_epoch_end is not None:
+            on_epoch_end(dict(zip(LOOP_KEYS, (epoch, best_epoch, best, best_score, best_state, history))))
     if best_state is None:
         best_epoch, best_state = epochs - 1, {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
@@ -256,8 +274,9 @@ class FeatureBackend:
         return {"branches": {b: [str(f) for f in fs] for b, fs in self.branches.items()}, "feature_dims": train.dims}
 
     def fit(self, train: FeatureSet, emotion: np.ndarray, valence: np.ndarray, val, *, seed: int, writer=None,
-            tag: str = ""):
-        """A fresh head trained on ``train``; returns (head holding its best state, FitResult)."""
+            tag: str = "", checkpoint: Path | None = None, fingerprint: str = ""):
+        """A fresh head trained on ``train``; returns (head holding its best state, FitResult). A fold takes
+        seconds here, so ``checkpoint`` / ``fingerprint`` (end-to-end mode's resume state) are not used."""
         from expmae.features.common import resolve_device
         from expmae.fusion import create_head
 
@@ -381,6 +400,9 @@ def train_fold(
     """Train (or reuse, if finished with the same settings and data) one fold's model in ``run_dir``.
     ``backend``: how the model is built, trained, applied and saved (default: a FeatureBackend of ``cfg``).
 
+    A backend may keep resume state in ``run_dir / RESUME_CHECKPOINT`` (keyed by the fold's fingerprint) while
+    the fold trains, so that an interrupted fold continues after its last finished epoch on a rerun.
+
     Returns the fold record (best epoch and its validation metrics) and its predictions: the held-out fold
     (``val_*``), each test set (``test{i}_*``) and the unlabeled pool (``pool_probs``).
     """
@@ -407,7 +429,8 @@ def train_fold(
             fold_valence = np.concatenate([fold_valence, np.full(len(pseudo[1]), np.nan, np.float32)])
         held_out = train.subset(va)
         model, fit = backend.fit(fold_train, fold_emotion, fold_valence, (held_out, emotion[va], valence[va]),
-                                 seed=cfg.seed * 1000 + fold, writer=writer, tag=tag)
+                                 seed=cfg.seed * 1000 + fold, writer=writer, tag=tag,
+                                 checkpoint=run_dir / RESUME_CHECKPOINT, fingerprint=fingerprint)
         arrays = {}
         arrays["val_probs"], arrays["val_valence"] = backend.predict(model, held_out)
         for i, t in enumerate(tests):
@@ -421,6 +444,10 @@ def train_fold(
                   "num_pseudo": int(len(pseudo[1])) if pseudo is not None else 0, "num_val": int(len(va)),
                   **_clean(fit.best), "history": [_clean(h) for h in fit.history]}
         _write_json(record_path, record)  # written last: its presence marks the fold finished
+    # A finished fold needs no resume state (a ViT-B one is over a GB); also a save killed mid-write leaves a temp file.
+    resume = Path(RESUME_CHECKPOINT)
+    for path in (run_dir / resume.name, *run_dir.glob(f".{resume.stem}.*{resume.suffix}")):
+        path.unlink(missing_ok=True)
     with np.load(preds_path) as stored:
         arrays = {k: stored[k] for k in stored.files}
     _log(f"[{tag}] best epoch {record['best_epoch']}: metric {_fmt(record['metric'])}, metric_e {_fmt(record['metric_e'])}, "

@@ -270,3 +270,190 @@ def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and message in err, (extra, err)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- resume
+class Interrupted(BaseException):
+    """Stands for Ctrl-C / a kill: like KeyboardInterrupt, no ``except Exception`` on the way stops it."""
+
+
+def run_recording(monkeypatch, args, *, interrupt=None) -> list[tuple[int, int]]:
+    """expmae.finetune.main(args); returns the (fold, epoch) pairs it trained, in order. ``interrupt=(fold,
+    epoch)``: raise Interrupted in that epoch, after its first optimizer step (the run then ends with it)."""
+    import expmae.fusion
+    from expmae.data import VideoClipDataset
+    from expmae.finetune import main
+
+    trained, losses = [], []
+    set_epoch, mer_loss = VideoClipDataset.set_epoch, expmae.fusion.mer_loss
+
+    def spy_set_epoch(self, epoch):
+        trained.append((self.seed % 1000, epoch))  # a fold's seed is seed * 1000 + fold (seed 0 here)
+        losses.clear()
+        return set_epoch(self, epoch)
+
+    def spy_loss(*a, **kw):
+        losses.append(1)
+        if trained[-1] == interrupt and len(losses) == 2:
+            raise Interrupted
+        return mer_loss(*a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(VideoClipDataset, "set_epoch", spy_set_epoch)
+        m.setattr(expmae.fusion, "mer_loss", spy_loss)
+        if interrupt is None:
+            assert main(args) == 0
+        else:
+            with pytest.raises(Interrupted):
+                main(args)
+    return trained
+
+
+def assert_same_folds(a, b, folds: int = 2):
+    """Two runs' folds hold identical records (metrics, best epoch, history), predictions and weights."""
+    from safetensors.torch import load_file
+
+    from expmae.export import load_encoder
+
+    for k in range(folds):
+        run_a, run_b = a / f"fold{k}" / "round0", b / f"fold{k}" / "round0"
+        assert json.loads((run_a / "result.json").read_text()) == json.loads((run_b / "result.json").read_text())
+        with np.load(run_a / "predictions.npz") as pa, np.load(run_b / "predictions.npz") as pb:
+            assert pa.files == pb.files and all(np.array_equal(pa[f], pb[f]) for f in pa.files)
+        torch.testing.assert_close(load_file(run_b / "head.safetensors"), load_file(run_a / "head.safetensors"), rtol=0, atol=0)
+        torch.testing.assert_close(load_encoder(run_b / "encoder").state_dict(), load_encoder(run_a / "encoder").state_dict(),
+                                   rtol=0, atol=0)
+
+
+def resume_files(out):
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*resume*"))
+
+
+def resume_args(data, out, *extra):
+    # attention head (dropout) + stochastic depth: training draws from the torch RNG, which a resume restores
+    return e2e_args(data, out, "--epochs", "3", "--features", f"audio={data['root'] / 'audio'}", "--drop-path", "0.2",
+                    "--no-tensorboard", *extra)
+
+
+def test_an_interrupted_fold_resumes_after_its_last_epoch_and_ends_as_an_uninterrupted_run(mer_videos, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """Bit-identical on the CPU: model, optimizer, step, loop state and RNG are restored exactly, and each epoch's
+    shuffle and augmentation depend on (seed, epoch) only. The interrupted run decodes clips in a DataLoader
+    worker, the whole one in-process: the workers' seeds do not change what is trained either."""
+    from expmae.e2e import FoldCheckpoint
+
+    saved = []  # (fold tag, epoch saved, epoch read back with weights_only=True) of every checkpoint write
+    save = FoldCheckpoint.save
+
+    def spy_save(self, loop, *a, **kw):
+        save(self, loop, *a, **kw)
+        saved.append((self.tag, loop["epoch"], torch.load(self.path, weights_only=True)["loop"]["epoch"]))
+
+    monkeypatch.setattr(FoldCheckpoint, "save", spy_save)
+    data, whole, parts = mer_videos, tmp_path / "whole", tmp_path / "parts"
+    every = [(f, e) for f in range(2) for e in range(3)]
+    assert run_recording(monkeypatch, resume_args(data, whole)) == every
+    assert saved == [(f"fold{f}/round0", e, e) for f, e in every]  # after every epoch, loadable safely
+    assert resume_files(whole) == []  # removed once each fold finished
+
+    # Killed in epoch 2 of fold 0: one checkpoint, of epoch 1, and nothing that marks the fold finished.
+    worker = ("--workers", "1")
+    assert run_recording(monkeypatch, resume_args(data, parts, *worker), interrupt=(0, 2)) == [(0, 0), (0, 1), (0, 2)]
+    fold0 = parts / "fold0" / "round0"
+    assert sorted(p.name for p in fold0.iterdir()) == ["resume.pt"]
+    state = torch.load(fold0 / "resume.pt", weights_only=True)
+    assert state["loop"]["epoch"] == 1 and state["step"] == 4  # 6 clips, batches of 4: 2 steps per epoch
+    (fold0 / ".resume.k1ll3d.pt").write_bytes(b"half a save")  # what a kill in the middle of a save leaves
+    capsys.readouterr()
+
+    # The same command again: fold 0 trains epoch 2 only, fold 1 all; everything ends as in the whole run.
+    assert run_recording(monkeypatch, resume_args(data, parts, *worker)) == [(0, 2), (1, 0), (1, 1), (1, 2)]
+    assert "[fold0/round0] resuming at epoch 2 from" in capsys.readouterr().err
+    assert_same_folds(whole, parts)
+    assert resume_files(parts) == []  # the checkpoint and the leftover of a killed save
+
+
+def test_a_checkpoint_of_other_settings_or_an_unreadable_one_is_ignored(mer_videos, tmp_path, monkeypatch, capsys):
+    data, out = mer_videos, tmp_path / "run"
+    run_recording(monkeypatch, resume_args(data, out), interrupt=(0, 2))
+    checkpoint = out / "fold0" / "round0" / "resume.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:5000])  # torn (a disk filled up, a copy cut short)
+    capsys.readouterr()
+
+    # Unreadable: one line naming the file, fold 0 starts over; this time the run is killed in fold 1.
+    lr2 = ("--lr", "2e-3")
+    trained = run_recording(monkeypatch, resume_args(data, out, *lr2), interrupt=(1, 2))
+    assert trained == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    err = capsys.readouterr().err
+    assert len([line for line in err.splitlines() if "cannot resume" in line and str(checkpoint) in line]) == 1
+    assert resume_files(out) == ["fold1/round0/resume.pt"]
+
+    # Other settings (lr back to 1e-3): fold 1's checkpoint of lr 2e-3 is ignored, never mixed in.
+    assert run_recording(monkeypatch, resume_args(data, out)) == [(f, e) for f in range(2) for e in range(3)]
+    err = capsys.readouterr().err
+    assert "[fold1/round0] ignoring" in err and "other settings or data" in err and "resuming" not in err
+    assert resume_files(out) == []
+    reference = tmp_path / "reference"
+    run_recording(monkeypatch, resume_args(data, reference))
+    assert_same_folds(reference, out)
+
+
+def test_fold_checkpoint_restores_training_exactly_and_leaves_a_model_alone_when_it_cannot(tmp_path, capsys):
+    from expmae.e2e import FoldCheckpoint
+    from expmae.finetune import LOOP_KEYS
+
+    def build(width=8):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.Dropout(0.5), torch.nn.Linear(width, 3))
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+
+    def train_step(model, optimizer):
+        loss = model(torch.randn(5, 4)).square().mean()  # input and dropout both draw from the torch RNG
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    model, optimizer = build()
+    snapshots = []
+    for _ in range(3):
+        train_step(model, optimizer)
+        snapshots.append({k: v.clone() for k, v in model.state_dict().items()})
+    history = [{"epoch": e, "train_loss": float(e), "metric": np.float64(0.5 + e)} for e in range(3)]  # numpy: as mer_metrics
+    path = tmp_path / "fold" / "resume.pt"
+    for best_epoch in (1, 2):  # an earlier epoch's state is stored; the last epoch's is the model's own
+        loop = dict(zip(LOOP_KEYS, (2, best_epoch, {"metric": np.float64(1.5)}, 1.5, snapshots[best_epoch], history)))
+        FoldCheckpoint(path, "abc").save(loop, model, optimizer, step=7)
+        expected_next = torch.rand(3)
+        fresh, fresh_optimizer = build()
+        restored, step = FoldCheckpoint(path, "abc").load(fresh, fresh_optimizer)
+        assert step == 7 and restored["epoch"] == 2 and restored["best_epoch"] == best_epoch
+        assert restored["history"] == history  # as Python numbers: what weights_only loading accepts
+        assert {type(v) for h in restored["history"] for v in h.values()} == {int, float}
+        torch.testing.assert_close(restored["best_state"], snapshots[best_epoch], rtol=0, atol=0)
+        torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)
+        assert torch.equal(torch.rand(3), expected_next)  # the RNG continues where the saving process was
+    # Continuing from the restored state is continuing the original: one more step on each, same draws.
+    rng = torch.get_rng_state()
+    train_step(model, optimizer)
+    torch.set_rng_state(rng)
+    train_step(fresh, fresh_optimizer)
+    torch.testing.assert_close(fresh.state_dict(), model.state_dict(), rtol=0, atol=0)
+    assert "resuming at epoch 3" in capsys.readouterr().err
+
+    good = path.read_bytes()
+    other = tmp_path / "other.pt"
+    FoldCheckpoint(other, "abc").save(loop, *build(width=6), step=1)
+    cases = {"torn": (good[: len(good) // 2], "abc", "cannot resume"), "garbage": (b"\x00" * 64, "abc", "cannot resume"),
+             "other fingerprint": (good, "xyz", "other settings"),
+             "other model": (other.read_bytes(), "abc", "cannot resume")}
+    for name, (content, fingerprint, message) in cases.items():
+        path.write_bytes(content)
+        fresh, fresh_optimizer = build()
+        initial = {k: v.clone() for k, v in fresh.state_dict().items()}
+        assert FoldCheckpoint(path, fingerprint, tag="fold0/round0").load(fresh, fresh_optimizer) is None, name
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and str(path) in lines[0] and "[fold0/round0]" in lines[0], (name, lines)
+        torch.testing.assert_close(fresh.state_dict(), initial, rtol=0, atol=0)
+        assert not fresh_optimizer.state, name
+    path.unlink()
+    assert FoldCheckpoint(path, "abc").load(*build()) is None and capsys.readouterr().err == ""
