@@ -4,11 +4,12 @@ The protocol (folds, best epoch by the combined metric, test averaging, reports,
 expmae.finetune's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
 built, trained, applied and saved. Per fold:
 
-    face clip (uint8, expmae.data.VideoClipDataset: T frames ``sample_stride`` apart; training: a random window,
-    VideoMAE multi-scale crop + flip unless ``augment`` is off; evaluation: the centre window and centre crop,
-    the deterministic view expmae.data gives with train=False) -> normalised with the encoder's
-    mean / std -> ExpMAEEncoder.forward_clips -> mean over all tokens -> the fusion head as its "visual"
-    branch, beside any precomputed feature folders (audio, text, ...).
+    face clip (uint8, T frames ``sample_stride`` apart; training: expmae.data.VideoClipDataset's random window,
+    VideoMAE multi-scale crop + flip unless ``augment`` is off; evaluation: :func:`eval_windows`, the centre
+    window, or with ``test_views`` N > 1 N windows spread over the clip, each centre-cropped) -> normalised with
+    the encoder's mean / std -> ExpMAEEncoder.forward_clips -> mean over all tokens -> the fusion head as its
+    "visual" branch, beside any precomputed feature folders (audio, text, ...). An evaluated sample's class
+    probabilities and valence are the mean over its views (VideoMAE's multi-view testing).
 
 Optimisation as in MAE / VideoMAE finetuning: AdamW; layer-wise lr decay (block i at layer_decay^(depth - i),
 stem and position codes at layer_decay^(depth + 1), final norm and head at 1); no weight decay on norms,
@@ -261,25 +262,52 @@ def index_videos(source: str | os.PathLike) -> dict[str, Path]:
     return index
 
 
-class _EvalClips(torch.utils.data.Dataset):
-    """Deterministic evaluation view (centre window, centre crop) of clips: ``(row, clip, "")``, or
-    ``(row, zeros, reason)`` for a clip that fails to load: an evaluation pass never stops on one clip, and
-    never silently scores another sample's clip in its place."""
+def eval_windows(num_available: int, num_frames: int, sample_stride: int, views: int = 1) -> np.ndarray:
+    """Frame indices (V, num_frames) of a clip's evaluation views, V <= ``views``, distinct windows only.
 
-    def __init__(self, clips):  # a VideoClipDataset with train=False
-        self.clips = clips
+    One view: the centre window (expmae.data's deterministic view). More: windows from the first frame to the
+    last, evenly spread (expmae.features.visual.clip_windows at a 1-frame step; VideoMAE's test-time temporal
+    views), overlapping when the clip holds fewer back-to-back windows. A clip shorter than one window has one
+    view, padded with its last frame; one just a few frames longer has as many views as distinct starts.
+    """
+    from expmae.data import sample_frame_indices
+    from expmae.features.visual import clip_windows
+
+    if views < 1:
+        raise ValueError(f"views={views}: expected >= 1")
+    if views == 1:
+        return sample_frame_indices(num_available, num_frames, sample_stride)[None]
+    return clip_windows(num_available, num_frames, sample_stride, clip_stride=1, max_clips=views)
+
+
+class _EvalViews(torch.utils.data.Dataset):
+    """A clip's evaluation views (:func:`eval_windows`, centre crop), deterministic: ``(row, views, "")`` with
+    views uint8 (V, 3, T, S, S), or ``(row, no views, reason)`` for a clip that fails to load: an evaluation pass
+    never stops on one clip, and never silently scores another sample's clip in its place."""
+
+    def __init__(self, paths: Sequence[str], num_frames: int, sample_stride: int, input_size: int, views: int):
+        self.paths, self.num_frames, self.sample_stride = list(paths), num_frames, sample_stride
+        self.input_size, self.views = input_size, views
 
     def __len__(self) -> int:
-        return len(self.clips)
+        return len(self.paths)
 
     def __getitem__(self, row: int):
+        from expmae.data import center_crop_box, crop_resize_frames
+        from expmae.features.visual import frame_reader  # video file or .npy face clip -> (frame count, reader)
         from expmae.jobs import one_line
 
         try:
-            return row, self.clips.transform(self.clips.load_frames(row, None), None), ""
+            total, read = frame_reader(self.paths[row])
+            windows = eval_windows(total, self.num_frames, self.sample_stride, self.views)
+            unique, inverse = np.unique(windows, return_inverse=True)  # overlapping views: each frame decoded once
+            frames = read(unique)
+            pixels = crop_resize_frames(frames, center_crop_box(*frames.shape[1:3]), self.input_size)  # (3, U, S, S)
+            views = pixels[:, torch.from_numpy(inverse.reshape(windows.shape))].transpose(0, 1).contiguous()
+            return row, views, ""
         except Exception as exc:  # noqa: BLE001 - reported by the caller
-            size, frames = self.clips.input_size, self.clips.num_frames
-            return row, torch.zeros(3, frames, size, size, dtype=torch.uint8), one_line(exc)
+            size = self.input_size
+            return row, torch.zeros(0, 3, self.num_frames, size, size, dtype=torch.uint8), one_line(exc)
 
 
 # ----------------------------------------------------------------------------------------------- backend
@@ -305,10 +333,15 @@ class VideoBackend:
                                    ("drop_path", cfg.drop_path < 1, "< 1 (negative: the encoder config's)"),
                                    ("sample_stride", cfg.sample_stride >= 0, ">= 0 (0: the encoder's)"),
                                    ("precision", cfg.precision in PRECISIONS, f"one of {PRECISIONS}"),
-                                   ("workers", cfg.workers >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1")):
+                                   ("workers", cfg.workers >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
+                                   ("test_views", cfg.test_views >= 1, ">= 1 (--test-views: views averaged per evaluated clip)")):
             if not ok:
                 raise ValueError(f"{name}={getattr(cfg, name)!r}: expected {expected}")
         self.cfg = cfg
+        if cfg.test_views != 1:
+            # Evaluation picks the best epoch, so it is part of a fold's fingerprint; at 1 it adds nothing to it,
+            # so that folds finished or checkpointed before the setting existed (all 1-view) stay valid.
+            self.run_keys = type(self).run_keys + ("test_views",)
         self.branches = parse_feature_specs(cfg.features) if cfg.features else {}
         if VIDEO_BRANCH in self.branches:
             raise ValueError(f"feature branch {VIDEO_BRANCH!r} is the encoder's in end-to-end mode; "
@@ -371,7 +404,7 @@ class VideoBackend:
                 "encoder_config": {k: getattr(enc, k) for k in ("embed_dim", "depth", "num_heads", "patch_size",
                                                                  "tubelet_size", "img_size", "num_frames")},
                 "frozen": self.cfg.freeze_encoder, "drop_path_rate": enc.drop_path_rate,
-                "sample_stride": self.sample_stride, "num_clips": len(self.videos),
+                "sample_stride": self.sample_stride, "test_views": self.cfg.test_views, "num_clips": len(self.videos),
                 # records in the (append-only) log, earlier runs into this folder included
                 "clip_failures": len(JsonlLog(self.failure_log).read()), "clip_failures_log": str(self.failure_log),
             },
@@ -470,17 +503,26 @@ class VideoBackend:
 
     @torch.no_grad()
     def predict(self, model: VideoFusionModel, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities (N, C) and valence (N,) from each sample's evaluation view, in eval mode."""
+        """Class probabilities (N, C) and valence (N,), in eval mode: each sample's mean over its evaluation
+        views (``test_views``; each view counts once, a short clip has fewer). A clip that fails to load gets
+        the uniform distribution and valence 0."""
         num_classes = model.head.num_classes
-        probs = np.full((len(features), num_classes), 1.0 / num_classes, np.float32)
+        # Sums over each sample's views so far, divided at the end: views of one sample may span two batches.
+        probs = np.zeros((len(features), num_classes), np.float32)
         valence = np.zeros(len(features), np.float32)
+        views = np.zeros(len(features), np.int64)
         arrays = {k: torch.from_numpy(a) for k, a in features.arrays.items()}
         model.eval()
-        for rows, clips, ok in self._eval_batches(features.names):
+        for rows, clips in self._eval_batches(features.names):
             with self._autocast():
                 out = model(clips, {k: v[rows].to(self.device) for k, v in arrays.items()})
-            probs[rows[ok]] = out["logits"].float().softmax(1).cpu().numpy()[ok]
-            valence[rows[ok]] = out["valence"].float().cpu().numpy()[ok]
+            np.add.at(probs, rows, out["logits"].float().softmax(1).cpu().numpy())
+            np.add.at(valence, rows, out["valence"].float().cpu().numpy())
+            np.add.at(views, rows, 1)
+        seen = views > 0
+        probs[seen] /= views[seen, None]
+        valence[seen] /= views[seen]
+        probs[~seen] = 1.0 / num_classes
         return probs, valence
 
     def save(self, model: VideoFusionModel, fit: FitResult, run_dir: Path) -> None:
@@ -509,25 +551,43 @@ class VideoBackend:
         return normalize_clips(clips.to(self.device, non_blocking=True), mean=enc.mean, std=enc.std)
 
     def _eval_batches(self, names: Sequence[str]):
-        """Yield (rows, normalised clips on the device, ok mask) over ``names`` in order (rows and mask as numpy);
-        a clip that fails is recorded once in the failure log and masked out."""
-        from expmae.data import VideoClipDataset
+        """Yield (rows, normalised clips on the device) of the evaluation views of ``names``, in order,
+        ``batch_size`` clips at a time (the last batch fewer): clip i is a view of sample ``rows[i]`` (numpy), and
+        a sample's views may span two batches. A clip that fails to load has no views; it is recorded once in
+        the failure log."""
+        from tqdm.auto import tqdm
+
+        enc, size = self.pretrained.cfg, self.cfg.batch_size
+        views = _EvalViews([str(self.videos[n]) for n in names], enc.num_frames, self.sample_stride, enc.img_size,
+                           self.cfg.test_views)
+        # One item per sample (all its views: the clip is opened once), regrouped below into batches of clips.
+        loader = torch.utils.data.DataLoader(views, batch_size=None, num_workers=self.cfg.workers)
+        queued_rows: list[int] = []  # views loaded but not yet run: fewer than batch_size + test_views
+        queued: list[torch.Tensor] = []
+        samples = tqdm(iter(loader), total=len(views), desc="evaluating", disable=not self.cfg.progress, leave=False,
+                       unit="sample")
+        for row, clips, reason in samples:
+            if reason:
+                self._record_eval_failure(names[row], reason)
+                continue
+            queued_rows += [row] * len(clips)
+            queued.append(clips)
+            while len(queued_rows) >= size:
+                clips = torch.cat(queued)
+                yield np.array(queued_rows[:size]), self._normalize(clips[:size])
+                queued_rows, queued = queued_rows[size:], [clips[size:]]
+        if queued_rows:
+            yield np.array(queued_rows), self._normalize(torch.cat(queued))
+
+    def _record_eval_failure(self, name: str, reason: str) -> None:
         from expmae.jobs import JsonlLog
 
-        enc = self.pretrained.cfg
-        clips = VideoClipDataset([str(self.videos[n]) for n in names], enc.num_frames, self.sample_stride, enc.img_size,
-                                 train=False)
-        loader = torch.utils.data.DataLoader(_EvalClips(clips), batch_size=self.cfg.batch_size,
-                                             num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda")
-        for rows, batch, reasons in loader:
-            rows, ok = rows.numpy(), np.array([not r for r in reasons])
-            for row, reason in zip(rows.tolist(), reasons):
-                if reason and names[row] not in self._failed:
-                    self._failed[names[row]] = reason
-                    _log(f"[clips] {names[row]}: {reason} (evaluated as a uniform prediction)")
-                    JsonlLog(self.failure_log).append({"key": names[row], "path": str(self.videos[names[row]]),
-                                                       "stage": "evaluation", "reason": reason})
-            yield rows, self._normalize(batch), ok
+        if name in self._failed:  # evaluated every epoch: reported once
+            return
+        self._failed[name] = reason
+        _log(f"[clips] {name}: {reason} (evaluated as a uniform prediction)")
+        JsonlLog(self.failure_log).append({"key": name, "path": str(self.videos[name]), "stage": "evaluation",
+                                           "reason": reason})
 
 
 def _encoder_folder_info(path: str | os.PathLike) -> dict:

@@ -97,6 +97,9 @@ class FinetuneConfig:
     augment: bool = True  # VideoMAE multi-scale crop + flip of training clips; off: whole frames (random window only)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     workers: int = 0  # DataLoader processes decoding clips
+    # Evaluation (held-out fold every epoch, tests, unlabeled pool): windows spread evenly over each clip, each
+    # centre-cropped, class probabilities and valence averaged; 1: the centre window. Costs N x the evaluation.
+    test_views: int = 1
 
 
 # Settings that change what a fold computes; a finished fold is reused only if these match.
@@ -678,6 +681,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="train on whole frames (no multi-scale crop or flip; the clip window stays random)")
     e2e.add_argument("--precision", choices=["fp32", "bf16"])
     e2e.add_argument("--workers", type=int, help="DataLoader processes decoding clips")
+    e2e.add_argument("--test-views", type=int,
+                     help="temporal views per evaluated sample (held-out fold after every epoch, tests, unlabeled "
+                          "pool): N windows spread evenly over the clip, each centre-cropped, class probabilities "
+                          "and valence averaged; evaluation costs N times as much (default 1: the centre window)")
     return p
 
 

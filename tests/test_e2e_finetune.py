@@ -264,6 +264,7 @@ def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
         (["--missing", "zero"], "missing='zero'"),
         (["--layer-decay", "1.5"], "layer_decay=1.5"),
         (["--videos", str(data["root"] / "audio")], "audio"),  # no videos there
+        (["--test-views", "0"], "test_views=0: expected >= 1 (--test-views"),
     ]
     for extra, message in cases:
         assert main(e2e_args(data, tmp_path / "out", *extra)) == 2, extra
@@ -457,3 +458,149 @@ def test_fold_checkpoint_restores_training_exactly_and_leaves_a_model_alone_when
         assert not fresh_optimizer.state, name
     path.unlink()
     assert FoldCheckpoint(path, "abc").load(*build()) is None and capsys.readouterr().err == ""
+
+
+# ----------------------------------------------------------------------------------------------- multi-view testing
+def view_backend(videos, encoder, out, views, **overrides):
+    from expmae.e2e import VideoBackend
+    from expmae.finetune import FinetuneConfig
+
+    return VideoBackend(FinetuneConfig(videos=str(videos), encoder=str(encoder), out_dir=str(out), batch_size=4,
+                                       test_views=views, progress=False, **overrides))
+
+
+def oracle_predict(model, clips_uint8, audio):
+    """The model in eval mode on uint8 clips (V, T, H, W, 3) built by hand: normalised here, softmax."""
+    enc = model.encoder.cfg
+    mean, std = torch.tensor(enc.mean).view(1, 3, 1, 1, 1), torch.tensor(enc.std).view(1, 3, 1, 1, 1)
+    x = (torch.from_numpy(np.stack(clips_uint8)).permute(0, 4, 1, 2, 3).float() / 255 - mean) / std
+    model.eval()
+    with torch.no_grad():
+        out = model(x, {"audio": torch.from_numpy(np.repeat(audio[None], len(x), 0))})
+    return out["logits"].softmax(1).numpy(), out["valence"].numpy()
+
+
+def test_one_test_view_is_the_centre_window_and_centre_crop_as_before(mer_videos, tmp_path):
+    """test_views=1 predicts from expmae.data's deterministic view (centre window, centre crop), the one end-to-end
+    evaluation used before multi-view testing, on real mp4 clips, batched 4 clips at a time."""
+    from expmae.data import VideoClipDataset
+    from expmae.mer import FeatureSet
+
+    data = mer_videos
+    names = data["names"][:6]
+    audio = np.random.default_rng(1).normal(size=(6, 8)).astype(np.float32)
+    backend = view_backend(data["videos"], data["encoder"], tmp_path / "out", 1)
+    torch.manual_seed(0)
+    model = backend.build_model({"audio": 8})
+    probs, valence = backend.predict(model, FeatureSet(names, {"audio": audio}))
+
+    centre = VideoClipDataset([str(data["videos"] / f"{n}.mp4") for n in names], 4, 2, 32, train=False)
+    for i in range(6):
+        p, v = oracle_predict(model, [centre[i].permute(1, 2, 3, 0).numpy()], audio[i])
+        np.testing.assert_allclose(probs[i], p[0], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(valence[i], v[0], rtol=0, atol=1e-6)
+    assert len({tuple(p.round(6)) for p in probs}) == 6  # six clips, six different predictions
+
+
+def test_several_test_views_average_the_softmax_over_windows_spread_over_the_clip(tmp_path, monkeypatch):
+    """.npy face clips 32 x 48 (centre crop = columns 8..39, already the encoder's 32 px: no resampling), 4 frames
+    2 apart (a window spans 7 frames). 3 views: windows from the first frame to the last, evenly spread; a clip
+    shorter than a window has its one padded window; a clip 1 frame longer than a window has 2 distinct ones."""
+    from expmae.export import save_encoder
+    from expmae.jobs import JsonlLog
+    from expmae.mer import FeatureSet
+
+    torch.manual_seed(0)
+    encoder = save_encoder(tiny_model(), tmp_path / "encoder", sample_stride=2)
+    rng = np.random.default_rng(0)
+    lengths = {"long25": 25, "short5": 5, "broken": 0, "near8": 8, "long41": 41}
+    frames, clips = {}, tmp_path / "faces" / "clips"  # an expmae-crop output folder
+    clips.mkdir(parents=True)
+    for name, n in lengths.items():
+        if n:  # noise on a brightness ramp: windows at the start and the end look different
+            frames[name] = (rng.integers(0, 56, (n, 32, 48, 3)) + np.linspace(0, 199, n)[:, None, None, None]).astype(np.uint8)
+            np.save(clips / f"{name}.npy", frames[name])
+    (clips / "broken.npy").write_bytes(b"not an array")
+    names = list(lengths)
+    audio = rng.normal(size=(len(names), 8)).astype(np.float32)
+    features = FeatureSet(names, {"audio": audio})
+
+    # Hand-computed windows: starts evenly from 0 to (length - 7); the short clip holds its last frame.
+    starts = {"long25": [0, 9, 18], "near8": [0, 1], "long41": [0, 17, 34]}
+    windows = {name: [s + 2 * np.arange(4) for s in st] for name, st in starts.items()}
+    windows["short5"] = [np.array([0, 2, 4, 4])]
+    centre = {"long25": 9, "near8": 0, "long41": 17}  # (length - 7) // 2, the one-view window
+
+    batches = []
+    one_view = view_backend(tmp_path / "faces", encoder, tmp_path / "out", 1)
+    three_views = view_backend(tmp_path / "faces", encoder, tmp_path / "out", 3, workers=1)
+    torch.manual_seed(1)
+    model = one_view.build_model({"audio": 8})
+    with torch.no_grad():
+        model.head.fc_emotion.weight *= 50  # views then differ by far more than float rounding
+    model.encoder.blocks[0].register_forward_pre_hook(lambda m, args: batches.append(len(args[0])))  # clips per batch
+    probs1, valence1 = one_view.predict(model, features)
+    batches.clear()
+    probs3, valence3 = three_views.predict(model, features)
+    probs3_again, _ = three_views.predict(model, features)
+    # 3 + 1 + 0 + 2 + 3 views in batches of 4 clips; long41's views span two batches.
+    assert batches == [4, 4, 1] * 2
+    np.testing.assert_array_equal(probs3_again, probs3)
+
+    for i, name in enumerate(names):
+        if name == "broken":  # uniform, valence 0, one failure record however often it is evaluated
+            np.testing.assert_array_equal(probs1[i], np.full(6, 1 / 6, np.float32))
+            np.testing.assert_array_equal(probs3[i], probs1[i])
+            assert valence1[i] == valence3[i] == 0
+            continue
+        view_probs, view_valence = oracle_predict(model, [frames[name][w][:, :, 8:40] for w in windows[name]], audio[i])
+        np.testing.assert_allclose(probs3[i], view_probs.mean(0), rtol=0, atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(valence3[i], view_valence.mean(), rtol=0, atol=1e-5, err_msg=name)
+        assert abs(probs3[i].sum() - 1) < 1e-5
+        if name == "short5":  # one padded view, whatever the number of views asked for
+            np.testing.assert_allclose(probs1[i], probs3[i], rtol=0, atol=1e-6)
+        else:  # the mean is not any single view's, and one view is the centre window
+            assert np.abs(view_probs - probs3[i]).max(1).min() > 1e-3, name
+            c = centre[name]
+            p, v = oracle_predict(model, [frames[name][c + 2 * np.arange(4)][:, :, 8:40]], audio[i])
+            np.testing.assert_allclose(probs1[i], p[0], rtol=0, atol=1e-5, err_msg=name)
+    failures = JsonlLog(tmp_path / "out" / "clip_failures.jsonl").read()
+    assert [(f["key"], f["stage"]) for f in failures] == [("broken", "evaluation")] * 2  # one per backend (run)
+
+
+def test_eval_windows_spread_evenly_and_dedupe():
+    from expmae.e2e import eval_windows
+
+    # by hand: a window of 4 frames 3 apart spans 10 frames
+    assert eval_windows(100, 4, 3, 1).tolist() == [[45, 48, 51, 54]]  # the centre: (100 - 10) // 2
+    assert eval_windows(100, 4, 3, 4)[:, 0].tolist() == [0, 30, 60, 90]
+    assert eval_windows(10, 4, 3, 5).tolist() == [[0, 3, 6, 9]]  # exactly one window fits
+    assert eval_windows(6, 4, 3, 2).tolist() == [[0, 3, 5, 5]]  # shorter: padded with the last frame
+    with pytest.raises(ValueError, match="views=0"):
+        eval_windows(100, 4, 3, 0)
+
+
+def test_a_finished_one_view_fold_is_not_reused_for_three_views(mer_videos, tmp_path, capsys):
+    from expmae.finetune import main
+
+    out = tmp_path / "run"
+    args = e2e_args(mer_videos, out, "--epochs", "1", "--head", "concat", "--no-tensorboard")
+    assert main(args) == 0
+    one = {k: dict(np.load(out / f"fold{k}" / "round0" / "predictions.npz")) for k in range(2)}
+    history_one = [json.loads((out / f"fold{k}" / "round0" / "result.json").read_text())["history"] for k in range(2)]
+    capsys.readouterr()
+
+    assert main(args + ["--test-views", "3"]) == 0
+    assert "finished earlier" not in capsys.readouterr().err  # both folds trained and evaluated again
+    for k in range(2):
+        run = out / f"fold{k}" / "round0"
+        three = dict(np.load(run / "predictions.npz"))
+        history = json.loads((run / "result.json").read_text())["history"]
+        # Training does not depend on the views (same losses); every prediction of the fold does.
+        assert [h["train_loss"] for h in history] == [h["train_loss"] for h in history_one[k]]
+        for key in ("val_probs", "test0_probs"):
+            assert not np.allclose(three[key], one[k][key], rtol=0, atol=1e-7), (k, key)
+    assert json.loads((out / "results.json").read_text())["config"]["test_views"] == 3
+
+    assert main(args + ["--test-views", "3"]) == 0  # the same views again: reused
+    assert capsys.readouterr().err.count("finished earlier with the same settings") == 2

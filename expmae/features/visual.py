@@ -54,7 +54,7 @@ def clip_windows(num_available: int, num_frames: int, sample_stride: int, clip_s
     return starts[:, None] + np.arange(num_frames)[None] * sample_stride
 
 
-def _frame_reader(source) -> tuple[int, Any]:
+def frame_reader(source) -> tuple[int, Any]:
     """(frame count, read(indices) -> uint8 (N, H, W, 3)) for a video file, a .npy face clip or a frame array."""
     if isinstance(source, np.ndarray) or _is_tensor(source):
         frames = source.numpy() if _is_tensor(source) else source
@@ -163,7 +163,7 @@ class VisualFeatureExtractor:
             frames, record = crop_face_frames(source, size, str(self.device) if self.device.type == "cuda" else "cpu")
             info["crop"] = {k: record[k] for k in ("start", "frames", "detection_rate", "face_side") if k in record}
             source = frames
-        total, read = _frame_reader(source)
+        total, read = frame_reader(source)
         if self.modality == "video":
             windows = clip_windows(total, self.num_frames, self.sample_stride, self.clip_stride, self.max_clips)
         else:
