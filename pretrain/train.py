@@ -238,6 +238,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
                                    save_checkpoint)
     from expmae.config import save_config
     from expmae.data import VideoClipDataset, normalize_clips
+    from expmae.flops import peak_bf16_flops, train_flops_per_clip
     from expmae.jobs import JsonlLog
     from expmae.model import create_model
     from expmae.optim import cosine_lr, create_optimizer, scaled_lr, set_lr
@@ -298,6 +299,10 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
                 buffer.data = buffer.data.to(dtype)
     device = accelerator.device
     set_seed(t.seed, device_specific=True)  # masking and drop-path must differ between ranks
+    # Model FLOPs utilisation, as in bench_pretrain: against the device's dense bf16 peak when it computes in bf16
+    flops_per_clip = train_flops_per_clip(mcfg)
+    bf16 = dtype == torch.bfloat16 or accelerator.mixed_precision == "bf16"
+    peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and bf16 else None
 
     state = {"step": 0, "micro_step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
              "nonfinite_losses": 0, "consecutive_nonfinite": 0}
@@ -460,11 +465,16 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
                 writer.add_scalar("perf/clips_per_s", clips_per_s, step)
                 writer.add_scalar("perf/tokens_per_s", clips_per_s * tokens_per_clip, step)  # input tubelet tokens
                 writer.add_scalar("perf/data_wait_frac", interval["data_s"] / elapsed, step)
+                device_flops = clips_per_s / world * flops_per_clip  # model FLOP/s of one device
+                writer.add_scalar("perf/model_tflops_per_device", device_flops / 1e12, step)
+                if peak_flops:
+                    writer.add_scalar("perf/mfu", device_flops / peak_flops, step)
                 if device.type == "cuda":
                     writer.add_scalar("perf/gpu_mem_peak_gib", torch.cuda.max_memory_allocated(device) / 2**30, step)
                     torch.cuda.reset_peak_memory_stats(device)
                 bar.set_postfix(loss=f"{interval['loss'] / n:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}",
-                                data_wait=f"{interval['data_s'] / elapsed:.0%}")
+                                data_wait=f"{interval['data_s'] / elapsed:.0%}",
+                                **({"mfu": f"{device_flops / peak_flops:.0%}"} if peak_flops else {}))
                 interval.update(t0=time.perf_counter(), steps=0, loss=0.0, mae=0.0, video=0.0, data_s=0.0)
         bar.update(1)
 

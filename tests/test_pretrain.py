@@ -48,6 +48,7 @@ def test_deepspeed_zero2_two_ranks_trains_logs_and_checkpoints(straight_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from expmae.checkpoint import list_checkpoints, load_model_weights
+    from expmae.flops import train_flops_per_clip
     from expmae.model import create_model
 
     steps = trained(read_metrics(straight_run))
@@ -82,9 +83,14 @@ def test_deepspeed_zero2_two_ranks_trains_logs_and_checkpoints(straight_run):
     events = EventAccumulator(str(straight_run / "tensorboard"), size_guidance={"images": 0}).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/loss_mae", "train/loss_video", "train/lr", "train/grad_norm",
-            "perf/clips_per_s", "perf/tokens_per_s", "perf/data_wait_frac"} <= scalars
+            "perf/clips_per_s", "perf/tokens_per_s", "perf/data_wait_frac", "perf/model_tflops_per_device"} <= scalars
+    assert "perf/mfu" not in scalars  # no accelerator peak to compare with on a CPU
     assert [e.step for e in events.Scalars("train/loss")] == list(range(2, 2 * N + 1, 2))
     assert all(0 <= e.value <= 1 for e in events.Scalars("perf/data_wait_frac"))
+    # model FLOP/s per device = clips/s / ranks x the analytic FLOPs per clip (expmae.flops)
+    per_clip = train_flops_per_clip(model.cfg)
+    for c, f in zip(events.Scalars("perf/clips_per_s"), events.Scalars("perf/model_tflops_per_device")):
+        assert f.value == pytest.approx(c.value / 2 * per_clip / 1e12, rel=1e-4)
     assert "reconstruction" in events.Tags()["images"]
 
     from PIL import Image

@@ -22,16 +22,13 @@ step time to the reference's: `ratio_to_reference` is the median over rounds of 
 load changes between rounds), `ratio_of_medians` the plain quotient, `ratio_to_reference_cpu` the per-round ratio
 of CPU times; `flops_ratio_to_reference` is the model-FLOP ratio and `efficiency_vs_reference` = FLOP ratio / time
 ratio (> 1: more model FLOPs per second than the reference). Output: one JSON object per configuration per line
-(JSON Lines) on stdout and, with --out, appended to a file, to compare across commits. GPU: torch.cuda.synchronize() brackets each timed step (the steps themselves
-never sync), peak memory is the allocator's; this path has not been run on a GPU yet.
+(JSON Lines) on stdout and, with --out, appended to a file, to compare across commits. GPU:
+torch.cuda.synchronize() brackets each timed step (the steps themselves never sync), peak memory is the allocator's;
+this path has not been run on a GPU yet.
 
-Model FLOPs are counted analytically from the algorithm (not from what an implementation happens to compute), so
-implementations of the same algorithm get the same count. Per transformer layer on a sequence of n tokens of width
-d with MLP width h, forward: 2 * n * (4 d^2 + 2 d h) for the matmuls (qkv, proj, fc1, fc2) + 4 * n^2 * d for
-attention (QK^T and AV). Also counted: the patch stem on the tokens the encoder sees, the encoder-to-decoder
-projection on them, the decoder on all tokens, its head on the masked tokens (the ones the loss reads). Training =
-3 x forward (backward = 2 x forward, the usual 6 * params * tokens rule; the stem's input gradient, which is never
-computed, makes it a <1% overcount). Norms, GELU, softmax, the loss and the optimizer are not counted.
+Model FLOPs come from expmae.flops: counted from the algorithm (not from what an implementation happens to
+compute), so implementations of the same algorithm get the same count, and our forward does exactly that many
+(tests/test_bench.py checks it against torch's FLOP counter). Training = 3 x forward.
 """
 from __future__ import annotations
 
@@ -54,20 +51,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # works from a che
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from expmae.model import ExpMAE, ExpMAEConfig, _mae_num_kept, _tube_num_masked, get_config, tube_masking  # noqa: E402
+from expmae import flops  # noqa: E402
+from expmae.model import ExpMAE, ExpMAEConfig, get_config, tube_masking  # noqa: E402
 
 REFERENCE = "hf_videomae"
 CONFIGS = ("expmae", "expmae_unpacked", "mae", "videomae", REFERENCE)
 MODES = {"expmae": "expmae", "expmae_unpacked": "expmae", "mae": "mae", "videomae": "videomae"}
-
-# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, matched against the device name in order.
-PEAK_BF16_FLOPS = (
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM / HBM3
-    ("A100", 312e12),
-)
 
 # Defaults per preset. CPU: one thread, because single-thread step times (and CPU times) reproduce on shared and
 # CI machines, where two OpenMP threads contend with other work; pass --threads to change it.
@@ -81,48 +70,14 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# FLOPs and hardware peaks
+# FLOPs (expmae.flops) per benchmarked configuration
 # ---------------------------------------------------------------------------------------------------------------
-def transformer_forward_flops(seq_len: int, dim: int, depth: int, mlp_ratio: float) -> float:
-    """Forward FLOPs of `depth` pre-norm ViT layers on one sequence of `seq_len` tokens (see module docstring)."""
-    hidden = int(dim * mlp_ratio)
-    return depth * (2 * seq_len * (4 * dim * dim + 2 * dim * hidden) + 4 * seq_len**2 * dim)
-
-
-def branch_forward_flops(cfg: ExpMAEConfig, branch: str) -> float:
-    """Forward FLOPs per clip of one branch: 'mae' (one frame, random masking) or 'video' (tube masking)."""
-    p, C, N = cfg.patch_size, cfg.in_chans, cfg.num_patches
-    if branch == "mae":
-        visible, total, pixels = _mae_num_kept(N, cfg.mask_ratio), N, p * p * C
-        dec_dim, dec_depth = cfg.decoder_embed_dim, cfg.decoder_depth
-    else:
-        visible = cfg.num_time * (N - _tube_num_masked(N, cfg.video_mask_ratio))
-        total, pixels = cfg.num_time * N, cfg.tubelet_size * p * p * C
-        dec_dim, dec_depth = cfg.video_decoder_embed_dim, cfg.video_decoder_depth
-    return (2 * visible * pixels * cfg.embed_dim  # stem on visible tokens
-            + transformer_forward_flops(visible, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
-            + 2 * visible * cfg.embed_dim * dec_dim  # encoder -> decoder projection
-            + transformer_forward_flops(total, dec_dim, dec_depth, cfg.mlp_ratio)
-            + 2 * (total - visible) * dec_dim * pixels)  # head on the masked tokens
-
-
 def train_flops_per_clip(cfg: ExpMAEConfig, name: str) -> float:
-    branches = {"expmae": ("mae", "video"), "mae": ("mae",), "videomae": ("video",)}.get(MODES.get(name), ("video",))
-    return 3 * sum(branch_forward_flops(cfg, b) for b in branches)
+    return flops.train_flops_per_clip(cfg, MODES.get(name, "videomae"))  # the reference is a VideoMAE step
 
 
 def encoder_tokens_per_clip(cfg: ExpMAEConfig, name: str) -> int:
-    N = cfg.num_patches
-    mae = _mae_num_kept(N, cfg.mask_ratio)
-    video = cfg.num_time * (N - _tube_num_masked(N, cfg.video_mask_ratio))
-    return {"expmae": mae + video, "mae": mae, "videomae": video}.get(MODES.get(name), video)
-
-
-def peak_bf16_flops(device_name: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
+    return flops.encoder_tokens_per_clip(cfg, MODES.get(name, "videomae"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,14 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         c.transient_bytes, memory_method = measure_transient_memory(c, device)
 
     env = environment(device)
-    peak = peak_bf16_flops(env["device_name"]) if device.type == "cuda" and args.dtype == "bfloat16" else None
+    peak = flops.peak_bf16_flops(env["device_name"]) if device.type == "cuda" and args.dtype == "bfloat16" else None
     reference = next((c for c in configs if c.name == REFERENCE), None)
     tokens_per_clip = cfg.num_time * cfg.num_patches
     records = []
     for c in configs:
         median_ms = statistics.median(c.step_ms)
         step_s = median_ms / 1e3
-        flops = train_flops_per_clip(cfg, c.name) * args.batch_size
+        step_flops = train_flops_per_clip(cfg, c.name) * args.batch_size
         record = dict(
             bench="pretrain_step", config=c.name, implementation=c.implementation, reference=REFERENCE,
             model=args.model, img_size=cfg.img_size, num_frames=cfg.num_frames, batch_size=args.batch_size, dtype=args.dtype, amp=args.dtype == "bfloat16", compile=args.compile,
@@ -389,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
             encoder_tokens_per_s=args.batch_size * encoder_tokens_per_clip(cfg, c.name) / step_s,
             ratio_to_reference=None, ratio_of_medians=None, ratio_to_reference_cpu=None,
             flops_ratio_to_reference=None, efficiency_vs_reference=None,
-            model_flops_per_step=flops, achieved_tflops=flops / step_s / 1e12,
-            peak_bf16_tflops=peak / 1e12 if peak else None, mfu=flops / step_s / peak if peak else None,
+            model_flops_per_step=step_flops, achieved_tflops=step_flops / step_s / 1e12,
+            peak_bf16_tflops=peak / 1e12 if peak else None, mfu=step_flops / step_s / peak if peak else None,
             peak_memory_mb=(c.persistent_bytes() + c.transient_bytes) / 2**20, memory_method=memory_method,
             params_m=c.params / 1e6, tokens_per_clip=tokens_per_clip,
             encoder_tokens_per_clip=encoder_tokens_per_clip(cfg, c.name),
@@ -402,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
             record["ratio_to_reference_cpu"] = statistics.median(
                 [a / b for a, b in zip(c.cpu_ms, reference.cpu_ms)])
             # time ratio = FLOP ratio / efficiency: what the algorithm costs vs how well the implementation runs it
-            record["flops_ratio_to_reference"] = flops / (train_flops_per_clip(cfg, REFERENCE) * args.batch_size)
+            record["flops_ratio_to_reference"] = step_flops / (train_flops_per_clip(cfg, REFERENCE) * args.batch_size)
             record["efficiency_vs_reference"] = record["flops_ratio_to_reference"] / record["ratio_to_reference"]
         records.append(record)
 
