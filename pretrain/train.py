@@ -78,6 +78,8 @@ def make_accelerator(cfg: PretrainConfig):
     return Accelerator(
         cpu=on_cpu and not deepspeed,
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
+        # accelerate compiles in prepare() (DeepSpeed: engine.compile()); None leaves it to the launcher's setting
+        dynamo_backend="inductor" if cfg.train.compile else None,
         kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if on_cpu else [],
     )
 

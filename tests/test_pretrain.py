@@ -204,6 +204,27 @@ def test_adamw_groups_exclude_norms_biases_and_tokens_from_weight_decay():
     assert all(g["betas"] == (0.9, 0.95) for g in opt.param_groups)
 
 
+@pytest.mark.parametrize("compile_model", [False, True])
+def test_train_compile_reaches_accelerate_dynamo(monkeypatch, compile_model):
+    """train.compile sets accelerate's dynamo backend in the Accelerator itself: `accelerate launch
+    --dynamo_backend` travels by environment variable, which accelerate's DeepSpeed launcher does not set."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DynamoBackend
+
+    from expmae.config import load_config
+    from pretrain.train import make_accelerator
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
+    cfg = load_config(None, ["data.source=x", f"train.compile={str(compile_model).lower()}"])
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = make_accelerator(cfg)
+        expected = DynamoBackend.INDUCTOR if compile_model else DynamoBackend.NO
+        assert accelerator.state.dynamo_plugin.backend == expected
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def test_configure_deepspeed_fills_auto_values_and_refuses_a_disagreeing_launcher_config():
     from types import SimpleNamespace
 
