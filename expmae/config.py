@@ -120,6 +120,8 @@ class DebugConfig:
 
     nonfinite_steps: list[int] = _f([], "micro-steps (0-based, global) whose loss is replaced by NaN")
     nonfinite_rank: int = _f(-1, "rank that sees the injected NaN; -1 = all ranks", min=-1)
+    zero_loss_steps: list[int] = _f([], "micro-steps (0-based, global) whose loss is multiplied by 0 (all ranks): "
+                                        "a finite micro-batch that adds no gradient, what a dropped one should equal")
 
 
 @dataclass

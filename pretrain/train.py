@@ -342,7 +342,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
             + (f" | resumed from {resume_from}" if resume_from else "")
         )
 
-    nan_steps = set(cfg.debug.nonfinite_steps)
+    nan_steps, zero_steps = set(cfg.debug.nonfinite_steps), set(cfg.debug.zero_loss_steps)
     nan_here = cfg.debug.nonfinite_rank in (-1, rank)
 
     # Worker seeds come from the loader's own generator: the global RNG (masking) stays untouched.
@@ -382,7 +382,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
         step = state["step"]  # 0-based index of the optimizer step being taken
         lr = cosine_lr(step, peak_lr=peak_lr, min_lr=t.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
         set_lr(optimizer, lr)  # before backward: under DeepSpeed the step runs inside accelerator.backward
-        sums, good, poisoned = torch.zeros(3, dtype=torch.float64), 0, False
+        sums, good, dropped, last_good = torch.zeros(3, dtype=torch.float64), 0, 0, None
         for _ in range(t.grad_accum_steps):
             # time blocked on the loader: > 0 for long means the data path, not the model, sets the pace
             wait_start = time.perf_counter()
@@ -394,8 +394,10 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
                 loss = out["loss"]
                 if state["micro_step"] in nan_steps and nan_here:
                     loss = loss * float("nan")
+                elif state["micro_step"] in zero_steps:
+                    loss = loss * 0.0
                 # One all-reduce carries the losses and the non-finite count: every rank takes the same
-                # decision to skip, so none is left waiting in a collective (DeepSpeed would deadlock).
+                # decision to drop, so none is left waiting in a collective (DeepSpeed would deadlock).
                 parts = [loss.detach().float(),
                          *(out[k].detach().float() if k in out else loss.new_zeros((), dtype=torch.float32)
                            for k in ("loss_mae", "loss_video"))]
@@ -403,18 +405,24 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
                 if world > 1:
                     torch.distributed.all_reduce(stats)  # sum over ranks
                 stats = stats.tolist()
-                if stats[3] > 0:
-                    state["nonfinite_losses"] += 1
-                    poisoned = True
-                if not poisoned:  # a poisoned window backwards nothing more; its step is dropped below
+                if stats[3] == 0:
                     accelerator.backward(loss)
                     sums += torch.tensor(stats[:3], dtype=torch.float64) / world
-                    good += 1
+                    good, last_good = good + 1, clips
+                else:  # a non-finite micro-batch is dropped (on every rank): it adds no gradient
+                    state["nonfinite_losses"] += 1
+                    dropped += 1
+                    if accelerator.sync_gradients and good:
+                        # The window's last backward is the one that all-reduces the gradients and, under
+                        # DeepSpeed, takes the optimizer step. Give it a zero loss on a finite graph (the last good
+                        # micro-batch again), so the step uses the window's finite micro-batches. fork_rng: the
+                        # extra forward draws no masks from the training stream.
+                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                            zero = model(normalize_clips(last_good, dtype=dtype, mean=mcfg.mean, std=mcfg.std))
+                        accelerator.backward(zero["loss"] * 0.0)
             state["micro_step"] += 1
 
-        if poisoned:
-            # Drop the window's finite micro-batches too. DeepSpeed owns its gradient buffers (zero_grad is a
-            # no-op there): with grad_accum_steps > 1 their gradients carry into the next step instead.
+        if not good:  # every micro-batch of the window was non-finite: no backward ran, nothing to undo
             optimizer.zero_grad(set_to_none=True)
             state["skipped_steps"] += 1
             state["consecutive_nonfinite"] += 1
@@ -442,6 +450,8 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
 
         if is_main:
             record = {"step": step, "loss": loss_avg[0], "lr": lr, "epoch": state["epoch"]}
+            if dropped:  # the step used the window's other (finite) micro-batches
+                record["dropped_micro_batches"] = dropped
             if "loss_mae" in out:
                 record["loss_mae"] = loss_avg[1]
             if "loss_video" in out:

@@ -159,6 +159,34 @@ def test_nonfinite_loss_on_one_rank_is_skipped_by_all_and_repeats_stop_with_a_ch
     assert state["step"] == 4 and state["skipped_steps"] == 4 and state["micro_step"] == 8
 
 
+@pytest.mark.timeout(3 * LAUNCH_TIMEOUT)
+def test_with_accumulation_a_non_finite_micro_batch_is_dropped_and_the_window_steps_on_the_rest(tmp_path, videos):
+    """grad_accum_steps=2 on 2 DeepSpeed ranks: micro-step 3 (the last of window 1, whose backward takes DeepSpeed's
+    step) and micro-step 4 (the first of window 2) are NaN on rank 1. Both windows still step, on their finite
+    micro-batch alone: the weights equal those of a run in which the same micro-batches have a zero loss."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    for name, debug in (("nan", {"nonfinite_steps": [3, 4], "nonfinite_rank": 1}), ("zero", {"zero_loss_steps": [3, 4]})):
+        run = tmp_path / name
+        config = write_tiny_config(tmp_path / f"{name}.yaml", videos, run, debug=debug, checkpoint={"every": 100},
+                                   train={"grad_accum_steps": 2, "max_steps": 3, "batch_size": 1})
+        run_ok(config, log=tmp_path / f"{name}.txt")
+        records = read_metrics(run)
+        final = sorted((run / "checkpoints").glob("step_*"))[-1]
+        weights[name] = load_file(str(final / "weights.safetensors"))
+        state = json.loads((final / "train_state.json").read_text())
+        assert state["step"] == 3 and state["micro_step"] == 6 and state["skipped_steps"] == 0
+        if name == "nan":
+            assert state["nonfinite_losses"] == 2
+            assert [r.get("dropped_micro_batches", 0) for r in records] == [0, 1, 1]
+            assert not any(r.get("skipped") for r in records)
+            assert all(math.isfinite(r["loss"]) for r in records)
+    assert weights["nan"].keys() == weights["zero"].keys()
+    for key, value in weights["zero"].items():
+        torch.testing.assert_close(weights["nan"][key], value, atol=0, rtol=0, msg=key)
+
+
 def test_typo_in_config_fails_before_torch_is_imported_with_the_key_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bach_size: 4\n")
