@@ -238,18 +238,16 @@ def encoder_state_from_model_state(state: Mapping[str, torch.Tensor], cfg: ExpMA
     return {k: encoder[k].detach().to("cpu", torch.float32).contiguous() for k in expected}
 
 
-def read_checkpoint(path: str | os.PathLike, weights: str = "auto") -> PretrainCheckpoint:
-    """Config + float32 encoder weights of a pretraining checkpoint (plain, DDP or DeepSpeed ZeRO-1/2/3).
-
-    ``weights``: "auto" (weights.safetensors if float32, else the consolidated ZeRO shards, else accelerate's
-    model.safetensors), or force one: "weights", "zero", "accelerate".
-    """
+def read_model_checkpoint(path: str | os.PathLike, weights: str = "auto") -> tuple[ExpMAEConfig, dict, dict]:
+    """(config, the whole ExpMAE state dict with wrapper prefixes stripped, info) of a pretraining checkpoint:
+    what rebuilding the full model (decoders too) needs. info: checkpoint, weights, dtype and, where the run
+    recorded them, step, model_name, sample_stride. ``weights`` as in :func:`read_checkpoint`."""
     ckpt = find_checkpoint(path)
     run_cfg = _run_config(ckpt)
     cfg = _checkpoint_config(ckpt, run_cfg)
     state, source = _checkpoint_weights(ckpt, weights)
+    state = {_strip_wrappers(k): v for k, v in state.items()}
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
-    encoder_state = encoder_state_from_model_state(state, cfg, f"{ckpt} ({source})")
     info: dict[str, Any] = {"checkpoint": str(ckpt.resolve()), "weights": source, "dtype": ",".join(dtypes)}
     train_state = ckpt / "train_state.json"
     if train_state.is_file():
@@ -260,7 +258,18 @@ def read_checkpoint(path: str | os.PathLike, weights: str = "auto") -> PretrainC
         info["model_name"] = model["name"]
     if data.get("sample_stride"):
         info["sample_stride"] = int(data["sample_stride"])
-    return PretrainCheckpoint(cfg, encoder_state, info)
+    return cfg, state, info
+
+
+def read_checkpoint(path: str | os.PathLike, weights: str = "auto") -> PretrainCheckpoint:
+    """Config + float32 encoder weights of a pretraining checkpoint (plain, DDP or DeepSpeed ZeRO-1/2/3).
+
+    ``weights``: "auto" (weights.safetensors if float32, else the consolidated ZeRO shards, else accelerate's
+    model.safetensors), or force one: "weights", "zero", "accelerate".
+    """
+    cfg, state, info = read_model_checkpoint(path, weights)
+    where = f"{info['checkpoint']} ({info['weights']})"
+    return PretrainCheckpoint(cfg, encoder_state_from_model_state(state, cfg, where), info)
 
 
 # ----------------------------------------------------------------------------------------------- encoder folder

@@ -177,50 +177,14 @@ class EpochItems:
 
 
 def save_reconstruction(model, clips_uint8, *, seed: int, device, path: Path | None):
-    """Reconstruct a fixed batch with fixed masks (its own generator: grids stay comparable over training
-    and the training RNG is untouched). Every rank runs it (ZeRO-3 gathers parameters collectively); the
-    main process writes ``path``. Returns the grid (3, H, W) in [0, 1]."""
-    import torch
-    from torchvision.utils import make_grid, save_image
+    """The reconstruction grid of a fixed batch with fixed masks (expmae.visualize). Every rank runs it (ZeRO-3
+    gathers parameters collectively); the main process writes ``path``. Returns the grid (3, H, W) in [0, 1]."""
+    from expmae.visualize import reconstruction_grid, save_png
 
-    from expmae.data import normalize_clips
-    from expmae.jobs import atomic_path
-
-    generator = torch.Generator(device=device).manual_seed(seed)
-    # float32 clips: the model casts its encoder input to its own dtype, and the targets stay exact.
-    clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
-    images = model.reconstruct(clips, generator=generator)
-    grid = make_grid(reconstruction_rows(images), nrow=1, padding=2, pad_value=1.0)
+    grid = reconstruction_grid(model, clips_uint8, seed=seed, device=device)
     if path is not None:
-        with atomic_path(path) as tmp:
-            save_image(grid, str(tmp), format="png")
+        save_png(grid, path)
     return grid
-
-
-def reconstruction_rows(images: dict) -> "torch.Tensor":
-    """Rows for a grid, per sample: MAE target | masked | prediction side by side, then one row each for the
-    VideoMAE target, masked and predicted clip, frames side by side. (R, 3, H, W) in [0, 1]."""
-    import torch
-    import torch.nn.functional as F
-
-    def row(*frames):
-        return torch.cat([f.detach().float().cpu().clamp(0, 1) for f in frames], dim=-1)
-
-    kinds = ("target", "masked", "pred")
-    if not any(f"{b}_{k}" in images for b in ("mae", "video") for k in kinds):
-        raise KeyError(f"reconstruct() returned no known images; keys: {sorted(images)}")
-    batch = next(iter(images.values())).shape[0]
-    rows = []
-    for i in range(batch):
-        if all(f"mae_{k}" in images for k in kinds):
-            rows.append(row(*(images[f"mae_{k}"][i] for k in kinds)))
-        for k in kinds:
-            if f"video_{k}" in images:
-                rows.append(row(*images[f"video_{k}"][i].unbind(1)))
-    width = max(r.shape[-1] for r in rows)
-    out = torch.stack([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows])  # white right padding
-    scale = math.ceil(96 / out.shape[-2])  # small training crops are upscaled (nearest) to be visible
-    return F.interpolate(out, scale_factor=scale, mode="nearest") if scale > 1 else out
 
 
 # ---------------------------------------------------------------------------------------------- training

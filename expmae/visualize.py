@@ -1,0 +1,163 @@
+"""Reconstruction grids: what a pretrained expMAE makes of masked face clips, as a picture.
+
+Per clip, one row for the MAE branch (frame | masked | prediction) and one row each for the VideoMAE branch's
+target, masked and predicted clip (frames side by side); predictions are pasted into the masked patches only,
+as in the MAE demo. Training writes one such grid every ``log.recon_every`` steps (pretrain/train.py); for any
+checkpoint and any clips:
+
+    expmae-visualize runs/expmae face_crops/ --out recon.png [--num-clips 4] [--seed 0]
+
+(also ``python tools/visualize_reconstruction.py``). The masks come from ``--seed``, so grids of two checkpoints
+made with the same seed and clips show the same masks.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+
+def reconstruction_rows(images: dict):
+    """Rows for a grid from ExpMAE.reconstruct's images, per sample: MAE target | masked | prediction side by side,
+    then one row each for the VideoMAE target, masked and predicted clip, frames side by side. (R, 3, H, W) in
+    [0, 1]; clips smaller than 96 px are upscaled (nearest) to be visible."""
+    import torch
+    import torch.nn.functional as F
+
+    def row(*frames):
+        return torch.cat([f.detach().float().cpu().clamp(0, 1) for f in frames], dim=-1)
+
+    kinds = ("target", "masked", "pred")
+    if not any(f"{b}_{k}" in images for b in ("mae", "video") for k in kinds):
+        raise KeyError(f"reconstruct() returned no known images; keys: {sorted(images)}")
+    batch = next(iter(images.values())).shape[0]
+    rows = []
+    for i in range(batch):
+        if all(f"mae_{k}" in images for k in kinds):
+            rows.append(row(*(images[f"mae_{k}"][i] for k in kinds)))
+        for k in kinds:
+            if f"video_{k}" in images:
+                rows.append(row(*images[f"video_{k}"][i].unbind(1)))
+    width = max(r.shape[-1] for r in rows)
+    out = torch.stack([F.pad(r, (0, width - r.shape[-1]), value=1.0) for r in rows])  # white right padding
+    scale = math.ceil(96 / out.shape[-2])
+    return F.interpolate(out, scale_factor=scale, mode="nearest") if scale > 1 else out
+
+
+def reconstruction_grid(model, clips_uint8, *, seed: int, device):
+    """Reconstruct uint8 clips (B, C, T, H, W) with masks drawn from their own generator (``seed``: grids stay
+    comparable across checkpoints, and a training run's RNG is untouched); returns the grid (3, H, W) in [0, 1].
+    Under ZeRO-3 every rank must call it (parameters are gathered collectively)."""
+    import torch
+    from torchvision.utils import make_grid
+
+    from expmae.data import normalize_clips
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # float32 clips: the model casts its encoder input to its own dtype, and the targets stay exact.
+    clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
+    images = model.reconstruct(clips, generator=generator)
+    return make_grid(reconstruction_rows(images), nrow=1, padding=2, pad_value=1.0)
+
+
+def save_png(grid, path: str | Path) -> Path:
+    """Write a (3, H, W) grid in [0, 1] as a PNG, atomically (a reader never sees half a file)."""
+    from torchvision.utils import save_image
+
+    from expmae.jobs import atomic_path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_image(grid, str(tmp), format="png")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------- command line
+def load_pretrained(checkpoint: str | Path, weights: str = "auto", device="cpu"):
+    """The whole ExpMAE (encoder and decoders) of a pretraining checkpoint or run folder, in eval mode, and the
+    checkpoint's info (expmae.export.read_model_checkpoint)."""
+    from expmae.export import read_model_checkpoint
+    from expmae.model import ExpMAE
+
+    cfg, state, info = read_model_checkpoint(checkpoint, weights)
+    model = ExpMAE(cfg)
+    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{info['checkpoint']}: weights do not match its model config (mode={cfg.mode}): "
+                         f"missing {result.missing_keys[:4]}, unexpected {result.unexpected_keys[:4]}")
+    return model.to(device).eval(), info
+
+
+def video_paths(inputs: list[str]) -> list[Path]:
+    """Each input as expmae-features reads it (expmae.features.common.list_inputs): an expmae-crop output folder,
+    a folder of videos, a .txt list or a single video; a single .npy face clip too."""
+    from expmae.features.common import list_inputs
+
+    paths = []
+    for item in inputs:
+        if not Path(item).exists():
+            raise FileNotFoundError(f"{item}: no such file or folder")
+        paths += [Path(item)] if Path(item).suffix.lower() == ".npy" else list_inputs(item)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expmae-visualize", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a pretraining run folder, its checkpoints/ or one step_* folder")
+    parser.add_argument("videos", nargs="+", help="face clips (videos or .npy) or folders of them")
+    parser.add_argument("--out", required=True, type=Path, help="the PNG to write")
+    parser.add_argument("--num-clips", type=int, default=4, help="clips in the grid (the first readable ones)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the MAE frame choice")
+    parser.add_argument("--sample-stride", type=int,
+                        help="frames between sampled frames (default: the run's data.sample_stride, else 4)")
+    parser.add_argument("--weights", default="auto", choices=("auto", "weights", "zero", "accelerate"),
+                        help="which weights of the checkpoint (see expmae-export)")
+    parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_clips < 1:
+        raise SystemExit(f"--num-clips {args.num_clips}: expected >= 1")
+    if args.sample_stride is not None and args.sample_stride < 1:
+        raise SystemExit(f"--sample-stride {args.sample_stride}: expected >= 1")
+    import torch
+
+    from expmae.config import DataConfig
+    from expmae.data import VideoClipDataset
+    from expmae.features.common import resolve_device
+    from expmae.jobs import one_line
+
+    device = torch.device(resolve_device(args.device))
+    try:
+        paths = video_paths(args.videos)
+        model, info = load_pretrained(args.checkpoint, args.weights, device)
+    except (FileNotFoundError, ValueError) as exc:
+        raise SystemExit(f"expmae-visualize: {one_line(exc)}") from None
+    cfg = model.cfg
+    stride = args.sample_stride or info.get("sample_stride") or DataConfig().sample_stride
+    # The deterministic evaluation view of each clip: centre window, centre crop.
+    dataset = VideoClipDataset([str(p) for p in paths], cfg.num_frames, stride, cfg.img_size, train=False)
+    clips = []
+    for i, path in enumerate(paths):
+        if len(clips) == args.num_clips:
+            break
+        try:
+            clips.append(dataset.transform(dataset.load_frames(i, None), None))
+        except Exception as exc:  # noqa: BLE001 - one unreadable clip is reported and skipped
+            print(f"expmae-visualize: skipping {path}: {one_line(exc)}", file=sys.stderr)
+    if not clips:
+        raise SystemExit(f"expmae-visualize: none of the {len(paths)} inputs could be read as a clip")
+    grid = reconstruction_grid(model, torch.stack(clips), seed=args.seed, device=device)
+    out = save_png(grid, args.out)
+    step = f" at step {info['step']}" if info.get("step") is not None else ""
+    print(f"{out}: {len(clips)} clips reconstructed by {info['checkpoint']}{step} (mode {cfg.mode}, seed {args.seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
