@@ -97,6 +97,8 @@ class TrainConfig:
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas", min=0, lt=1)
     clip_grad: float = _f(0.0, "max global grad norm; 0 disables clipping", min=0)
     max_nonfinite: int = _f(5, "consecutive non-finite losses that stop the run", min=1)
+    init_from: str | None = _f(None, "start (not resume) from these weights: an expMAE checkpoint or run folder "
+                                     "(whole model) or a MAE / VideoMAE / timm ViT weights file (encoder only)")
     compile: bool = _f(False, "torch.compile the model (inductor); use this, not `accelerate launch "
                               "--dynamo_backend`, which accelerate drops for DeepSpeed launches")
 

@@ -738,6 +738,42 @@ def load_pretrained_weights(model: torch.nn.Module, source: str | os.PathLike | 
     return report
 
 
+def init_from(model: torch.nn.Module, source: str | os.PathLike) -> str:
+    """Initialise an ExpMAE for (continued) pretraining from ``source``; returns a one-line description.
+
+    - an expMAE pretraining checkpoint or run folder: the whole model, encoder and decoders (a decoder the
+      checkpoint's mode lacks keeps its fresh init; img_size, num_frames and the objective may differ, the
+      weight shapes may not);
+    - a MAE / VideoMAE / VideoMAE V2 / timm ViT / expMAE weights file: the encoder only
+      (:func:`load_pretrained_weights`, strict), the decoders keep their fresh init.
+    Errors are single-line ``FileNotFoundError`` / ``ValueError``.
+    """
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    try:
+        find_checkpoint(path)
+        is_checkpoint = True
+    except FileNotFoundError:
+        is_checkpoint = False
+    if not is_checkpoint:
+        report = load_pretrained_weights(model, path, strict=True)
+        return f"encoder from {path} ({report.layout} layout, {len(report.loaded)} tensors); decoders freshly initialised"
+    _, state, info = read_model_checkpoint(path)
+    target = getattr(model, "module", model)
+    try:
+        result = target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches: one line per tensor, keep the first
+        detail = next((ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln), str(exc).splitlines()[0])
+        raise ValueError(f"{info['checkpoint']}: its weights do not fit this model ({detail})") from None
+    if any(k.startswith("encoder.") for k in result.missing_keys):
+        raise ValueError(f"{info['checkpoint']}: no encoder weights for {result.missing_keys[:4]}")
+    fresh = sorted({k.split(".")[0] for k in result.missing_keys})
+    step = f" at step {info['step']}" if info.get("step") is not None else ""
+    return (f"whole model from {info['checkpoint']}{step}"
+            + (f"; {', '.join(fresh)} freshly initialised (not in the checkpoint)" if fresh else ""))
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def _parse_overrides(items: Sequence[str]) -> dict:
     import yaml

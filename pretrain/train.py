@@ -227,6 +227,14 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
         raise ConfigError(f"model: {exc}") from None
     mcfg = model.cfg
     model_config = dataclasses.asdict(mcfg)
+    init_note = ""
+    if t.init_from and resume_from is None:  # a resumed run continues from its own weights
+        from expmae.export import init_from
+
+        try:
+            init_note = init_from(model, t.init_from)
+        except (FileNotFoundError, ValueError) as exc:  # their messages are single lines naming the path
+            raise ConfigError(f"train.init_from={t.init_from}: {exc}") from None
     try:  # a clip that fails to load later is replaced (deterministically) and recorded in the run folder
         dataset = VideoClipDataset(cfg.data.source, num_frames=mcfg.num_frames, sample_stride=cfg.data.sample_stride,
                                    input_size=mcfg.img_size, train=True, seed=t.seed,
@@ -304,6 +312,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
             f"{world} x {accelerator.distributed_type.value} | global batch {global_batch} | "
             f"lr {peak_lr:.3g} | {total_steps} steps ({steps_per_epoch}/epoch, warmup {warmup_steps})"
             + (f" | resumed from {resume_from}" if resume_from else "")
+            + (f" | initialised: {init_note}" if init_note else "")
         )
 
     nan_steps, zero_steps = set(cfg.debug.nonfinite_steps), set(cfg.debug.zero_loss_steps)

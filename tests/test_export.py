@@ -509,3 +509,52 @@ def test_cli_imports_a_public_checkpoint_into_an_encoder_folder(tmp_path, capsys
     # a weights file needs a model size
     assert main([str(tmp_path / "videomae.pth"), str(tmp_path / "enc2")]) == 2
     assert "needs model=NAME" in capsys.readouterr().err
+
+
+# ---- init_from: starting a pretraining run from earlier weights ------------------------------------------------
+def test_init_from_an_expmae_checkpoint_loads_the_whole_model_and_fills_missing_decoders_fresh(tmp_path):
+    from expmae.export import init_from
+
+    source = randomize_(create_model("tiny", **TINY), seed=1)
+    step = fake_checkpoint(tmp_path / "run", source, prefix="module.")
+    model = create_model("tiny", **TINY)
+    note = init_from(model, tmp_path / "run")  # a run folder: its newest checkpoint
+    assert note == f"whole model from {step.resolve()} at step 7"
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+    # a VideoMAE-only checkpoint into a two-branch model: encoder and clip decoder loaded, MAE decoder as built
+    videomae = randomize_(create_model("tiny", **TINY, mode="videomae"), seed=2)
+    fake_checkpoint(tmp_path / "videomae", videomae)
+    model = create_model("tiny", **TINY)
+    fresh = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    assert init_from(model, tmp_path / "videomae").endswith("; decoder freshly initialised (not in the checkpoint)")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in videomae.state_dict().items())
+    assert all(torch.equal(model.decoder.state_dict()[k], v) for k, v in fresh.items())
+
+
+def test_init_from_public_weights_loads_the_encoder_only(tmp_path):
+    from expmae.export import init_from
+
+    cfg = get_config("tiny", **TINY)
+    path = tmp_path / "mae_pretrain_vit_tiny.pth"
+    torch.save({"model": mae_checkpoint(cfg)}, path)
+    model = create_model("tiny", **TINY)
+    reference = create_model("tiny", **TINY)
+    load_pretrained_weights(reference, path)  # the import path tested above is the oracle
+    decoders = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
+    note = init_from(model, path)
+    assert note.startswith(f"encoder from {path} (mae layout") and note.endswith("decoders freshly initialised")
+    assert all(torch.equal(v, reference.encoder.state_dict()[k]) for k, v in model.encoder.state_dict().items())
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in decoders.items())
+
+
+def test_init_from_errors_are_one_line(tmp_path):
+    from expmae.export import init_from
+
+    with pytest.raises(FileNotFoundError, match="nowhere: no such file or folder"):
+        init_from(create_model("tiny", **TINY), tmp_path / "nowhere")
+    fake_checkpoint(tmp_path / "wide", create_model("tiny", **{**TINY, "embed_dim": 96}))
+    with pytest.raises(ValueError) as err:
+        init_from(create_model("tiny", **TINY), tmp_path / "wide")
+    assert "its weights do not fit this model (size mismatch for" in str(err.value) and "\n" not in str(err.value)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -185,6 +186,35 @@ def test_with_accumulation_a_non_finite_micro_batch_is_dropped_and_the_window_st
     assert weights["nan"].keys() == weights["zero"].keys()
     for key, value in weights["zero"].items():
         torch.testing.assert_close(weights["nan"][key], value, atol=0, rtol=0, msg=key)
+
+
+def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, videos, straight_run):
+    """train.init_from: a fresh run (one process, no launcher) whose model starts as the 2-rank run ended; with a
+    negligible lr its first checkpoint still holds those weights."""
+    from expmae.checkpoint import load_model_weights
+
+    run = tmp_path / "run"
+    config = write_tiny_config(tmp_path / "tiny.yaml", videos, run, checkpoint={"every": 1},
+                               train={"max_steps": 1, "lr": 1e-12, "warmup_steps": 0, "init_from": str(straight_run)})
+    proc = subprocess.run([sys.executable, "pretrain/train.py", "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "initialised: whole model from" in proc.stdout + proc.stderr
+    _, source = load_model_weights(straight_run)
+    _, started = load_model_weights(run)
+    assert started.keys() == source.keys()
+    for key, value in source.items():
+        torch.testing.assert_close(started[key], value, atol=1e-6, rtol=0, msg=key)
+
+    # a bad source fails at the start, in one line naming the key and the path
+    proc = subprocess.run([sys.executable, "pretrain/train.py", "--config", str(config),
+                           f"train.init_from={tmp_path / 'nowhere'}", f"train.output_dir={tmp_path / 'other'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and errors == [
+        f"error: train.init_from={tmp_path / 'nowhere'}: {tmp_path / 'nowhere'}: no such file or folder"]
 
 
 def test_typo_in_config_fails_before_torch_is_imported_with_the_key_named(tmp_path):
