@@ -41,6 +41,26 @@ def write_video(path, frames: np.ndarray, fps: int = 25) -> Path:
     return path
 
 
+def write_checkpoint(run_dir, model, *, file: str = "weights.safetensors", prefix: str = "", step: int = 7) -> Path:
+    """``run_dir/checkpoints/step_<step>/`` as pretrain/train.py leaves it as far as the model goes: ``file``
+    (weights.safetensors, or accelerate's model.safetensors / pytorch_model.bin; ``prefix`` e.g. DDP's
+    'module.'), model_config.json and train_state.json. No optimizer state or DeepSpeed shards."""
+    import json
+
+    ckpt = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+    ckpt.mkdir(parents=True)
+    state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
+    if file.endswith(".safetensors"):
+        from safetensors.torch import save_file
+
+        save_file(state, str(ckpt / file))
+    else:
+        torch.save(state, ckpt / file)
+    (ckpt / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
+    (ckpt / "train_state.json").write_text(json.dumps({"step": step}))
+    return ckpt
+
+
 def moving_pattern(num_frames: int = 24, size: int = 64, seed: int = 0) -> np.ndarray:
     """A smooth, moving colour pattern (T, H, W, 3) uint8: compressible and different per frame."""
     rng = np.random.default_rng(seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import moving_pattern, write_video
+from conftest import moving_pattern, write_checkpoint, write_video
 from launching import CPU_DEEPSPEED, LAUNCH_TIMEOUT, REPO, finish, free_port, write_tiny_config
 
 from expmae.export import (ENCODER_WEIGHTS, TIMM_WEIGHTS, convert_state_dict, create_timm_model, export_encoder,
@@ -172,20 +172,10 @@ def test_auto_weights_prefer_fp32_and_fall_back_to_the_zero_shards(deepspeed_run
 
 # ---------------------------------------------------------------------------------- plain / DDP checkpoints
 def fake_checkpoint(root: Path, model, *, prefix: str = "", fmt: str = "safetensors") -> Path:
-    """A step folder as pretrain/train.py + accelerate.save_state write it outside DeepSpeed, without the
-    gathered weights.safetensors: accelerate's model.safetensors (DDP keeps 'module.') + model_config.json."""
-    from safetensors.torch import save_file
-
-    step = root / "checkpoints" / "step_0000007"
-    step.mkdir(parents=True)
-    state = {prefix + k: v.contiguous() for k, v in model.state_dict().items()}
-    if fmt == "safetensors":
-        save_file(state, str(step / "model.safetensors"))
-    else:
-        torch.save(state, step / "pytorch_model.bin")
-    (step / "model_config.json").write_text(json.dumps(model.cfg.to_dict()))
-    (step / "train_state.json").write_text(json.dumps({"step": 7}))
-    return step
+    """A step folder as accelerate.save_state writes it outside DeepSpeed, without the gathered
+    weights.safetensors: accelerate's model.safetensors (DDP keeps 'module.') or pytorch_model.bin."""
+    return write_checkpoint(root, model, prefix=prefix,
+                            file="model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
 
 
 @pytest.mark.parametrize("prefix, fmt", [("module.", "safetensors"), ("", "bin")])

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from expmae.checkpoint import MODEL_CONFIG_NAME, TRAIN_STATE_NAME, WEIGHTS_NAME
+from conftest import write_checkpoint
+
+from expmae.checkpoint import MODEL_CONFIG_NAME
 from expmae.data import VideoClipDataset
 from expmae.model import create_model
 from expmae.visualize import main, reconstruction_grid
@@ -14,18 +16,6 @@ from expmae.visualize import main, reconstruction_grid
 TINY = dict(img_size=64, num_frames=4, patch_size=16, depth=1, embed_dim=64, num_heads=2, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=32, video_decoder_depth=1,
             video_decoder_num_heads=2)
-
-
-def save_run(tmp_path, model, step=7):
-    """A run folder as pretrain/train.py leaves it, as far as the weights go (no DeepSpeed shards needed)."""
-    from safetensors.torch import save_file
-
-    ckpt = tmp_path / "run" / "checkpoints" / f"step_{step:07d}"
-    ckpt.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt / WEIGHTS_NAME))
-    (ckpt / MODEL_CONFIG_NAME).write_text(json.dumps(model.cfg.to_dict()))
-    (ckpt / TRAIN_STATE_NAME).write_text(json.dumps({"step": step}))
-    return tmp_path / "run"
 
 
 def read_png(path):
@@ -40,7 +30,7 @@ def test_cli_grid_is_the_checkpoints_model_on_the_centre_views(tmp_path, make_vi
     with torch.no_grad():  # a model unlike a fresh init, so a grid of unloaded weights would differ
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    run = save_run(tmp_path, model)
+    run = write_checkpoint(tmp_path / "run", model).parents[1]  # the run folder: its newest checkpoint is read
     videos = [make_video(f"clip{i}.mp4", num_frames=12, size=64, seed=i) for i in range(3)]
     out = tmp_path / "recon" / "grid.png"
     assert main([str(run), *map(str, videos), "--out", str(out), "--num-clips", "2", "--seed", "3",
@@ -59,7 +49,7 @@ def test_cli_grid_is_the_checkpoints_model_on_the_centre_views(tmp_path, make_vi
 
 
 def test_unreadable_clips_are_skipped_and_none_readable_fails_in_one_line(tmp_path, make_video, capsys):
-    run = save_run(tmp_path, create_model("tiny", **TINY))
+    run = write_checkpoint(tmp_path / "run", create_model("tiny", **TINY))
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
     good = make_video("good.mp4", num_frames=12, size=64)
@@ -90,8 +80,8 @@ def test_missing_checkpoint_and_mismatched_weights_fail_in_one_line(tmp_path, ma
         main([str(tmp_path / "nowhere"), str(video), "--out", str(tmp_path / "g.png")])
     assert "nowhere: no such file or folder" in str(err.value) and "\n" not in str(err.value)
 
-    run = save_run(tmp_path, create_model("tiny", **TINY))  # then claim the weights are of a MAE-only model
-    config = run / "checkpoints" / "step_0000007" / MODEL_CONFIG_NAME
+    run = write_checkpoint(tmp_path / "run", create_model("tiny", **TINY))  # then claim the weights are of a MAE-only model
+    config = run / MODEL_CONFIG_NAME
     config.write_text(json.dumps({**json.loads(config.read_text()), "mode": "mae"}))
     with pytest.raises(SystemExit) as err:
         main([str(run), str(video), "--out", str(tmp_path / "g.png"), "--device", "cpu"])

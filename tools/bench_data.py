@@ -314,10 +314,15 @@ def loader_rate(dataset, samples: int, batch_size: int, workers: int) -> float:
     import torch
 
     order = [i % len(dataset) for i in range(samples)]
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                                         collate_fn=lambda b: b, persistent_workers=False)
+    return clips_per_s(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
+                                                   collate_fn=lambda b: b, persistent_workers=False))
+
+
+def clips_per_s(loader) -> float:
+    """Clips/s of iterating ``loader`` to its end, the first batch excluded (worker start-up and the first decode
+    are not throughput)."""
     it = iter(loader)
-    next(it)  # worker start-up and first decode are not throughput
+    next(it)
     t0, n = time.perf_counter(), 0
     for batch in it:
         n += len(batch)
@@ -392,13 +397,7 @@ def step_alone(run, fixed_forward, steps: int, device, bp) -> list[float]:
 
 def loader_alone(dataset, args, workers: int, device) -> float:
     """Clips/s of the training DataLoader alone, ``--steps`` batches after the first."""
-    loader = training_loader(dataset, args.batch_size, args.steps + 1, workers, device, args.seed)
-    it = iter(loader)
-    next(it)  # worker start-up and the first decode are not throughput
-    t0, n = time.perf_counter(), 0
-    for clips in it:
-        n += len(clips)
-    return n / (time.perf_counter() - t0)
+    return clips_per_s(training_loader(dataset, args.batch_size, args.steps + 1, workers, device, args.seed))
 
 
 def pipeline_loop(run, dataset, cfg, args, workers: int, device, bp) -> tuple[float, float, float]:
