@@ -412,14 +412,6 @@ def _crop_job(path: str, output_dir: str, root: str | None, options: CropOptions
     return {"path": out.relative_to(output_dir).as_posix(), **record}
 
 
-def _remove_stale_temp_files(clips_dir: Path) -> None:
-    # A killed run leaves atomic_path's hidden temp files ('.<stem>.<random>.mp4'); outputs never start with '.'.
-    if clips_dir.is_dir():
-        for tmp in clips_dir.rglob(".*"):
-            if tmp.is_file():
-                tmp.unlink(missing_ok=True)
-
-
 def crop_folder(input_dir: str | os.PathLike | Sequence[str | os.PathLike], output_dir: str | os.PathLike, *,
                 workers: int = 0, limit: int | None = None, retry_failed: bool = False, progress: bool = True,
                 **options) -> dict:
@@ -439,7 +431,6 @@ def crop_folder(input_dir: str | os.PathLike | Sequence[str | os.PathLike], outp
         paths = [p for p in list_videos(root) if out_abs not in p.resolve().parents]
     else:
         root, paths = None, [Path(p) for p in input_dir]
-    _remove_stale_temp_files(output_dir / "clips")
     work = functools.partial(_crop_job, output_dir=str(output_dir), root=str(root) if root else None, options=opt)
     summary = run_jobs([str(p) for p in paths], work, output_dir, key=lambda p: _key(Path(p), root), workers=workers,
                        limit=limit, retry_failed=retry_failed, desc="crop faces", progress=progress)

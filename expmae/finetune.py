@@ -411,7 +411,7 @@ def train_fold(
     """
     import torch
 
-    from expmae.jobs import atomic_path
+    from expmae.jobs import atomic_path, remove_stale_temp_files
 
     backend = backend if backend is not None else FeatureBackend(cfg)
     tr, va = split
@@ -448,9 +448,8 @@ def train_fold(
                   **_clean(fit.best), "history": [_clean(h) for h in fit.history]}
         _write_json(record_path, record)  # written last: its presence marks the fold finished
     # A finished fold needs no resume state (a ViT-B one is over a GB); also a save killed mid-write leaves a temp file.
-    resume = Path(RESUME_CHECKPOINT)
-    for path in (run_dir / resume.name, *run_dir.glob(f".{resume.stem}.*{resume.suffix}")):
-        path.unlink(missing_ok=True)
+    (run_dir / RESUME_CHECKPOINT).unlink(missing_ok=True)
+    remove_stale_temp_files(run_dir, Path(RESUME_CHECKPOINT).stem)
     with np.load(preds_path) as stored:
         arrays = {k: stored[k] for k in stored.files}
     _log(f"[{tag}] best epoch {record['best_epoch']}: metric {_fmt(record['metric'])}, metric_e {_fmt(record['metric_e'])}, "

@@ -24,6 +24,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 
+TEMP_MARK = ".partial-"  # in atomic_path's temporary names: '.<stem>.partial-<random><suffix>'
+
+
+def remove_stale_temp_files(root: str | os.PathLike, stem: str = "*") -> list[Path]:
+    """Delete the temporary files that atomic_path writers killed mid-write left under ``root`` (recursively;
+    only those of outputs named ``stem`` if given). Call it only when no writer is running there."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    stale = [p for p in root.rglob(f".{stem}{TEMP_MARK}*") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -33,7 +48,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=suffix or path.suffix or ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TEMP_MARK}",
+                               suffix=suffix or path.suffix or ".tmp")
     os.close(fd)
     tmp = Path(tmp)
     # mkstemp creates 0600 files; give outputs the permissions a plain open() would (shared machines).
@@ -145,6 +161,7 @@ def run_jobs(
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
+    remove_stale_temp_files(out_dir)  # a killed earlier run's half-written outputs
     manifest, failures = JsonlLog(out_dir / "manifest.jsonl"), JsonlLog(out_dir / "failures.jsonl")
     finished = manifest.keys()
     known_failed = set() if retry_failed else failures.keys()
@@ -182,7 +199,7 @@ def run_jobs(
             record(k, item, *_call(work, item))
             bar.update()
     else:
-        _run_pool(todo, work, workers, record, bar)
+        _run_pool(todo, work, workers, record, bar, out_dir)
     bar.close()
 
     # Keep failures.jsonl to one line per input that is still failing (a retried success drops out).
@@ -193,7 +210,7 @@ def run_jobs(
     return summary
 
 
-def _run_pool(todo, work, workers, record, bar) -> None:
+def _run_pool(todo, work, workers, record, bar, out_dir: Path) -> None:
     """A process pool that survives a worker dying hard (say, a decoder segfault). When the pool breaks,
     the inputs that were in flight are retried one by one, each in a pool of its own, so the culprit is
     identified and recorded; the rest continue in a fresh pool."""
@@ -215,6 +232,8 @@ def _run_pool(todo, work, workers, record, bar) -> None:
                         bar.update()
             except BrokenProcessPool:
                 pass
+        # The broken pool's other workers were killed, maybe mid-write; none is running now.
+        remove_stale_temp_files(out_dir)
         for k, item in in_flight.values():
             with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as alone:
                 try:

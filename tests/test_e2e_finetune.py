@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from expmae.jobs import TEMP_MARK
 from expmae.mer import MER_CLASSES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -364,7 +365,7 @@ def test_an_interrupted_fold_resumes_after_its_last_epoch_and_ends_as_an_uninter
     assert sorted(p.name for p in fold0.iterdir()) == ["resume.pt"]
     state = torch.load(fold0 / "resume.pt", weights_only=True)
     assert state["loop"]["epoch"] == 1 and state["step"] == 4  # 6 clips, batches of 4: 2 steps per epoch
-    (fold0 / ".resume.k1ll3d.pt").write_bytes(b"half a save")  # what a kill in the middle of a save leaves
+    (fold0 / f".resume{TEMP_MARK}k1ll3d.pt").write_bytes(b"half a save")  # what a kill in the middle of a save leaves
     capsys.readouterr()
 
     # The same command again: fold 0 trains epoch 2 only, fold 1 all; everything ends as in the whole run.

@@ -12,7 +12,7 @@ import pytest
 
 from expmae.facecrop import (CropOptions, Track, crop_folder, crop_square, crop_video, jitter, main, smooth_track,
                              torch_threads, track_faces)
-from expmae.jobs import JsonlLog
+from expmae.jobs import TEMP_MARK, JsonlLog
 from expmae.synthetic import make_face_videos, make_noface_video
 from expmae.video import open_video, read_frames
 
@@ -247,7 +247,7 @@ def test_killed_job_resumes_to_the_same_outputs_without_duplicates(tmp_path):
     finished_before = len(JsonlLog(manifest).read())
     assert 1 <= finished_before < 4, "the job should have been killed part-way"
 
-    (out / "clips" / ".face_003.x1y2.mp4").write_bytes(b"half a video")  # what a kill mid-write leaves behind
+    (out / "clips" / f".face_003{TEMP_MARK}x1y2.mp4").write_bytes(b"half a video")  # what a kill mid-write leaves behind
     resumed = crop_folder(src, out, workers=0, progress=False, **FAST)
     assert resumed["skipped"] == finished_before and resumed["done"] == 4 - finished_before
     keys = [r["key"] for r in JsonlLog(manifest).read()]

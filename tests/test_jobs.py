@@ -93,3 +93,22 @@ def test_atomic_outputs_get_umask_permissions_not_mkstemp_0600(tmp_path):
     finally:
         os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_stale_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_path):
+    from expmae.jobs import TEMP_MARK, atomic_path, remove_stale_temp_files
+
+    with pytest.raises(RuntimeError):  # a writer that dies inside atomic_path cleans up after itself...
+        with atomic_path(tmp_path / "a.npy") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError
+    assert list(tmp_path.iterdir()) == []
+    # ...one that is killed cannot: what it leaves has the mark, in any subfolder
+    (tmp_path / "sub").mkdir()
+    left = [tmp_path / f".a{TEMP_MARK}x1.npy", tmp_path / "sub" / f".b{TEMP_MARK}y2.mp4"]
+    kept = [tmp_path / "a.npy", tmp_path / ".hidden", tmp_path / "sub" / ".b.mp4", tmp_path / "manifest.jsonl"]
+    for path in left + kept:
+        path.write_bytes(b"x")
+    assert remove_stale_temp_files(tmp_path, "a") == [left[0]]
+    assert remove_stale_temp_files(tmp_path) == [left[1]]
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
