@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m pretrain.demo
+	$(PY) -m expmae.demo
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,7 +3,12 @@
 Kept import-light on purpose: `import expmae` must not pull in deepspeed or facenet-pytorch.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: setup.cfg reads it, every console script prints it with --version
+
+
+def add_version_argument(parser) -> None:
+    """``--version`` for a console script's argparse parser: prints the program name and expmae's version."""
+    parser.add_argument("--version", action="version", version=f"%(prog)s (expmae) {__version__}")
 
 
 def __getattr__(name: str):

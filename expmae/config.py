@@ -4,7 +4,7 @@ The validation path imports only the standard library and PyYAML, so a typo'd ke
 second, before torch, accelerate or deepspeed are imported. Every error is one line naming the key, the
 value and what is allowed::
 
-    cfg = load_config("pretrain/configs/tiny_demo.yaml", ["train.batch_size=4", "model.mode=mae"])
+    cfg = load_config("expmae/pretrain/configs/tiny_demo.yaml", ["train.batch_size=4", "model.mode=mae"])
 
 Checks live next to each field (``metadata``): ``choices``, ``min``/``max`` (inclusive), ``gt``/``lt``
 (exclusive). The model section mirrors ``expmae.model.ExpMAEConfig``: ``name`` picks a preset of the

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from expmae import add_version_argument
 from expmae.model import (ExpMAEConfig, ExpMAEEncoder, frame_encoder_timm_state_dict, get_config,
                           timm_create_kwargs)
 
@@ -792,6 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="expmae-export",
         description="Export the pretrained expMAE encoder (clip encoder + timm frame encoder + config.json), "
                     "or import public MAE / VideoMAE weights into an expMAE encoder folder.")
+    add_version_argument(p)
     p.add_argument("checkpoint", help="pretraining run / checkpoints / step_* folder, or a MAE / VideoMAE weights file")
     p.add_argument("out_dir", type=Path, help="encoder folder to write")
     p.add_argument("--weights", choices=WEIGHT_SOURCES, default="auto",

@@ -27,6 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
+from expmae import add_version_argument
 from expmae.features.common import resolve_device
 from expmae.jobs import atomic_path, run_jobs
 from expmae.video import (VIDEO_EXTENSIONS, VideoError, VideoInfo, iter_frames, list_videos, open_video, read_frames,
@@ -440,6 +441,7 @@ def crop_folder(input_dir: str | os.PathLike | Sequence[str | os.PathLike], outp
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = CropOptions()
     p = argparse.ArgumentParser(prog="expmae-crop", description="Crop the main face of every video in a folder into stable square face clips (resumable).")
+    add_version_argument(p)
     p.add_argument("input_dir", help="folder of videos (searched recursively)")
     p.add_argument("output_dir", help="where clips/, manifest.jsonl and failures.jsonl go; rerun to resume")
     p.add_argument("--size", type=int, default=defaults.size, help="output crop side in pixels (default %(default)s)")

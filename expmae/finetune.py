@@ -41,6 +41,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from expmae import add_version_argument
 from expmae.mer import (
     MER_CLASSES,
     FeatureSet,
@@ -639,6 +640,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="MER2023 fusion protocol: K-fold CV on Train&Val from feature folders + label CSV; prints the combined metric. "
                     "With --videos and --encoder, each fold finetunes the expMAE encoder end to end on the face clips.",
     )
+    add_version_argument(p)
     p.add_argument("--config", help="YAML file of settings (command-line flags override it)")
     p.add_argument("--labels", help="Train&Val label CSV (columns name, discrete, valence)")
     p.add_argument("--features", nargs="+", help="feature folders, BRANCH=FOLDER or FOLDER; repeated BRANCH = concatenated")

@@ -17,6 +17,8 @@ import math
 import sys
 from pathlib import Path
 
+from expmae import add_version_argument
+
 
 def reconstruction_rows(images: dict):
     """Rows for a grid from ExpMAE.reconstruct's images, per sample: MAE target | masked | prediction side by side,
@@ -106,6 +108,7 @@ def video_paths(inputs: list[str]) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expmae-visualize", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(parser)
     parser.add_argument("checkpoint", help="a pretraining run folder, its checkpoints/ or one step_* folder")
     parser.add_argument("videos", nargs="+", help="face clips (videos or .npy) or folders of them")
     parser.add_argument("--out", required=True, type=Path, help="the PNG to write")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-CPU_DEEPSPEED = REPO / "pretrain" / "configs" / "accelerate" / "cpu_deepspeed_2proc.yaml"
+CPU_DEEPSPEED = REPO / "expmae" / "pretrain" / "configs" / "accelerate" / "cpu_deepspeed_2proc.yaml"
 N = 5  # checkpoint / kill step; 12 clips / (2 ranks x batch 2) = 3 steps per epoch, so step 5 is mid-epoch
 LAUNCH_TIMEOUT = 240
 
@@ -49,7 +49,7 @@ def write_tiny_config(path: Path, videos: Path, output_dir: Path, **sections) ->
 
 def launch(config: Path, *extra: str, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DEEPSPEED),
-           "--main_process_port", str(free_port()), "pretrain/train.py", "--config", str(config), *extra]
+           "--main_process_port", str(free_port()), "-m", "expmae.pretrain", "--config", str(config), *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
                             start_new_session=True)

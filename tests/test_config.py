@@ -12,7 +12,7 @@ import pytest
 from expmae.config import (ConfigError, ModelConfig, PretrainConfig, describe, from_dict, load_config, save_config)
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "pretrain" / "configs").glob("*.yaml"))
+SHIPPED = sorted((REPO / "expmae" / "pretrain" / "configs").glob("*.yaml"))
 
 
 def error_of(overrides, path=None) -> str:
@@ -37,7 +37,7 @@ def test_shipped_configs_load_and_give_valid_model_configs(path):
 def test_paper_like_config_keeps_mae_videomae_practice():
     names = [p.name for p in SHIPPED]
     assert "tiny_demo.yaml" in names and "vit_base_16x224.yaml" in names
-    cfg = load_config(REPO / "pretrain" / "configs" / "vit_base_16x224.yaml", ["data.source=clips"])
+    cfg = load_config(REPO / "expmae" / "pretrain" / "configs" / "vit_base_16x224.yaml", ["data.source=clips"])
     assert (cfg.model.name, cfg.model.img_size, cfg.model.num_frames, cfg.model.patch_size) == ("base", 224, 16, 16)
     t = cfg.train
     assert (t.betas, t.weight_decay, t.base_lr, t.lr) == ((0.9, 0.95), 0.05, 1.5e-4, None)
@@ -120,7 +120,7 @@ def test_model_section_mirrors_expmae_config():
 
 
 def test_save_then_load_round_trips(tmp_path):
-    cfg = load_config(REPO / "pretrain" / "configs" / "tiny_demo.yaml", ["data.source=clips", "train.betas=[0.8, 0.9]",
+    cfg = load_config(REPO / "expmae" / "pretrain" / "configs" / "tiny_demo.yaml", ["data.source=clips", "train.betas=[0.8, 0.9]",
                                                                          "debug.nonfinite_steps=[1]"])
     path = save_config(cfg, tmp_path / "config.yaml")
     again = load_config(path)

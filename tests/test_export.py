@@ -84,7 +84,7 @@ def deepspeed_runs(tmp_path_factory):
                                    train={"max_steps": 2, "warmup_steps": 1}, log={"recon_every": 0},
                                    checkpoint={"every": 2})
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher),
-               "--main_process_port", str(free_port()), "pretrain/train.py", "--config", str(config)]
+               "--main_process_port", str(free_port()), "-m", "expmae.pretrain", "--config", str(config)]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         log = root / f"log{stage}.txt"
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,

@@ -220,7 +220,7 @@ def test_init_from_starts_a_new_run_from_a_checkpoints_weights(tmp_path, videos,
 def test_typo_in_config_fails_before_torch_is_imported_with_the_key_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  bach_size: 4\n")
-    code = ("import sys; from pretrain.train import main; rc = main(['--config', sys.argv[1]]); "
+    code = ("import sys; from expmae.pretrain.cli import main; rc = main(['--config', sys.argv[1]]); "
             "print('rc', rc, 'torch' in sys.modules, 'deepspeed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "rc 2 False False"
@@ -270,7 +270,7 @@ def test_train_compile_reaches_accelerate_dynamo(monkeypatch, compile_model):
     from accelerate.utils import DynamoBackend
 
     from expmae.config import load_config
-    from pretrain.train import make_accelerator
+    from expmae.pretrain.train import make_accelerator
 
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)
     cfg = load_config(None, ["data.source=x", f"train.compile={str(compile_model).lower()}"])
@@ -287,7 +287,7 @@ def test_configure_deepspeed_fills_auto_values_and_refuses_a_disagreeing_launche
     from types import SimpleNamespace
 
     from expmae.config import ConfigError, load_config
-    from pretrain.train import configure_deepspeed
+    from expmae.pretrain.train import configure_deepspeed
 
     cfg = load_config(None, ["data.source=x", "train.batch_size=4", "train.grad_accum_steps=2", "train.clip_grad=1.5"])
 
@@ -363,7 +363,7 @@ def test_launcher_configs_parse_and_leave_training_values_to_the_training_config
 
 
 def test_demo_rejects_a_bad_override_before_doing_any_work(tmp_path, capsys):
-    from pretrain.demo import main
+    from expmae.demo import main
 
     assert main(["--out", str(tmp_path / "demo"), "train.batch_sise=4"]) == 2
     assert "unknown key 'train.batch_sise'" in capsys.readouterr().err
@@ -372,9 +372,9 @@ def test_demo_rejects_a_bad_override_before_doing_any_work(tmp_path, capsys):
 
 def test_check_prints_the_resolved_config_and_it_loads_back(tmp_path, capsys):
     from expmae.config import load_config
-    from pretrain.train import main
+    from expmae.pretrain.cli import main
 
-    demo = REPO / "pretrain" / "configs" / "tiny_demo.yaml"
+    demo = REPO / "expmae" / "pretrain" / "configs" / "tiny_demo.yaml"
     assert main(["--check", "--config", str(demo), "model.mode=mae", "train.betas=[0.8, 0.9]"]) == 0
     resolved = tmp_path / "resolved.yaml"
     resolved.write_text(capsys.readouterr().out)
@@ -384,7 +384,7 @@ def test_check_prints_the_resolved_config_and_it_loads_back(tmp_path, capsys):
 def test_epoch_batch_sampler_resumes_mid_epoch_and_splits_ranks():
     from itertools import islice
 
-    from pretrain.train import EpochBatchSampler
+    from expmae.pretrain.train import EpochBatchSampler
 
     def batches(rank, start_epoch=0, start_batch=0, n=9):
         sampler = EpochBatchSampler(14, batch_size=2, batches_per_epoch=3, rank=rank, world=2, seed=7,

@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from expmae import add_version_argument
+
 MODALITIES = {
     "audio": ("expmae.features.audio", "HuBERT/wav2vec2 features of each video's sound track (16 kHz mono)"),
     "text": ("expmae.features.text", "BERT-family features of each sample's transcript (MER2023 CSV)"),
@@ -48,6 +50,7 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expmae-features", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_version_argument(parser)
     sub = parser.add_subparsers(dest="modality", required=True, metavar="{" + ",".join(MODALITIES) + "}")
     for name, (module_name, help_text) in MODALITIES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
