@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from expmae.finetune import fit_head, predict
-from expmae.fusion import FactorizedBilinearPooling, create_head, mer_loss
-from expmae.mer import FeatureSet
-from expmae.metrics import weighted_f1
+from expmae.finetune.training import fit_head, predict
+from expmae.finetune.featureset import FeatureSet
+from expmae.finetune.heads import FactorizedBilinearPooling, create_head, task_loss
+from expmae.finetune.metrics import weighted_f1
 
 DIMS = {"audio": 5, "text": 7, "visual": 3}
 
@@ -27,10 +27,10 @@ def test_heads_take_any_branches_and_return_both_tasks(name, branches):
     dims = {b: DIMS[b] for b in branches}
     head = create_head(name, dims, hidden_dim=16, factor_k=3)
     out = head(batch(dims=dims))
-    assert out["logits"].shape == (4, 6) and out["valence"].shape == (4,) and out["embedding"].shape == (4, 16)
+    assert out["logits"].shape == (4, 6) and out["regression"].shape == (4, 1) and out["embedding"].shape == (4, 16)
     if name == "attention":
         assert out["attention"].shape == (4, len(branches))
-    loss, parts = mer_loss(out, torch.tensor([0, 1, 2, 5]), torch.tensor([0.5, -1.0, 2.0, 4.0]))
+    loss, parts = task_loss(out, torch.tensor([0, 1, 2, 5]), torch.tensor([[0.5], [-1.0], [2.0], [4.0]]))
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in head.parameters() if p.requires_grad)
 
@@ -41,7 +41,7 @@ def test_heads_reject_wrong_inputs():
         head({"audio": torch.zeros(2, 5)})
     with pytest.raises(ValueError, match=r"branch 'audio': got shape \(2, 4\), expected \(B, 5\)"):
         head({"audio": torch.zeros(2, 4), "visual": torch.zeros(2, 3)})
-    with pytest.raises(ValueError, match="unknown fusion head 'lstm'"):
+    with pytest.raises(ValueError, match="unknown head 'lstm'"):
         create_head("lstm", {"audio": 5})
 
 
@@ -64,7 +64,7 @@ def test_mfb_matches_the_factorized_bilinear_formula():
     with torch.no_grad():
         head.projections[1].bias.zero_()
     out = head(zero)
-    (out["logits"].sum() + out["valence"].sum()).backward()
+    (out["logits"].sum() + out["regression"].sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
 
 
@@ -94,16 +94,16 @@ def test_input_standardisation_makes_heads_invariant_to_feature_scale(name):
     assert head.standardize["audio"].std.tolist() == [1.0, 1.0, 2.0, 1.0, 3.0]  # constant dims: centred, not scaled
 
 
-def test_mer_loss_is_ce_plus_lambda_mse_over_known_valence():
-    logits, pred_v = torch.randn(5, 6), torch.randn(5)
+def test_task_loss_is_ce_plus_lambda_mse_over_known_valence():
+    logits, pred_v = torch.randn(5, 6), torch.randn(5, 1)
     emotion = torch.tensor([0, 3, 4, 5, 1])
-    valence = torch.tensor([1.0, float("nan"), -2.0, float("nan"), 0.5])  # NaN: pseudo-labelled rows
-    loss, parts = mer_loss({"logits": logits, "valence": pred_v}, emotion, valence, valence_weight=0.3)
+    valence = torch.tensor([[1.0], [float("nan")], [-2.0], [float("nan")], [0.5]])  # NaN: pseudo-labelled rows
+    loss, parts = task_loss({"logits": logits, "regression": pred_v}, emotion, valence, target_weight=0.3)
     known = torch.tensor([0, 2, 4])
     expected_mse = ((pred_v[known] - valence[known]) ** 2).mean()
     assert loss.item() == pytest.approx((F.cross_entropy(logits, emotion) + 0.3 * expected_mse).item(), rel=1e-6)
-    assert parts["loss_valence"] == pytest.approx(expected_mse.item(), rel=1e-6)
-    only_pseudo, _ = mer_loss({"logits": logits, "valence": pred_v}, emotion, torch.full((5,), float("nan")))
+    assert parts["loss_regression"] == pytest.approx(expected_mse.item(), rel=1e-6)
+    only_pseudo, _ = task_loss({"logits": logits, "regression": pred_v}, emotion, torch.full((5, 1), float("nan")))
     assert only_pseudo.item() == pytest.approx(F.cross_entropy(logits, emotion).item(), rel=1e-6)
 
 

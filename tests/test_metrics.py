@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 from sklearn.metrics import f1_score, mean_squared_error
 
-from expmae.metrics import (
+from expmae.finetune.metrics import (
     combined_metric,
     confusion_matrix,
     mer_metrics,

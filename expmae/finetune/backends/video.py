@@ -1,7 +1,7 @@
-"""End-to-end finetuning of an exported expMAE encoder on MER labels: ``expmae-finetune --videos --encoder``.
+"""End-to-end finetuning of an exported expMAE encoder on any labelled set: ``expmae-finetune --videos --encoder``.
 
-The protocol (folds, best epoch by the combined metric, test averaging, reports, reuse of finished folds) is
-expmae.finetune's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
+The protocol (folds, best epoch by the selected metric, test averaging, reports, reuse of finished folds) is
+expmae.finetune.protocol's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
 built, trained, applied and saved. Per fold:
 
     face clip (uint8, T frames ``sample_stride`` apart; training: expmae.data.VideoClipDataset's random window,
@@ -9,18 +9,17 @@ built, trained, applied and saved. Per fold:
     window, or with ``test_views`` N > 1 N windows spread over the clip, each centre-cropped) -> normalised with
     the encoder's mean / std -> ExpMAEEncoder.forward_clips -> mean over all tokens -> the fusion head as its
     "visual" branch, beside any precomputed feature folders (audio, text, ...). An evaluated sample's class
-    probabilities and valence are the mean over its views (VideoMAE's multi-view testing).
+    probabilities and regression columns are the mean over its views (VideoMAE's multi-view testing).
 
 Optimisation as in MAE / VideoMAE finetuning: AdamW; layer-wise lr decay (block i at layer_decay^(depth - i),
 stem and position codes at layer_decay^(depth + 1), final norm and head at 1); no weight decay on norms,
 biases and position codes; per-step linear warmup, then cosine to ``min_lr``; stochastic depth from the
 encoder config (or ``drop_path``); a LayerNorm after the pooling (``fc_norm``, as VideoMAE / MAE finetuning).
 
-Each fold/round folder gets head.safetensors (``fc_norm.*`` and ``head.*``, the latter expmae.fusion.create_head
-keys) and, unless the encoder is
-frozen, the finetuned encoder as an encoder folder (encoder/, the expmae-export layout: expmae-features and
+Each fold/round folder gets head.safetensors (``fc_norm.*`` and ``head.*``, the latter expmae.finetune.heads
+.create_head keys) and, unless the encoder is frozen, the finetuned encoder as an encoder folder (encoder/, the expmae-export layout: expmae-features and
 timm read it). A clip that fails to load is recorded in clip_failures.jsonl: in training another clip
-stands in (expmae.data), in evaluation the sample gets the uniform class distribution and valence 0.
+stands in (expmae.data), in evaluation the sample gets the uniform class distribution and regression 0.
 
 A fold takes about an hour on a GPU, so it is resumable: after every epoch the fold's run dir holds
 resume.pt (:class:`FoldCheckpoint`), and a rerun with the same settings and data continues after the last
@@ -41,8 +40,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from expmae.finetune import _RUN_KEYS, LOOP_KEYS, FinetuneConfig, FitResult, _digest, _log, fit_epochs
-from expmae.mer import FeatureSet, list_feature_names, load_features, parse_feature_specs
+from expmae.finetune.common import digest, log
+from expmae.finetune.config import RUN_KEYS, FinetuneConfig
+from expmae.finetune.featureset import FeatureSet, list_feature_names, load_features, parse_feature_specs
+from expmae.finetune.training import LOOP_KEYS, FitResult, fit_epochs
 from expmae.model import ExpMAEEncoder
 
 VIDEO_BRANCH = "visual"  # the head's input branch fed by the encoder
@@ -189,7 +190,7 @@ class FoldCheckpoint:
             if not isinstance(state, dict) or "fingerprint" not in state:
                 raise ValueError("not a fold checkpoint")
             if state["fingerprint"] != self.fingerprint:
-                _log(f"[{self.tag}] ignoring {self.path}: written with other settings or data; starting at epoch 0")
+                log(f"[{self.tag}] ignoring {self.path}: written with other settings or data; starting at epoch 0")
                 return None
             loop, step, rng = state["loop"], int(state["step"]), state["rng"]
             if set(loop) != set(LOOP_KEYS):
@@ -201,14 +202,14 @@ class FoldCheckpoint:
             optimizer.load_state_dict(state["optimizer"])  # validates the groups before changing anything
             model.load_state_dict(state["model"])
         except Exception as exc:  # noqa: BLE001 - a bad checkpoint costs the fold's progress, never the run
-            _log(f"[{self.tag}] cannot resume from {self.path} ({one_line(exc)}); starting at epoch 0")
+            log(f"[{self.tag}] cannot resume from {self.path} ({one_line(exc)}); starting at epoch 0")
             return None
         if state["best_is_model"]:
             loop["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and _cuda_rng_state(model):
             torch.cuda.set_rng_state(rng["cuda"], next(model.parameters()).device)
-        _log(f"[{self.tag}] resuming at epoch {loop['epoch'] + 1} from {self.path} (epochs 0-{loop['epoch']} done before)")
+        log(f"[{self.tag}] resuming at epoch {loop['epoch'] + 1} from {self.path} (epochs 0-{loop['epoch']} done before)")
         return loop, step
 
 
@@ -315,7 +316,7 @@ class VideoBackend:
     """End-to-end mode of expmae.finetune: samples are face clips (+ optional feature folders); a fold
     finetunes a copy of the pretrained encoder together with a fresh fusion head."""
 
-    run_keys = _RUN_KEYS + ("freeze_encoder", "layer_decay", "warmup_epochs", "min_lr", "drop_path",
+    run_keys = RUN_KEYS + ("freeze_encoder", "layer_decay", "warmup_epochs", "min_lr", "drop_path",
                             "sample_stride", "augment", "precision")
 
     def __init__(self, cfg: FinetuneConfig):
@@ -324,6 +325,9 @@ class VideoBackend:
         if not (cfg.videos and cfg.encoder):
             raise ValueError(f"end-to-end mode needs both videos (face clips) and encoder (an expmae-export folder); "
                              f"got videos={cfg.videos!r}, encoder={cfg.encoder!r}")
+        if cfg.head == "svm":
+            raise ValueError("head 'svm' is fit on precomputed features; end-to-end finetuning needs a trained head "
+                             "(attention, mfb, concat, transformer)")
         if cfg.missing == "zero":
             raise ValueError("missing='zero' zero-fills feature files; in end-to-end mode a sample needs its clip: "
                              "use missing='drop' or 'error'")
@@ -385,12 +389,12 @@ class VideoBackend:
 
     def fingerprint(self) -> list:
         """The pretrained weights and the clip files (size, mtime): a changed input retrains finished folds."""
-        weights = _digest(*(v.numpy() for v in self.pretrained.state_dict().values()), list(self.pretrained.state_dict()))
+        weights = digest(*(v.numpy() for v in self.pretrained.state_dict().values()), list(self.pretrained.state_dict()))
         clips = []
         for name, path in sorted(self.videos.items()):
             st = path.stat()
             clips.append([name, st.st_size, st.st_mtime_ns])
-        return [weights, _digest(clips), self.sample_stride]
+        return [weights, digest(clips), self.sample_stride]
 
     def describe(self, train: FeatureSet) -> dict:
         from expmae.jobs import JsonlLog
@@ -411,31 +415,33 @@ class VideoBackend:
         }
 
     # ---- one fold
-    def build_model(self, in_dims: Mapping[str, int]) -> VideoFusionModel:
+    def build_model(self, in_dims: Mapping[str, int], num_classes: int = 6, num_targets: int = 1) -> VideoFusionModel:
         """A fresh head on a fresh copy of the pretrained encoder, on the device."""
-        from expmae.fusion import create_head
+        from expmae.finetune.heads import create_head
 
         cfg = self.cfg
         head = create_head(cfg.head, {VIDEO_BRANCH: self.pretrained.cfg.embed_dim, **in_dims},
-                           hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k)
+                           hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k,
+                           num_layers=cfg.head_layers, num_classes=num_classes, num_targets=num_targets)
         model = VideoFusionModel(copy.deepcopy(self.pretrained), head, freeze_encoder=cfg.freeze_encoder)
         return model.to(self.device)
 
-    def fit(self, train: FeatureSet, emotion: np.ndarray, valence: np.ndarray, val=None, *, seed: int,
+    def fit(self, train: FeatureSet, label: np.ndarray, targets: np.ndarray, val=None, *, scorer, seed: int,
             writer=None, tag: str = "", checkpoint: Path | None = None,
             fingerprint: str = "") -> tuple[VideoFusionModel, FitResult]:
-        """Finetune encoder + head on ``train``; returns (model holding its best epoch's state, FitResult).
+        """Finetune encoder + head on ``train`` (class ``label``, regression ``targets`` (N, R)); returns (model
+        holding its best epoch's state by ``scorer``'s metric on ``val``, FitResult).
 
         With ``checkpoint`` (a file path), the state after every epoch is saved there (:class:`FoldCheckpoint`,
         keyed by ``fingerprint``), and a checkpoint of the same fingerprint found there is continued from."""
         from tqdm.auto import tqdm
 
         from expmae.data import VideoClipDataset
-        from expmae.fusion import mer_loss
+        from expmae.finetune.heads import task_loss
         from expmae.optim import cosine_lr
 
         cfg, enc = self.cfg, self.pretrained.cfg
-        model = self.build_model(train.dims)
+        model = self.build_model(train.dims, len(scorer.classes), len(scorer.target_names))
         # Precomputed branches are standardised with training-split statistics, as in feature mode; the visual
         # branch is normalised by the model's fc_norm instead.
         model.head.set_input_stats({k: (torch.from_numpy(a.mean(0)), torch.from_numpy(a.std(0)))
@@ -451,8 +457,8 @@ class VideoBackend:
         loader = torch.utils.data.DataLoader(clips, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                                              generator=generator, pin_memory=self.device.type == "cuda")
         features = {k: torch.from_numpy(a) for k, a in train.arrays.items()}
-        y_emotion = torch.as_tensor(np.asarray(emotion), dtype=torch.int64)
-        y_valence = torch.as_tensor(np.asarray(valence), dtype=torch.float32)
+        y_label = torch.as_tensor(np.asarray(label), dtype=torch.int64)
+        y_targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32).reshape(len(train), -1)
         optimizer = torch.optim.AdamW(layer_decay_param_groups(model, weight_decay=cfg.weight_decay,
                                                                layer_decay=cfg.layer_decay), lr=cfg.lr)
         total_steps = cfg.epochs * len(loader)
@@ -485,7 +491,7 @@ class VideoBackend:
                 set_scaled_lr(optimizer, lr)
                 with self._autocast():
                     out = model(self._normalize(batch), {k: v[rows].to(self.device) for k, v in features.items()})
-                loss, _ = mer_loss(out, y_emotion[rows].to(self.device), y_valence[rows].to(self.device), cfg.valence_weight)
+                loss, _ = task_loss(out, y_label[rows].to(self.device), y_targets[rows].to(self.device), cfg.valence_weight)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{tag}: non-finite loss at epoch {epoch}, step {step} (lr {lr:.3g}); "
                                        "lower lr or use precision fp32")
@@ -496,20 +502,24 @@ class VideoBackend:
                 total, seen = total + loss.item() * len(rows), seen + len(rows)
             return {"train_loss": total / max(seen, 1), "lr": lr}
 
-        evaluate = (lambda: self.predict(model, val[0]), val[1], val[2]) if val is not None else None
-        return model, fit_epochs(model, run_epoch, epochs=cfg.epochs, evaluate=evaluate, writer=writer, tag=tag,
+        def evaluate() -> dict[str, float]:
+            probs, regression = self.predict(model, val[0])
+            return scorer(val[1], probs, val[2], regression)
+
+        return model, fit_epochs(model, run_epoch, epochs=cfg.epochs, evaluate=evaluate if val is not None else None,
+                                 score=scorer.score, writer=writer, tag=tag,
                                  resume=resumed[0] if resumed is not None else None,
                                  on_epoch_end=save_checkpoint if fold_checkpoint is not None else None)
 
     @torch.no_grad()
     def predict(self, model: VideoFusionModel, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities (N, C) and valence (N,), in eval mode: each sample's mean over its evaluation
-        views (``test_views``; each view counts once, a short clip has fewer). A clip that fails to load gets
-        the uniform distribution and valence 0."""
+        """Class probabilities (N, C) and regression columns (N, R), in eval mode: each sample's mean over its
+        evaluation views (``test_views``; each view counts once, a short clip has fewer). A clip that fails to load
+        gets the uniform distribution and regression 0."""
         num_classes = model.head.num_classes
         # Sums over each sample's views so far, divided at the end: views of one sample may span two batches.
         probs = np.zeros((len(features), num_classes), np.float32)
-        valence = np.zeros(len(features), np.float32)
+        regression = np.zeros((len(features), model.head.num_targets), np.float32)
         views = np.zeros(len(features), np.int64)
         arrays = {k: torch.from_numpy(a) for k, a in features.arrays.items()}
         model.eval()
@@ -517,13 +527,13 @@ class VideoBackend:
             with self._autocast():
                 out = model(clips, {k: v[rows].to(self.device) for k, v in arrays.items()})
             np.add.at(probs, rows, out["logits"].float().softmax(1).cpu().numpy())
-            np.add.at(valence, rows, out["valence"].float().cpu().numpy())
+            np.add.at(regression, rows, out["regression"].float().cpu().numpy())
             np.add.at(views, rows, 1)
         seen = views > 0
         probs[seen] /= views[seen, None]
-        valence[seen] /= views[seen]
+        regression[seen] /= views[seen, None]
         probs[~seen] = 1.0 / num_classes
-        return probs, valence
+        return probs, regression
 
     def save(self, model: VideoFusionModel, fit: FitResult, run_dir: Path) -> None:
         from safetensors.torch import save_file
@@ -585,7 +595,7 @@ class VideoBackend:
         if name in self._failed:  # evaluated every epoch: reported once
             return
         self._failed[name] = reason
-        _log(f"[clips] {name}: {reason} (evaluated as a uniform prediction)")
+        log(f"[clips] {name}: {reason} (evaluated as a uniform prediction)")
         JsonlLog(self.failure_log).append({"key": name, "path": str(self.videos[name]), "stage": "evaluation",
                                            "reason": reason})
 
