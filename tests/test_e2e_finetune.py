@@ -342,7 +342,7 @@ def test_an_interrupted_fold_resumes_after_its_last_epoch_and_ends_as_an_uninter
     """Bit-identical on the CPU: model, optimizer, step, loop state and RNG are restored exactly, and each epoch's
     shuffle and augmentation depend on (seed, epoch) only. The interrupted run decodes clips in a DataLoader
     worker, the whole one in-process: the workers' seeds do not change what is trained either."""
-    from expmae.finetune.backends.video import FoldCheckpoint
+    from expmae.finetune.backends.resume import FoldCheckpoint
 
     saved = []  # (fold tag, epoch saved, epoch read back with weights_only=True) of every checkpoint write
     save = FoldCheckpoint.save
@@ -401,7 +401,7 @@ def test_a_checkpoint_of_other_settings_or_an_unreadable_one_is_ignored(mer_vide
 
 
 def test_fold_checkpoint_restores_training_exactly_and_leaves_a_model_alone_when_it_cannot(tmp_path, capsys):
-    from expmae.finetune.backends.video import FoldCheckpoint
+    from expmae.finetune.backends.resume import FoldCheckpoint
     from expmae.finetune.training import LOOP_KEYS
 
     def build(width=8):
