@@ -15,6 +15,7 @@ from pathlib import Path
 from expmae.finetune.common import fmt, log, write_json
 from expmae.finetune.config import FinetuneConfig
 from expmae.finetune.heads import parse_head_spec
+from expmae.finetune.metrics import Scorer
 from expmae.finetune.protocol import run_finetune
 
 TABLE_JSON, TABLE_MD = "compare.json", "compare.md"
@@ -59,10 +60,9 @@ def run_compare(cfg: FinetuneConfig) -> dict:
 
 
 def headline(results: dict) -> list[str]:
-    """The selected metric, then the usual summary metrics of the set (as the protocol prints them)."""
-    usual = ["metric", "metric_e", "metric_v", "war", "uar"] if results["dataset"] == "mer2023" else \
-        ["uar", "war", "weighted_f1", "macro_f1"]
-    return [results["metric"]] + [m for m in usual if m != results["metric"] and m in results["cv"]]
+    """The selected metric, then the set's summary metrics (those the protocol prints)."""
+    scorer = Scorer(results["classes"], results["targets"], mer=results["dataset"] == "mer2023", metric=results["metric"])
+    return scorer.headline()
 
 
 def to_markdown(table: dict) -> str:

@@ -210,8 +210,10 @@ class Scorer:
 
     def headline(self) -> list[str]:
         """The selected metric first, then the others worth a summary line."""
-        usual = ["metric_e", "metric_v", "war", "uar"] if self.mer else ["war", "uar", "weighted_f1", "macro_f1"]
-        usual += [f"{m}/{t}" for t in self.target_names for m in ("ccc",) if not self.mer]
+        if self.mer:
+            usual = ["metric", "metric_e", "metric_v", "war", "uar"]
+        else:
+            usual = ["uar", "war", "weighted_f1", "macro_f1"] + [f"ccc/{t}" for t in self.target_names]
         return [self.metric] + [m for m in usual if m != self.metric]
 
     def score(self, metrics: dict[str, float]) -> float:
