@@ -266,6 +266,7 @@ def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
         (["--layer-decay", "1.5"], "layer_decay=1.5"),
         (["--videos", str(data["root"] / "audio")], "audio"),  # no videos there
         (["--test-views", "0"], "test_views=0: expected >= 1 (--test-views"),
+        (["--head", "svm"], "head 'svm' is fit on precomputed features"),
     ]
     for extra, message in cases:
         assert main(e2e_args(data, tmp_path / "out", *extra)) == 2, extra

@@ -3,6 +3,8 @@ train/test lists), WAR / UAR / F1 / CCC checked against scikit-learn on the writ
 the end-to-end backends; the heads comparison (svm, transformer) and its table."""
 import csv
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -240,3 +242,14 @@ def test_compare_writes_one_row_per_head_and_the_svm_row_is_sklearns_svc(tmp_pat
     assert svm_results["folds"][0]["metric_e"] == pytest.approx(f1_score(truth, direct, average="weighted"))
     assert svm_results["folds"][0]["uar"] == pytest.approx(balanced_accuracy_score(truth, direct))
     assert all(r["valence"] == "nan" for r in rows)  # the SVM predicts no valence, and says so
+
+
+def test_the_old_entry_point_and_python_m_run_the_cli(capsys):
+    """Console scripts installed before the entry point moved (expmae.finetune:main) and `python -m` still work."""
+    from expmae.finetune import main as old_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        old_main(["--help"])
+    assert exit_info.value.code == 0 and "--split-column" in capsys.readouterr().out
+    proc = subprocess.run([sys.executable, "-m", "expmae.finetune", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--compare" in proc.stdout
