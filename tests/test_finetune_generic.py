@@ -253,3 +253,29 @@ def test_the_old_entry_point_and_python_m_run_the_cli(capsys):
     assert exit_info.value.code == 0 and "--split-column" in capsys.readouterr().out
     proc = subprocess.run([sys.executable, "-m", "expmae.finetune", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--compare" in proc.stdout
+
+
+def test_split_sources_unit(tmp_path):
+    from expmae.finetune.config import FinetuneConfig, load_config
+    from expmae.finetune.splits import column_folds, file_folds
+
+    names, splits = column_folds(["10", "2", "train", "2", "10", "1"], "fold")
+    assert names == ["fold=1", "fold=2", "fold=10"]  # numeric values in numeric order
+    assert [held.tolist() for _, held in splits] == [[5], [1, 3], [0, 4]]
+    assert [train.tolist() for train, _ in splits][0] == [0, 1, 2, 3, 4]  # 'train' rows always train
+    with pytest.raises(ValueError, match="2 samples have no value"):
+        column_folds(["1", "", ""], "fold")
+    with pytest.raises(ValueError, match="nothing to hold out"):
+        column_folds(["train", "train"], "set")
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("x\ny\n"), b.write_text("y\nz\n")
+    with pytest.raises(ValueError, match="1 samples are in both lists"):
+        file_folds([f"{a}:{b}"], ["x", "y", "z"], {"x", "y", "z"})
+    _, [(train, held)] = file_folds([str(b)], ["x", "z"], {"x", "y", "z"})  # y labelled but dropped: skipped
+    assert train.tolist() == [0] and held.tolist() == [1]
+
+    config = tmp_path / "c.yaml"  # comma-separated settings may be YAML lists
+    config.write_text("classes: [joy, Calm]\ncompare: [svm, transformer:6]\nsplit_files: held.txt\n")
+    cfg = FinetuneConfig(**load_config(config))
+    assert (cfg.classes, cfg.compare, cfg.split_files) == ("joy,Calm", "svm,transformer:6", ["held.txt"])

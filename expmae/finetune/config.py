@@ -70,6 +70,7 @@ class FinetuneConfig:
 RUN_KEYS = ("head", "hidden_dim", "dropout", "factor_k", "head_layers", "svm_c", "epochs", "batch_size", "lr",
             "weight_decay", "valence_weight", "folds", "seed", "missing", "metric")
 LIST_KEYS = ("features", "test", "split_files")  # settings a YAML file may give as one string or a list
+NAME_LIST_KEYS = ("classes", "targets", "compare")  # comma-separated settings a YAML file may give as a list
 
 
 def load_config(path: str | Path) -> dict:
@@ -87,6 +88,9 @@ def load_config(path: str | Path) -> dict:
     for key in LIST_KEYS:
         if isinstance(data.get(key), str):
             data[key] = [data[key]]
+    for key in NAME_LIST_KEYS:
+        if isinstance(data.get(key), list) and all(isinstance(v, str) for v in data[key]):
+            data[key] = ",".join(data[key])
     defaults = FinetuneConfig()
     for key, value in data.items():
         expected = type(getattr(defaults, key))
