@@ -155,7 +155,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.labels = None
         if labels is not None:
             if isinstance(labels, (str, os.PathLike)):
-                from expmae.mer import read_label_csv
+                from expmae.finetune.datasets import read_label_csv
 
                 labels = read_label_csv(labels, require_valence=False)
             keep = [i for i, n in enumerate(self.names) if n in labels]

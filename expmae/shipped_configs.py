@@ -68,6 +68,18 @@ def format_listing(kinds: tuple[str, ...] = tuple(KINDS)) -> str:
     return "\n".join(lines)
 
 
+def add_list_configs_argument(parser: argparse.ArgumentParser, kinds: tuple[str, ...]) -> None:
+    """``--list-configs`` for a command line: print the shipped configs of ``kinds`` and exit (like --version)."""
+
+    class ListConfigs(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(format_listing(kinds))
+            parser.exit()
+
+    parser.add_argument("--list-configs", nargs=0, action=ListConfigs,
+                        help=f"list the shipped {' and '.join(kinds)} configs and exit")
+
+
 def main(argv: list[str] | None = None) -> int:
     from expmae import add_version_argument
 

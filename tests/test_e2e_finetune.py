@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from expmae.jobs import TEMP_MARK
-from expmae.mer import MER_CLASSES
+from expmae.finetune.datasets import MER_CLASSES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,8 +63,8 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
     import timm
     from timm.optim import param_groups_layer_decay
 
-    from expmae.e2e import VideoFusionModel, layer_decay_param_groups, set_scaled_lr
-    from expmae.fusion import create_head
+    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups, set_scaled_lr
+    from expmae.finetune.heads import create_head
     from expmae.model import timm_create_kwargs
 
     model = tiny_model(learn_pos_embed=True)  # learned position codes: they must land in the stem, without decay
@@ -110,7 +110,7 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
     set_scaled_lr(optimizer, 2e-3)
     lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}
     assert lrs["encoder.blocks.0.mlp.fc1.weight"] == pytest.approx(2e-3 * 0.125)
-    assert lrs["encoder.patch_embed.proj.bias"] == pytest.approx(2e-3 * 0.0625) and lrs["head.fc_valence.bias"] == 2e-3
+    assert lrs["encoder.patch_embed.proj.bias"] == pytest.approx(2e-3 * 0.0625) and lrs["head.fc_regression.bias"] == 2e-3
 
     frozen = VideoFusionModel(tiny_model().encoder, create_head("concat", {"visual": 192}, hidden_dim=16),
                               freeze_encoder=True)
@@ -120,7 +120,7 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
 
 
 def test_drop_path_comes_from_the_encoder_config_unless_overridden(tmp_path):
-    from expmae.e2e import load_finetune_encoder
+    from expmae.finetune.backends.video import load_finetune_encoder
     from expmae.export import save_encoder
 
     folder = save_encoder(tiny_model(drop_path_rate=0.2), tmp_path / "enc")
@@ -139,9 +139,9 @@ def test_one_command_finetunes_the_encoder_end_to_end_fused_with_features(mer_vi
     from safetensors.torch import load_file
 
     from expmae.export import load_encoder
-    from expmae.finetune import main
-    from expmae.fusion import create_head
-    from expmae.mer import read_label_csv
+    from expmae.finetune.cli import main
+    from expmae.finetune.heads import create_head
+    from expmae.finetune.datasets import read_label_csv
     from expmae.optim import cosine_lr
 
     data, out = mer_videos, tmp_path / "run"
@@ -200,7 +200,7 @@ def test_labels_stay_with_their_clips_dark_versus_bright_faces_are_learned(mer_v
     the classes separate only after ~12 epochs.)"""
     from conftest import moving_pattern, write_video
 
-    from expmae.finetune import main
+    from expmae.finetune.cli import main
 
     names = [f"clip_{i:02d}" for i in range(12)]
     classes = [i % 2 * 2 for i in range(12)]  # neutral (dark) or happy (bright)
@@ -214,19 +214,19 @@ def test_labels_stay_with_their_clips_dark_versus_bright_faces_are_learned(mer_v
                  "--batch-size", "3", "--warmup-epochs", "1", "--lr", "2e-3", "--valence-weight", "0", "--head", "concat",
                  "--hidden-dim", "32", "--no-progress", "--threads", "1", "--no-tensorboard"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["cv_pooled"]["accuracy"] >= 0.9, results["cv_pooled"]
+    assert results["cv_pooled"]["war"] >= 0.9, results["cv_pooled"]
 
 
 def test_freeze_encoder_trains_only_the_head(mer_videos, tmp_path, monkeypatch, capsys):
-    from expmae.e2e import VideoBackend
+    from expmae.finetune.backends.video import VideoBackend
     from expmae.export import load_encoder
-    from expmae.finetune import main
+    from expmae.finetune.cli import main
 
     built, trained, modes = [], [], []
     build_model, save = VideoBackend.build_model, VideoBackend.save
 
-    def spy_build(self, in_dims):  # the model as each fold starts it
-        model = build_model(self, in_dims)
+    def spy_build(self, *args):  # the model as each fold starts it
+        model = build_model(self, *args)
         built.append({k: v.clone() for k, v in model.head.state_dict().items()})
         # (model in training?, encoder in training?) at every encoder call
         model.encoder.blocks[0].register_forward_pre_hook(lambda blk, args: modes.append((model.training, blk.training)))
@@ -255,7 +255,7 @@ def test_freeze_encoder_trains_only_the_head(mer_videos, tmp_path, monkeypatch, 
 
 
 def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
-    from expmae.finetune import main
+    from expmae.finetune.cli import main
 
     data = mer_videos
     cases = [
@@ -266,6 +266,7 @@ def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
         (["--layer-decay", "1.5"], "layer_decay=1.5"),
         (["--videos", str(data["root"] / "audio")], "audio"),  # no videos there
         (["--test-views", "0"], "test_views=0: expected >= 1 (--test-views"),
+        (["--head", "svm"], "head 'svm' is fit on precomputed features"),
     ]
     for extra, message in cases:
         assert main(e2e_args(data, tmp_path / "out", *extra)) == 2, extra
@@ -280,14 +281,14 @@ class Interrupted(BaseException):
 
 
 def run_recording(monkeypatch, args, *, interrupt=None) -> list[tuple[int, int]]:
-    """expmae.finetune.main(args); returns the (fold, epoch) pairs it trained, in order. ``interrupt=(fold,
+    """expmae.finetune.cli.main(args); returns the (fold, epoch) pairs it trained, in order. ``interrupt=(fold,
     epoch)``: raise Interrupted in that epoch, after its first optimizer step (the run then ends with it)."""
-    import expmae.fusion
+    import expmae.finetune.heads
     from expmae.data import VideoClipDataset
-    from expmae.finetune import main
+    from expmae.finetune.cli import main
 
     trained, losses = [], []
-    set_epoch, mer_loss = VideoClipDataset.set_epoch, expmae.fusion.mer_loss
+    set_epoch, task_loss = VideoClipDataset.set_epoch, expmae.finetune.heads.task_loss
 
     def spy_set_epoch(self, epoch):
         trained.append((self.seed % 1000, epoch))  # a fold's seed is seed * 1000 + fold (seed 0 here)
@@ -298,11 +299,11 @@ def run_recording(monkeypatch, args, *, interrupt=None) -> list[tuple[int, int]]
         losses.append(1)
         if trained[-1] == interrupt and len(losses) == 2:
             raise Interrupted
-        return mer_loss(*a, **kw)
+        return task_loss(*a, **kw)
 
     with monkeypatch.context() as m:
         m.setattr(VideoClipDataset, "set_epoch", spy_set_epoch)
-        m.setattr(expmae.fusion, "mer_loss", spy_loss)
+        m.setattr(expmae.finetune.heads, "task_loss", spy_loss)
         if interrupt is None:
             assert main(args) == 0
         else:
@@ -342,7 +343,7 @@ def test_an_interrupted_fold_resumes_after_its_last_epoch_and_ends_as_an_uninter
     """Bit-identical on the CPU: model, optimizer, step, loop state and RNG are restored exactly, and each epoch's
     shuffle and augmentation depend on (seed, epoch) only. The interrupted run decodes clips in a DataLoader
     worker, the whole one in-process: the workers' seeds do not change what is trained either."""
-    from expmae.e2e import FoldCheckpoint
+    from expmae.finetune.backends.resume import FoldCheckpoint
 
     saved = []  # (fold tag, epoch saved, epoch read back with weights_only=True) of every checkpoint write
     save = FoldCheckpoint.save
@@ -401,8 +402,8 @@ def test_a_checkpoint_of_other_settings_or_an_unreadable_one_is_ignored(mer_vide
 
 
 def test_fold_checkpoint_restores_training_exactly_and_leaves_a_model_alone_when_it_cannot(tmp_path, capsys):
-    from expmae.e2e import FoldCheckpoint
-    from expmae.finetune import LOOP_KEYS
+    from expmae.finetune.backends.resume import FoldCheckpoint
+    from expmae.finetune.training import LOOP_KEYS
 
     def build(width=8):
         torch.manual_seed(0)
@@ -463,8 +464,8 @@ def test_fold_checkpoint_restores_training_exactly_and_leaves_a_model_alone_when
 
 # ----------------------------------------------------------------------------------------------- multi-view testing
 def view_backend(videos, encoder, out, views, **overrides):
-    from expmae.e2e import VideoBackend
-    from expmae.finetune import FinetuneConfig
+    from expmae.finetune.backends.video import VideoBackend
+    from expmae.finetune.config import FinetuneConfig
 
     return VideoBackend(FinetuneConfig(videos=str(videos), encoder=str(encoder), out_dir=str(out), batch_size=4,
                                        test_views=views, progress=False, **overrides))
@@ -478,14 +479,14 @@ def oracle_predict(model, clips_uint8, audio):
     model.eval()
     with torch.no_grad():
         out = model(x, {"audio": torch.from_numpy(np.repeat(audio[None], len(x), 0))})
-    return out["logits"].softmax(1).numpy(), out["valence"].numpy()
+    return out["logits"].softmax(1).numpy(), out["regression"][:, 0].numpy()
 
 
 def test_one_test_view_is_the_centre_window_and_centre_crop_as_before(mer_videos, tmp_path):
     """test_views=1 predicts from expmae.data's deterministic view (centre window, centre crop), the one end-to-end
     evaluation used before multi-view testing, on real mp4 clips, batched 4 clips at a time."""
     from expmae.data import VideoClipDataset
-    from expmae.mer import FeatureSet
+    from expmae.finetune.featureset import FeatureSet
 
     data = mer_videos
     names = data["names"][:6]
@@ -509,7 +510,7 @@ def test_several_test_views_average_the_softmax_over_windows_spread_over_the_cli
     shorter than a window has its one padded window; a clip 1 frame longer than a window has 2 distinct ones."""
     from expmae.export import save_encoder
     from expmae.jobs import JsonlLog
-    from expmae.mer import FeatureSet
+    from expmae.finetune.featureset import FeatureSet
 
     torch.manual_seed(0)
     encoder = save_encoder(tiny_model(), tmp_path / "encoder", sample_stride=2)
@@ -570,7 +571,7 @@ def test_several_test_views_average_the_softmax_over_windows_spread_over_the_cli
 
 
 def test_eval_windows_spread_evenly_and_dedupe():
-    from expmae.e2e import eval_windows
+    from expmae.finetune.backends.video import eval_windows
 
     # by hand: a window of 4 frames 3 apart spans 10 frames
     assert eval_windows(100, 4, 3, 1).tolist() == [[45, 48, 51, 54]]  # the centre: (100 - 10) // 2
@@ -582,7 +583,7 @@ def test_eval_windows_spread_evenly_and_dedupe():
 
 
 def test_a_finished_one_view_fold_is_not_reused_for_three_views(mer_videos, tmp_path, capsys):
-    from expmae.finetune import main
+    from expmae.finetune.cli import main
 
     out = tmp_path / "run"
     args = e2e_args(mer_videos, out, "--epochs", "1", "--head", "concat", "--no-tensorboard")

@@ -370,9 +370,10 @@ def test_cli_frame_level_deterministic_and_resumable(extracted, models, media, t
 
 
 def test_fusion_stage_reads_the_folders_unchanged(extracted, media):
-    mer = pytest.importorskip("expmae.mer", reason="the fusion stage (expmae/mer.py) is not in this checkout")
+    from expmae.finetune import featureset
+
     dirs = {m: d for m, (d, _) in extracted.items()}
-    fused = mer.load_features({m: [d] for m, d in dirs.items()}, media["names"], missing="drop", progress=False)
+    fused = featureset.load_features({m: [d] for m, d in dirs.items()}, media["names"], missing="drop", progress=False)
     assert list(fused.names) == ["s01", "s02"] and fused.dims == {"audio": HIDDEN, "text": HIDDEN, "clip": PROJECTION}
     assert fused.missing == {str(dirs["audio"]): ["s04_silent"], str(dirs["text"]): ["s03"]}
     np.testing.assert_array_equal(fused.arrays["clip"][0], np.load(dirs["clip"] / "s01.npy"))

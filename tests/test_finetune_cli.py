@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, mean_squared_error
 
-from expmae.finetune import main
-from expmae.mer import MER_CLASSES, read_label_csv
+from expmae.finetune.cli import main
+from expmae.finetune.datasets import MER_CLASSES, read_label_csv
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -183,7 +183,7 @@ def test_yaml_config_with_command_line_override(mer_data, tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((REPO / "finetune" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
-    from expmae.finetune import FinetuneConfig, load_config
+    from expmae.finetune.config import FinetuneConfig, load_config
 
     cfg = FinetuneConfig(**load_config(path))
     assert cfg.labels and cfg.features and cfg.head in ("attention", "mfb", "concat")

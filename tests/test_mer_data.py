@@ -4,16 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from expmae.mer import (
-    MER_CLASSES,
-    describe_missing,
-    labels_to_arrays,
-    load_features,
-    parse_feature_specs,
-    read_label_csv,
-    read_name_list,
-    write_prediction_csv,
-)
+from expmae.finetune.datasets import MER_CLASSES, labels_to_arrays, read_label_csv, read_name_list, write_prediction_csv
+from expmae.finetune.featureset import describe_missing, load_features, parse_feature_specs
 
 
 def write(path, text):
@@ -139,7 +131,7 @@ def test_same_branch_folders_are_concatenated(feature_folders, tmp_path):
 def test_feature_listing_ignores_interrupted_atomic_write_temporaries(tmp_path):
     import numpy as np
 
-    from expmae.mer import list_feature_names
+    from expmae.finetune.featureset import list_feature_names
 
     np.save(tmp_path / "s1.npy", np.zeros(3))
     np.save(tmp_path / ".s2.abc123.npy", np.zeros(3))  # what a killed expmae.jobs.atomic_path leaves behind

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from expmae.finetune import fit_head, predict
-from expmae.fusion import create_head
-from expmae.mer import FeatureSet
-from expmae.metrics import per_class_f1
-from expmae.pseudo_label import minority_classes, pseudo_label_rounds, select_confident
+from expmae.finetune.training import fit_head, predict
+from expmae.finetune.featureset import FeatureSet
+from expmae.finetune.heads import create_head
+from expmae.finetune.metrics import per_class_f1
+from expmae.finetune.pseudo_label import minority_classes, pseudo_label_rounds, select_confident
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest: tiny heads, one thread

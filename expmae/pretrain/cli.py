@@ -11,7 +11,7 @@ import sys
 
 from expmae import add_version_argument
 from expmae.config import ConfigError, describe, load_config, to_yaml  # light: no torch
-from expmae.shipped_configs import format_listing, resolve_config
+from expmae.shipped_configs import add_list_configs_argument, resolve_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +25,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "PATH: a checkpoint or run folder; none (default): fresh run")
     p.add_argument("--check", action="store_true", help="validate the config, print it resolved and exit (no torch)")
     p.add_argument("--help-config", action="store_true", help="list every config key with its default and exit")
-    p.add_argument("--list-configs", action="store_true", help="list the shipped training and launcher configs and exit")
+    add_list_configs_argument(p, ("pretrain", "accelerate"))
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, e.g. train.batch_size=8")
     return p.parse_args(argv)
 
@@ -34,9 +34,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.help_config:
         print(describe())
-        return 0
-    if args.list_configs:
-        print(format_listing(("pretrain", "accelerate")))
         return 0
     # Under a launcher every rank reaches the same verdict on these errors: say it once.
     say = (lambda msg: print(msg, file=sys.stderr)) if os.environ.get("RANK", "0") == "0" else (lambda msg: None)

@@ -1,7 +1,7 @@
-"""End-to-end finetuning of an exported expMAE encoder on MER labels: ``expmae-finetune --videos --encoder``.
+"""End-to-end finetuning of an exported expMAE encoder on any labelled set: ``expmae-finetune --videos --encoder``.
 
-The protocol (folds, best epoch by the combined metric, test averaging, reports, reuse of finished folds) is
-expmae.finetune's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
+The protocol (folds, best epoch by the selected metric, test averaging, reports, reuse of finished folds) is
+expmae.finetune.protocol's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
 built, trained, applied and saved. Per fold:
 
     face clip (uint8, T frames ``sample_stride`` apart; training: expmae.data.VideoClipDataset's random window,
@@ -9,21 +9,20 @@ built, trained, applied and saved. Per fold:
     window, or with ``test_views`` N > 1 N windows spread over the clip, each centre-cropped) -> normalised with
     the encoder's mean / std -> ExpMAEEncoder.forward_clips -> mean over all tokens -> the fusion head as its
     "visual" branch, beside any precomputed feature folders (audio, text, ...). An evaluated sample's class
-    probabilities and valence are the mean over its views (VideoMAE's multi-view testing).
+    probabilities and regression columns are the mean over its views (VideoMAE's multi-view testing).
 
 Optimisation as in MAE / VideoMAE finetuning: AdamW; layer-wise lr decay (block i at layer_decay^(depth - i),
 stem and position codes at layer_decay^(depth + 1), final norm and head at 1); no weight decay on norms,
 biases and position codes; per-step linear warmup, then cosine to ``min_lr``; stochastic depth from the
 encoder config (or ``drop_path``); a LayerNorm after the pooling (``fc_norm``, as VideoMAE / MAE finetuning).
 
-Each fold/round folder gets head.safetensors (``fc_norm.*`` and ``head.*``, the latter expmae.fusion.create_head
-keys) and, unless the encoder is
-frozen, the finetuned encoder as an encoder folder (encoder/, the expmae-export layout: expmae-features and
+Each fold/round folder gets head.safetensors (``fc_norm.*`` and ``head.*``, the latter expmae.finetune.heads
+.create_head keys) and, unless the encoder is frozen, the finetuned encoder as an encoder folder (encoder/, the expmae-export layout: expmae-features and
 timm read it). A clip that fails to load is recorded in clip_failures.jsonl: in training another clip
-stands in (expmae.data), in evaluation the sample gets the uniform class distribution and valence 0.
+stands in (expmae.data), in evaluation the sample gets the uniform class distribution and regression 0.
 
 A fold takes about an hour on a GPU, so it is resumable: after every epoch the fold's run dir holds
-resume.pt (:class:`FoldCheckpoint`), and a rerun with the same settings and data continues after the last
+resume.pt (expmae.finetune.backends.resume.FoldCheckpoint), and a rerun with the same settings and data continues after the last
 finished epoch and ends as an uninterrupted run would (bit-identical on the CPU; on a GPU, up to the usual
 non-determinism of its kernels). For that, each epoch's data order, worker seeds and augmentation depend only on
 (seed, epoch), never on how many epochs this process ran before.
@@ -41,8 +40,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from expmae.finetune import _RUN_KEYS, LOOP_KEYS, FinetuneConfig, FitResult, _digest, _log, fit_epochs
-from expmae.mer import FeatureSet, list_feature_names, load_features, parse_feature_specs
+from expmae.finetune.common import digest, log
+from expmae.finetune.config import RUN_KEYS, FinetuneConfig
+from expmae.finetune.featureset import FeatureSet, list_feature_names, load_features, parse_feature_specs
+from expmae.finetune.backends.resume import FoldCheckpoint
+from expmae.finetune.training import FitResult, fit_epochs
 from expmae.model import ExpMAEEncoder
 
 VIDEO_BRANCH = "visual"  # the head's input branch fed by the encoder
@@ -146,101 +148,6 @@ def set_scaled_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-# ----------------------------------------------------------------------------------------------- resume
-class FoldCheckpoint:
-    """One fold's training state after its last finished epoch, in one file written atomically (so it is
-    always one complete epoch's, never half of two): model, optimizer, the optimizer step counter, fit_epochs'
-    loop state (best so far, history), the torch RNG states (CPU, and the model's CUDA device when it is on
-    one) and the fold's fingerprint. Read back only with ``torch.load(weights_only=True)``; a file of another
-    fingerprint, or one that cannot be read or does not fit the model, is reported in one line and ignored
-    (the fold starts over and overwrites it)."""
-
-    def __init__(self, path: str | os.PathLike, fingerprint: str, *, tag: str = ""):
-        self.path, self.fingerprint, self.tag = Path(path), fingerprint, tag
-
-    def save(self, loop: dict, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """After an epoch: ``loop`` is fit_epochs' state (LOOP_KEYS), ``step`` the optimizer steps so far."""
-        from expmae.jobs import atomic_path
-
-        loop = _plain(loop)
-        # Usually the best epoch is this one: its state is then the model's, and is not stored twice.
-        best_is_model = loop["best_epoch"] == loop["epoch"] and loop["best_state"] is not None
-        state = {
-            "fingerprint": self.fingerprint,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": int(step),
-            "loop": {**loop, "best_state": None if best_is_model else loop["best_state"]},
-            "best_is_model": best_is_model,
-            "rng": {"cpu": torch.get_rng_state(), **_cuda_rng_state(model)},
-        }
-        with atomic_path(self.path) as tmp:
-            torch.save(state, tmp)
-
-    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, int] | None:
-        """Restore model, optimizer and RNG from the checkpoint and return (fit_epochs' loop state, step);
-        None (and one log line, unless there is no file) when there is nothing of this run to resume."""
-        from expmae.jobs import one_line
-
-        if not self.path.is_file():
-            return None
-        try:
-            state = torch.load(self.path, map_location="cpu", weights_only=True)
-            if not isinstance(state, dict) or "fingerprint" not in state:
-                raise ValueError("not a fold checkpoint")
-            if state["fingerprint"] != self.fingerprint:
-                _log(f"[{self.tag}] ignoring {self.path}: written with other settings or data; starting at epoch 0")
-                return None
-            loop, step, rng = state["loop"], int(state["step"]), state["rng"]
-            if set(loop) != set(LOOP_KEYS):
-                raise ValueError(f"its loop state has keys {sorted(loop)}, expected {sorted(LOOP_KEYS)}")
-            ours = torch.get_rng_state()
-            if not (isinstance(rng["cpu"], torch.Tensor) and (rng["cpu"].dtype, rng["cpu"].shape) == (ours.dtype, ours.shape)):
-                raise ValueError("its CPU RNG state is not a torch generator state")
-            _check_fits(state, model, optimizer)
-            optimizer.load_state_dict(state["optimizer"])  # validates the groups before changing anything
-            model.load_state_dict(state["model"])
-        except Exception as exc:  # noqa: BLE001 - a bad checkpoint costs the fold's progress, never the run
-            _log(f"[{self.tag}] cannot resume from {self.path} ({one_line(exc)}); starting at epoch 0")
-            return None
-        if state["best_is_model"]:
-            loop["best_state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and _cuda_rng_state(model):
-            torch.cuda.set_rng_state(rng["cuda"], next(model.parameters()).device)
-        _log(f"[{self.tag}] resuming at epoch {loop['epoch'] + 1} from {self.path} (epochs 0-{loop['epoch']} done before)")
-        return loop, step
-
-
-def _plain(obj):
-    """numpy scalars (metrics) -> Python numbers, recursively: what torch.load(weights_only=True) accepts."""
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_plain(v) for v in obj]
-    return obj.item() if isinstance(obj, np.generic) else obj
-
-
-def _cuda_rng_state(model: nn.Module) -> dict:
-    device = next(model.parameters()).device
-    return {"cuda": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}
-
-
-def _check_fits(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Raise ValueError unless the checkpoint's tensors fit ``model`` and ``optimizer`` (checked before
-    anything is loaded, so that a misfit leaves both as built)."""
-    ours, theirs = model.state_dict(), state["model"]
-    if theirs.keys() != ours.keys() or any(theirs[k].shape != v.shape for k, v in ours.items()):
-        raise ValueError("its model tensors differ from this model's (names or shapes)")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    saved_ids = [i for g in state["optimizer"]["param_groups"] for i in g["params"]]
-    moments = state["optimizer"]["state"]
-    if len(saved_ids) != len(params) or any(
-            isinstance(t, torch.Tensor) and t.ndim and t.shape != p.shape
-            for i, p in zip(saved_ids, params) for t in moments.get(i, {}).values()):
-        raise ValueError("its optimizer state differs from this optimizer's (parameters or shapes)")
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """A seed for one epoch's shuffle and DataLoader worker seeds: a function of (seed, epoch) only, so a
     resumed run draws what an uninterrupted one does (the augmentation already is: expmae.data)."""
@@ -315,7 +222,7 @@ class VideoBackend:
     """End-to-end mode of expmae.finetune: samples are face clips (+ optional feature folders); a fold
     finetunes a copy of the pretrained encoder together with a fresh fusion head."""
 
-    run_keys = _RUN_KEYS + ("freeze_encoder", "layer_decay", "warmup_epochs", "min_lr", "drop_path",
+    run_keys = RUN_KEYS + ("freeze_encoder", "layer_decay", "warmup_epochs", "min_lr", "drop_path",
                             "sample_stride", "augment", "precision")
 
     def __init__(self, cfg: FinetuneConfig):
@@ -324,6 +231,9 @@ class VideoBackend:
         if not (cfg.videos and cfg.encoder):
             raise ValueError(f"end-to-end mode needs both videos (face clips) and encoder (an expmae-export folder); "
                              f"got videos={cfg.videos!r}, encoder={cfg.encoder!r}")
+        if cfg.head == "svm":
+            raise ValueError("head 'svm' is fit on precomputed features; end-to-end finetuning needs a trained head "
+                             "(attention, mfb, concat, transformer)")
         if cfg.missing == "zero":
             raise ValueError("missing='zero' zero-fills feature files; in end-to-end mode a sample needs its clip: "
                              "use missing='drop' or 'error'")
@@ -385,12 +295,12 @@ class VideoBackend:
 
     def fingerprint(self) -> list:
         """The pretrained weights and the clip files (size, mtime): a changed input retrains finished folds."""
-        weights = _digest(*(v.numpy() for v in self.pretrained.state_dict().values()), list(self.pretrained.state_dict()))
+        weights = digest(*(v.numpy() for v in self.pretrained.state_dict().values()), list(self.pretrained.state_dict()))
         clips = []
         for name, path in sorted(self.videos.items()):
             st = path.stat()
             clips.append([name, st.st_size, st.st_mtime_ns])
-        return [weights, _digest(clips), self.sample_stride]
+        return [weights, digest(clips), self.sample_stride]
 
     def describe(self, train: FeatureSet) -> dict:
         from expmae.jobs import JsonlLog
@@ -411,31 +321,33 @@ class VideoBackend:
         }
 
     # ---- one fold
-    def build_model(self, in_dims: Mapping[str, int]) -> VideoFusionModel:
+    def build_model(self, in_dims: Mapping[str, int], num_classes: int = 6, num_targets: int = 1) -> VideoFusionModel:
         """A fresh head on a fresh copy of the pretrained encoder, on the device."""
-        from expmae.fusion import create_head
+        from expmae.finetune.heads import create_head
 
         cfg = self.cfg
         head = create_head(cfg.head, {VIDEO_BRANCH: self.pretrained.cfg.embed_dim, **in_dims},
-                           hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k)
+                           hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k,
+                           num_layers=cfg.head_layers, num_classes=num_classes, num_targets=num_targets)
         model = VideoFusionModel(copy.deepcopy(self.pretrained), head, freeze_encoder=cfg.freeze_encoder)
         return model.to(self.device)
 
-    def fit(self, train: FeatureSet, emotion: np.ndarray, valence: np.ndarray, val=None, *, seed: int,
+    def fit(self, train: FeatureSet, label: np.ndarray, targets: np.ndarray, val=None, *, scorer, seed: int,
             writer=None, tag: str = "", checkpoint: Path | None = None,
             fingerprint: str = "") -> tuple[VideoFusionModel, FitResult]:
-        """Finetune encoder + head on ``train``; returns (model holding its best epoch's state, FitResult).
+        """Finetune encoder + head on ``train`` (class ``label``, regression ``targets`` (N, R)); returns (model
+        holding its best epoch's state by ``scorer``'s metric on ``val``, FitResult).
 
         With ``checkpoint`` (a file path), the state after every epoch is saved there (:class:`FoldCheckpoint`,
         keyed by ``fingerprint``), and a checkpoint of the same fingerprint found there is continued from."""
         from tqdm.auto import tqdm
 
         from expmae.data import VideoClipDataset
-        from expmae.fusion import mer_loss
+        from expmae.finetune.heads import task_loss
         from expmae.optim import cosine_lr
 
         cfg, enc = self.cfg, self.pretrained.cfg
-        model = self.build_model(train.dims)
+        model = self.build_model(train.dims, len(scorer.classes), len(scorer.target_names))
         # Precomputed branches are standardised with training-split statistics, as in feature mode; the visual
         # branch is normalised by the model's fc_norm instead.
         model.head.set_input_stats({k: (torch.from_numpy(a.mean(0)), torch.from_numpy(a.std(0)))
@@ -451,8 +363,8 @@ class VideoBackend:
         loader = torch.utils.data.DataLoader(clips, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
                                              generator=generator, pin_memory=self.device.type == "cuda")
         features = {k: torch.from_numpy(a) for k, a in train.arrays.items()}
-        y_emotion = torch.as_tensor(np.asarray(emotion), dtype=torch.int64)
-        y_valence = torch.as_tensor(np.asarray(valence), dtype=torch.float32)
+        y_label = torch.as_tensor(np.asarray(label), dtype=torch.int64)
+        y_targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32).reshape(len(train), -1)
         optimizer = torch.optim.AdamW(layer_decay_param_groups(model, weight_decay=cfg.weight_decay,
                                                                layer_decay=cfg.layer_decay), lr=cfg.lr)
         total_steps = cfg.epochs * len(loader)
@@ -485,7 +397,7 @@ class VideoBackend:
                 set_scaled_lr(optimizer, lr)
                 with self._autocast():
                     out = model(self._normalize(batch), {k: v[rows].to(self.device) for k, v in features.items()})
-                loss, _ = mer_loss(out, y_emotion[rows].to(self.device), y_valence[rows].to(self.device), cfg.valence_weight)
+                loss, _ = task_loss(out, y_label[rows].to(self.device), y_targets[rows].to(self.device), cfg.valence_weight)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"{tag}: non-finite loss at epoch {epoch}, step {step} (lr {lr:.3g}); "
                                        "lower lr or use precision fp32")
@@ -496,20 +408,24 @@ class VideoBackend:
                 total, seen = total + loss.item() * len(rows), seen + len(rows)
             return {"train_loss": total / max(seen, 1), "lr": lr}
 
-        evaluate = (lambda: self.predict(model, val[0]), val[1], val[2]) if val is not None else None
-        return model, fit_epochs(model, run_epoch, epochs=cfg.epochs, evaluate=evaluate, writer=writer, tag=tag,
+        def evaluate() -> dict[str, float]:
+            probs, regression = self.predict(model, val[0])
+            return scorer(val[1], probs, val[2], regression)
+
+        return model, fit_epochs(model, run_epoch, epochs=cfg.epochs, evaluate=evaluate if val is not None else None,
+                                 score=scorer.score, writer=writer, tag=tag,
                                  resume=resumed[0] if resumed is not None else None,
                                  on_epoch_end=save_checkpoint if fold_checkpoint is not None else None)
 
     @torch.no_grad()
     def predict(self, model: VideoFusionModel, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities (N, C) and valence (N,), in eval mode: each sample's mean over its evaluation
-        views (``test_views``; each view counts once, a short clip has fewer). A clip that fails to load gets
-        the uniform distribution and valence 0."""
+        """Class probabilities (N, C) and regression columns (N, R), in eval mode: each sample's mean over its
+        evaluation views (``test_views``; each view counts once, a short clip has fewer). A clip that fails to load
+        gets the uniform distribution and regression 0."""
         num_classes = model.head.num_classes
         # Sums over each sample's views so far, divided at the end: views of one sample may span two batches.
         probs = np.zeros((len(features), num_classes), np.float32)
-        valence = np.zeros(len(features), np.float32)
+        regression = np.zeros((len(features), model.head.num_targets), np.float32)
         views = np.zeros(len(features), np.int64)
         arrays = {k: torch.from_numpy(a) for k, a in features.arrays.items()}
         model.eval()
@@ -517,13 +433,13 @@ class VideoBackend:
             with self._autocast():
                 out = model(clips, {k: v[rows].to(self.device) for k, v in arrays.items()})
             np.add.at(probs, rows, out["logits"].float().softmax(1).cpu().numpy())
-            np.add.at(valence, rows, out["valence"].float().cpu().numpy())
+            np.add.at(regression, rows, out["regression"].float().cpu().numpy())
             np.add.at(views, rows, 1)
         seen = views > 0
         probs[seen] /= views[seen, None]
-        valence[seen] /= views[seen]
+        regression[seen] /= views[seen, None]
         probs[~seen] = 1.0 / num_classes
-        return probs, valence
+        return probs, regression
 
     def save(self, model: VideoFusionModel, fit: FitResult, run_dir: Path) -> None:
         from safetensors.torch import save_file
@@ -585,7 +501,7 @@ class VideoBackend:
         if name in self._failed:  # evaluated every epoch: reported once
             return
         self._failed[name] = reason
-        _log(f"[clips] {name}: {reason} (evaluated as a uniform prediction)")
+        log(f"[clips] {name}: {reason} (evaluated as a uniform prediction)")
         JsonlLog(self.failure_log).append({"key": name, "path": str(self.videos[name]), "stage": "evaluation",
                                            "reason": reason})
 

@@ -1,135 +1,15 @@
-"""MER2023 data layout: label CSVs, the class list, and per-sample feature folders.
-
-Official label layout (MER2023 release, as read by the organisers' own preprocessing,
-zeroQiaoba/MERTools MERBench/toolkit/preprocess/mer2023.py, `normalize_dataset_format`):
-``train-label.csv`` (Train&Val), ``test1-label.csv``, ``test2-label.csv``, ``test3-label.csv``, each with the
-columns ``name`` (sample name = video stem), ``discrete`` (one of the six classes below) and ``valence``
-(float in [-5, 5]); the organisers' code gives test3 no valence, so valence may be absent or empty there.
-The class order is theirs too (MERTools MER2024/toolkit/globals.py, ``emos_mer``), so indices match their
-released predictions.
-
-Features: one folder per extractor, one ``<name>.npy`` per sample, shaped (D,) for utterance level or
-(N, D) for frame level (mean-pooled here, as the MER2023 baseline's ``utt`` setting does).
+"""Per-sample feature folders: one folder per extractor (expmae-features output), one ``<name>.npy`` per sample,
+shaped (D,) for utterance level or (N, D) for frame level (mean-pooled here, as the MER2023 baseline's ``utt``
+setting does). Folders are fusion branches; folders given one branch name are concatenated.
 """
 from __future__ import annotations
 
-import csv
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-
-MER_CLASSES: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "worried", "surprise")
-CLASS_TO_INDEX: dict[str, int] = {c: i for i, c in enumerate(MER_CLASSES)}
-VALENCE_RANGE: tuple[float, float] = (-5.0, 5.0)
-LABEL_COLUMNS = ("name", "discrete", "valence")
-
-
-class MerLabel(NamedTuple):
-    emotion: int  # index into MER_CLASSES
-    valence: float  # NaN where the file has no valence (test3, pseudo-labels)
-
-
-def read_label_csv(path: str | os.PathLike, *, require_valence: bool = True) -> dict[str, MerLabel]:
-    """Read a MER2023 label CSV (columns name, discrete[, valence]) into ``{name: MerLabel}`` in file order.
-
-    Raises ValueError naming the file, row and column on anything outside the official layout: a missing
-    column, an empty or duplicated name, an unknown class, a valence that is not a number in [-5, 5].
-    With ``require_valence=False`` the valence column may be missing or empty (NaN is stored).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: label CSV not found")
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a BOM from spreadsheet exports
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        reader.fieldnames = header
-        required = ("name", "discrete", "valence") if require_valence else ("name", "discrete")
-        for col in required:
-            if col not in header:
-                raise ValueError(
-                    f"{path}: missing column {col!r} (found {header}); expected the MER2023 layout "
-                    f"with columns {', '.join(LABEL_COLUMNS)}"
-                )
-        labels: dict[str, MerLabel] = {}
-        for row_no, row in enumerate(reader, start=2):  # row 1 is the header
-            name = (row.get("name") or "").strip()
-            if not name:
-                raise ValueError(f"{path}: row {row_no}, column 'name': empty sample name")
-            if name in labels:
-                raise ValueError(f"{path}: row {row_no}, column 'name': duplicate sample {name!r}")
-            emotion = (row.get("discrete") or "").strip().lower()
-            if emotion not in CLASS_TO_INDEX:
-                raise ValueError(
-                    f"{path}: row {row_no}, column 'discrete': {emotion!r} for {name!r} is not one of {list(MER_CLASSES)}"
-                )
-            labels[name] = MerLabel(CLASS_TO_INDEX[emotion], _parse_valence(path, row_no, name, row.get("valence"), require_valence))
-    if not labels:
-        raise ValueError(f"{path}: no samples (only a header?)")
-    return labels
-
-
-def _parse_valence(path: Path, row_no: int, name: str, text: str | None, required: bool) -> float:
-    text = (text or "").strip()
-    if not text:
-        if required:
-            raise ValueError(f"{path}: row {row_no}, column 'valence': empty for {name!r}; expected a number in [-5, 5]")
-        return math.nan
-    try:
-        value = float(text)
-    except ValueError:
-        raise ValueError(f"{path}: row {row_no}, column 'valence': {text!r} for {name!r} is not a number") from None
-    lo, hi = VALENCE_RANGE
-    if not lo <= value <= hi:
-        raise ValueError(f"{path}: row {row_no}, column 'valence': {value} for {name!r} is outside [{lo}, {hi}]")
-    return value
-
-
-def read_name_list(path: str | os.PathLike) -> list[str]:
-    """Sample names from a CSV with a ``name`` column (e.g. a test label file) or a plain one-per-line list."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: name list not found")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8-sig").splitlines() if ln.strip()]
-    if lines and path.suffix.lower() == ".csv":
-        header = [h.strip() for h in next(csv.reader([lines[0]]))]
-        if "name" not in header:
-            raise ValueError(f"{path}: missing column 'name' (found {header})")
-        col = header.index("name")
-        lines = [row[col].strip() for row in csv.reader(lines[1:]) if len(row) > col and row[col].strip()]
-    if len(set(lines)) != len(lines):
-        raise ValueError(f"{path}: duplicate sample names")
-    return lines
-
-
-def labels_to_arrays(labels: Mapping[str, MerLabel], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(emotion int64 (N,), valence float32 (N,)) for ``names`` in order."""
-    emotion = np.array([labels[n].emotion for n in names], dtype=np.int64)
-    valence = np.array([labels[n].valence for n in names], dtype=np.float32)
-    return emotion, valence
-
-
-def write_prediction_csv(
-    path: str | os.PathLike, names: Sequence[str], emotion: np.ndarray, valence: np.ndarray | None = None
-) -> Path:
-    """Predictions in the label layout (name, discrete, valence), the form MER2023 submissions took; without
-    ``valence`` (pseudo-labels) the file has just name and discrete, as test3's labels do."""
-    from expmae.jobs import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(LABEL_COLUMNS if valence is not None else LABEL_COLUMNS[:2])
-        for i, (name, e) in enumerate(zip(names, emotion)):
-            writer.writerow([name, MER_CLASSES[int(e)]] + ([f"{float(valence[i]):.4f}"] if valence is not None else []))
-    return Path(path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Feature folders
-
 
 @dataclass
 class FeatureSet:

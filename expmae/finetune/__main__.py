@@ -1,0 +1,4 @@
+"""``python -m expmae.finetune ...`` = ``expmae-finetune ...``."""
+from expmae.finetune.cli import main
+
+raise SystemExit(main())
