@@ -62,6 +62,8 @@ class ModelConfig:
     norm_pix_loss: bool | None = _f(None, "per-patch normalised reconstruction targets")
     mae_loss_weight: float | None = _f(None, "weight of the MAE loss in the total", min=0)
     video_loss_weight: float | None = _f(None, "weight of the VideoMAE loss in the total", min=0)
+    position_code: str | None = _f(None, "position code: separable (2-D + temporal) or videomae (VideoMAE's 1-D table)",
+                                   choices=("separable", "videomae"))
     learn_pos_embed: bool | None = _f(None, "trainable position embeddings (initialised sin-cos) instead of fixed")
     grad_checkpointing: bool | None = _f(None, "activation checkpointing in the transformer blocks")
     pack_branches: bool | None = _f(None, "run both branches' visible tokens through the encoder in one call")

@@ -20,10 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pos_embed import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, spatiotemporal_pos_embed
+from .pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, get_videomae_sincos_table,
+                        spatiotemporal_pos_embed)
 from .vit import Block, LayerNorm, run_blocks
 
 MODES = ("expmae", "mae", "videomae")
+POSITION_CODES = ("separable", "videomae")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -62,6 +64,10 @@ class ExpMAEConfig:
     norm_pix_loss: bool = True
     mae_loss_weight: float = 1.0
     video_loss_weight: float = 1.0
+    # position code of the encoder and the clip decoder: "separable" (MAE's 2-D code + a 1-D temporal code) or
+    # "videomae" (VideoMAE's 1-D table over all tubelets, as official / transformers VideoMAE weights were trained);
+    # frames always use the rows of the first tubelet time step (see position_codes)
+    position_code: str = "separable"
     # fixed sin-cos position embeddings, or trainable ones initialised from them
     learn_pos_embed: bool = False
     grad_checkpointing: bool = False
@@ -100,6 +106,8 @@ class ExpMAEConfig:
             fail("drop_path_rate", "a value in [0, 1)")
         if self.mode not in MODES:
             fail("mode", f"one of {MODES}")
+        if self.position_code not in POSITION_CODES:
+            fail("position_code", f"one of {POSITION_CODES}")
         num_kept = _mae_num_kept(self.num_patches, self.mask_ratio)
         if not 0 < num_kept < self.num_patches:
             fail("mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches visible "
@@ -308,6 +316,22 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return source.index_select(0, rows).view(B, K, x.shape[-1])
 
 
+def position_codes(cfg: ExpMAEConfig, dim: int, clips: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pos_embed, time_embed) of width ``dim`` for the encoder / clip decoder (clips) or the frame decoder.
+
+    separable: pos_embed (1, N, dim) MAE's 2-D code, time_embed (1, T', dim) added per time step.
+    videomae (clips only): pos_embed (1, T' * N, dim) VideoMAE's 1-D table over all tubelets, time_embed None.
+    Frames are static tubelets at time step 0: under both codes their code is ``pos_embed[:, :N]`` (under videomae
+    the table's first N rows), so the frame encoder (and its timm export) stays exact. The frame decoder has no
+    VideoMAE counterpart and always uses MAE's 2-D code.
+    """
+    if not clips:
+        return get_2d_sincos_pos_embed(dim, cfg.grid_size)[None], None
+    if cfg.position_code == "videomae":
+        return get_videomae_sincos_table(cfg.num_time * cfg.num_patches, dim), None
+    return get_2d_sincos_pos_embed(dim, cfg.grid_size)[None], get_1d_sincos_pos_embed(dim, cfg.num_time)[None]
+
+
 def _register_pos_embed(module: nn.Module, name: str, value: torch.Tensor | None, learnable: bool) -> None:
     # Fixed codes are non-persistent buffers: recomputed from the config, so checkpoints don't pin img_size.
     if learnable and value is not None:
@@ -358,42 +382,50 @@ class ExpMAEEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed3d(cfg.patch_size, cfg.tubelet_size, cfg.in_chans, cfg.embed_dim)
-        _register_pos_embed(self, "pos_embed", get_2d_sincos_pos_embed(cfg.embed_dim, cfg.grid_size)[None],
-                            cfg.learn_pos_embed)
-        _register_pos_embed(self, "time_embed", get_1d_sincos_pos_embed(cfg.embed_dim, cfg.num_time)[None],
-                            cfg.learn_pos_embed)
+        pos_embed, time_embed = position_codes(cfg, cfg.embed_dim)
+        _register_pos_embed(self, "pos_embed", pos_embed, cfg.learn_pos_embed)
+        _register_pos_embed(self, "time_embed", time_embed, cfg.learn_pos_embed)
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path[i])
                                      for i in range(cfg.depth)])
         self.norm = LayerNorm(cfg.embed_dim)
         self.grad_checkpointing = cfg.grad_checkpointing
 
+    def frame_pos_embed(self) -> torch.Tensor:
+        """(1, N, D) position code of a frame: the 2-D code, or the first time step's rows of VideoMAE's table."""
+        return self.pos_embed[:, :self.cfg.num_patches]
+
+    def clip_pos_embed(self, num_time: int) -> torch.Tensor:
+        """(1, num_time * N, D) position code of the tubelets of num_time time steps, token order (t, y, x)."""
+        if self.time_embed is None:  # VideoMAE's table
+            return self.pos_embed[:, :num_time * self.cfg.num_patches]
+        return spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, :num_time])
+
     def embed_frames(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> patch tokens + 2-D position code, (B, N, D)."""
+        """(B, C, H, W) -> patch tokens + the frame position code, (B, N, D)."""
         C, S = self.cfg.in_chans, self.cfg.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (C, S, S):
             raise ValueError(f"images: expected shape (B, {C}, {S}, {S}), got {tuple(images.shape)}")
         x = self.patch_embed.forward_frames(images.to(self.patch_embed.proj.weight.dtype))
-        return x + self.pos_embed
+        return x + self.frame_pos_embed()
 
     def embed_clips(self, clips: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> tubelet tokens + (2-D + temporal) position code, (B, T/t * N, D)."""
+        """(B, C, T, H, W) -> tubelet tokens + the clip position code, (B, T/t * N, D)."""
         _check_clips(clips, self.cfg)
         x = self.patch_embed(clips.to(self.patch_embed.proj.weight.dtype))
-        num_time = clips.shape[2] // self.cfg.tubelet_size
-        return x + spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, :num_time])
+        return x + self.clip_pos_embed(clips.shape[2] // self.cfg.tubelet_size)
 
     def embed_visible_frames(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """embed_frames(images) at ids_keep (B, K), computed from those K patches only: (B, K, D)."""
         x = self.patch_embed.forward_patches(patchify_frames(images, self.cfg.patch_size, ids_keep).to(self.dtype))
-        return x + gather_tokens(self.pos_embed, ids_keep)
+        return x + gather_tokens(self.frame_pos_embed(), ids_keep)
 
     def embed_visible_clips(self, clips: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """embed_clips(clips) at ids_keep (B, K), computed from those K tubelets only: (B, K, D)."""
         _check_clips(clips, self.cfg)
         cfg = self.cfg
         tubelets = patchify_clips(clips, cfg.tubelet_size, cfg.patch_size, ids_keep).to(self.dtype)
-        pos = spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, :clips.shape[2] // cfg.tubelet_size])
+        pos = self.clip_pos_embed(clips.shape[2] // cfg.tubelet_size)
         x = self.patch_embed.forward_tubelets(tubelets)
         return x + gather_tokens(pos, ids_keep)
 
@@ -433,19 +465,19 @@ class MaskedDecoder(nn.Module):
     """Visible latents + one mask token per masked position, each + its position code -> blocks -> pixels of the
     masked tokens.
 
-    MAE's decoder with a 2-D code (num_time=None), VideoMAE's with the 2-D + temporal code. As in VideoMAE, the
+    MAE's decoder with a 2-D code, VideoMAE's with the clip code (see position_codes). As in VideoMAE, the
     tokens stay in [visible, masked] order (attention does not care about order; the position codes say where each
     token is), and the final norm and pixel head run on the masked tokens only: those are what the loss reads.
     """
 
     def __init__(self, encoder_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, patch_dim: int,
-                 grid_size: int, num_time: int | None = None, embed_bias: bool = True, learn_pos_embed: bool = False):
+                 codes: tuple[torch.Tensor, torch.Tensor | None], embed_bias: bool = True,
+                 learn_pos_embed: bool = False):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim, bias=embed_bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        _register_pos_embed(self, "pos_embed", get_2d_sincos_pos_embed(dim, grid_size)[None], learn_pos_embed)
-        _register_pos_embed(self, "time_embed", get_1d_sincos_pos_embed(dim, num_time)[None] if num_time else None,
-                            learn_pos_embed)
+        _register_pos_embed(self, "pos_embed", codes[0], learn_pos_embed)  # codes: position_codes(...)
+        _register_pos_embed(self, "time_embed", codes[1], learn_pos_embed)
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = LayerNorm(dim)
         self.head = nn.Linear(dim, patch_dim)
@@ -457,8 +489,8 @@ class MaskedDecoder(nn.Module):
         x = self.embed(latent)
         B, K, D = x.shape
         num_tokens = K + ids_masked.shape[1]
-        if self.time_embed is None:
-            pos = self.pos_embed
+        if self.time_embed is None:  # MAE's 2-D code (N rows) or VideoMAE's table (T' * N rows)
+            pos = self.pos_embed[:, :num_tokens]
         else:
             pos = spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, : num_tokens // self.pos_embed.shape[1]])
         x = torch.cat([x + gather_tokens(pos, ids_keep),
@@ -482,13 +514,14 @@ class ExpMAE(nn.Module):
         self.decoder = self.video_decoder = None
         if cfg.mode in ("expmae", "mae"):
             self.decoder = MaskedDecoder(cfg.embed_dim, cfg.decoder_embed_dim, cfg.decoder_depth,
-                                         cfg.decoder_num_heads, cfg.mlp_ratio, p * p * C, cfg.grid_size,
+                                         cfg.decoder_num_heads, cfg.mlp_ratio, p * p * C,
+                                         position_codes(cfg, cfg.decoder_embed_dim, clips=False),
                                          embed_bias=True, learn_pos_embed=cfg.learn_pos_embed)
         if cfg.mode in ("expmae", "videomae"):
             # VideoMAE's encoder_to_decoder projection has no bias
             self.video_decoder = MaskedDecoder(cfg.embed_dim, cfg.video_decoder_embed_dim, cfg.video_decoder_depth,
                                                cfg.video_decoder_num_heads, cfg.mlp_ratio, t * p * p * C,
-                                               cfg.grid_size, num_time=cfg.num_time, embed_bias=False,
+                                               position_codes(cfg, cfg.video_decoder_embed_dim), embed_bias=False,
                                                learn_pos_embed=cfg.learn_pos_embed)
         self._init_weights()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -714,7 +747,7 @@ _TIMM_FAMILIES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit
 def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the frame encoder in timm VisionTransformer keys (class_token=False, see timm_create_kwargs).
 
-    The stem's Conv3d kernel is summed over time (a static tubelet), the 2-D position code becomes pos_embed.
+    The stem's Conv3d kernel is summed over time (a static tubelet), the frame position code becomes pos_embed.
     Under ZeRO-3 pass a model whose parameters are gathered (e.g. after accelerator.get_state_dict + load).
     """
     model = getattr(model_or_encoder, "module", model_or_encoder)  # unwrap DistributedDataParallel
@@ -729,7 +762,7 @@ def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torc
         if key == "patch_embed.proj.weight":
             value = value.sum(dim=2)
         state[key] = value.detach().clone()
-    state["pos_embed"] = encoder.pos_embed.detach().clone()
+    state["pos_embed"] = encoder.frame_pos_embed().detach().clone()
     return state
 
 
