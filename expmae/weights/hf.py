@@ -22,13 +22,18 @@ from expmae.weights.layouts import Collector
 from expmae.weights.mae import CLASS_TOKENS, without_class_slot
 
 HF_MODEL_TYPES = ("videomae", "vit_mae")
-_LAYER = re.compile(r"^(?:encoder\.layer|layers|decoder\.decoder_layers)\.(\d+)\.(.+)\.(weight|bias)$")
+# layers as named in memory (transformers 5), in hub / 4.x files, and as transformers 5's save_pretrained writes
+# a ViTMAE decoder (decoder.decoder_encoder.layer)
+_LAYER = re.compile(r"^(?:encoder\.layer|layers|decoder\.decoder_layers|decoder\.decoder_encoder\.layer)\.(\d+)\."
+                    r"(.+)\.(weight|bias)$")
 _BLOCK_PARTS = {  # transformers' names inside a layer -> timm's
     "layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
     "attention.o_proj": "attn.proj", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
     "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
     "attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
     "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v"}
+_SAVED_BIASES = {"attention.attention.q_bias": "attention.attention.query.bias",
+                 "attention.attention.v_bias": "attention.attention.value.bias"}
 _VIDEOMAE = {"embeddings.patch_embeddings.projection.": "encoder.patch_embed.proj.", "layernorm.": "encoder.norm.",
              "encoder_to_decoder.": "video_decoder.embed.", "mask_token": "video_decoder.mask_token",
              "decoder.norm.": "video_decoder.norm.", "decoder.head.": "video_decoder.head."}
@@ -37,13 +42,15 @@ _VITMAE = {"embeddings.patch_embeddings.projection.": "encoder.patch_embed.proj.
            "decoder.decoder_norm.": "decoder.norm.", "decoder.decoder_pred.": "decoder.head."}
 
 
-def _layer(key: str, value: torch.Tensor, c: Collector, part: str) -> bool:
+def _layer(key: str, value: torch.Tensor, c: Collector, part: str, src: str) -> bool:
     """One tensor of a transformers layer -> the expMAE block; False if ``key`` is not a layer's."""
+    for old, new in _SAVED_BIASES.items():  # the names save_pretrained / hub files use for VideoMAE's q / v biases
+        key = key[:-len(old)] + new if key.endswith(old) else key
     m = _LAYER.match(key)
     if m is None or m.group(2) not in _BLOCK_PARTS:
         return False
     part = part if key.startswith("decoder.") else "encoder"
-    c.block(f"{part}.blocks.{m.group(1)}", f"{_BLOCK_PARTS[m.group(2)]}.{m.group(3)}", value, key)
+    c.block(f"{part}.blocks.{m.group(1)}", f"{_BLOCK_PARTS[m.group(2)]}.{m.group(3)}", value, src)
     return True
 
 
@@ -58,7 +65,7 @@ def convert_hf_videomae(keys: dict, c: Collector) -> str:
         target = next((new + key[len(old):] for old, new in _VIDEOMAE.items() if key.startswith(old)), None)
         if target is not None:
             c.put(target, value, raw)
-        elif _layer(key, value, c, "video_decoder"):
+        elif _layer(key, value, c, "video_decoder", raw):
             continue
         elif key.startswith("classifier."):
             c.drop(raw, "classifier head")
@@ -83,7 +90,7 @@ def convert_hf_vitmae(keys: dict, c: Collector) -> str:
         target = next((new + key[len(old):] for old, new in _VITMAE.items() if key.startswith(old)), None)
         if target is not None:
             c.put(target, value, raw)
-        elif _layer(key, value, c, "decoder"):
+        elif _layer(key, value, c, "decoder", raw):
             continue
         elif key.split(".")[-1] in CLASS_TOKENS:
             c.drop(raw, "class token (the expMAE encoder has none)")
