@@ -13,191 +13,22 @@ Layout conventions (shared with MAE / VideoMAE / HF transformers):
 - clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
 - MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.
 """
-from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_config import (IMAGENET_MEAN, IMAGENET_STD, MODEL_SIZES, MODES, POSITION_CODES,  # noqa: F401 (API)
+                           ExpMAEConfig, get_config, list_models, mae_num_kept, tube_num_masked)
 from .pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, get_videomae_sincos_table,
                         spatiotemporal_pos_embed)
 from .vit import Block, LayerNorm, run_blocks
 
-MODES = ("expmae", "mae", "videomae")
-POSITION_CODES = ("separable", "videomae")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 # --------------------------------------------------------------------------------------------------------------
-# Config and named sizes
+# Config (expmae.model_config) and named sizes
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
-class ExpMAEConfig:
-    """All model hyper-parameters; defaults are ViT-B/16, 16 frames x 224 px (the "base" entry of the registry)."""
-
-    img_size: int = 224
-    num_frames: int = 16
-    patch_size: int = 16
-    tubelet_size: int = 2
-    in_chans: int = 3
-    # shared encoder
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_path_rate: float = 0.0
-    # MAE frame decoder
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    # VideoMAE clip decoder
-    video_decoder_embed_dim: int = 384
-    video_decoder_depth: int = 4
-    video_decoder_num_heads: int = 6
-    # objective
-    mode: str = "expmae"
-    mask_ratio: float = 0.75
-    video_mask_ratio: float = 0.9
-    norm_pix_loss: bool = True
-    mae_loss_weight: float = 1.0
-    video_loss_weight: float = 1.0
-    # position code of the encoder and the clip decoder: "separable" (MAE's 2-D code + a 1-D temporal code) or
-    # "videomae" (VideoMAE's 1-D table over all tubelets, as official / transformers VideoMAE weights were trained);
-    # frames always use the rows of the first tubelet time step (see position_codes)
-    position_code: str = "separable"
-    # fixed sin-cos position embeddings, or trainable ones initialised from them
-    learn_pos_embed: bool = False
-    grad_checkpointing: bool = False
-    # run both branches' visible tokens through the encoder as one packed sequence per clip, attention staying
-    # within each branch: the same model and loss in fewer, larger matmuls (7-10% faster expMAE steps on CPU, see
-    # tools/bench_pretrain.py). Only drop-path differs: a clip's two branches share their per-sample draws.
-    pack_branches: bool = True
-    # input normalisation of the clips the model receives (used to un-normalise targets and images)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def __post_init__(self):
-        for f in fields(self):
-            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), f.type))
-
-        def fail(name: str, expected: str):
-            raise ValueError(f"ExpMAEConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
-        for name in ("img_size", "num_frames", "patch_size", "tubelet_size", "in_chans", "depth", "decoder_depth",
-                     "video_decoder_depth"):
-            if getattr(self, name) < 1:
-                fail(name, "a positive integer")
-        if self.img_size % self.patch_size:
-            fail("img_size", f"a multiple of patch_size={self.patch_size}")
-        if self.num_frames % self.tubelet_size:
-            fail("num_frames", f"a multiple of tubelet_size={self.tubelet_size}")
-        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
-                           ("video_decoder_embed_dim", "video_decoder_num_heads")):
-            if getattr(self, heads) < 1:
-                fail(heads, "a positive integer")
-            if getattr(self, dim) < 4 or getattr(self, dim) % 4 or getattr(self, dim) % getattr(self, heads):
-                fail(dim, f"a positive multiple of 4 (sin-cos position code) and of {heads}={getattr(self, heads)}")
-        if self.mlp_ratio <= 0:
-            fail("mlp_ratio", "> 0")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            fail("drop_path_rate", "a value in [0, 1)")
-        if self.mode not in MODES:
-            fail("mode", f"one of {MODES}")
-        if self.position_code not in POSITION_CODES:
-            fail("position_code", f"one of {POSITION_CODES}")
-        num_kept = _mae_num_kept(self.num_patches, self.mask_ratio)
-        if not 0 < num_kept < self.num_patches:
-            fail("mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches visible "
-                               f"(int(N * (1 - ratio)) = {num_kept})")
-        num_masked = _tube_num_masked(self.num_patches, self.video_mask_ratio)
-        if not 0 < num_masked < self.num_patches:
-            fail("video_mask_ratio", f"a ratio masking 1..{self.num_patches - 1} of {self.num_patches} positions "
-                                     f"per time step (int(ratio * N) = {num_masked})")
-        for name in ("mae_loss_weight", "video_loss_weight"):
-            if getattr(self, name) < 0:
-                fail(name, ">= 0")
-        for name in ("mean", "std"):
-            if len(getattr(self, name)) != self.in_chans:
-                fail(name, f"{self.in_chans} values (one per input channel, in_chans={self.in_chans})")
-        if min(self.std) <= 0:
-            fail("std", "positive values")
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        """Patches per frame (= spatial positions per tubelet time step)."""
-        return self.grid_size**2
-
-    @property
-    def num_time(self) -> int:
-        """Tubelet time steps per clip."""
-        return self.num_frames // self.tubelet_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _checked_type(name: str, value, kind):
-    """Coerce YAML-ish values (int for float, list for tuple); reject anything else with a one-line error."""
-    ok = True
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind is str:
-        ok = isinstance(value, str)
-    else:  # tuple[float, ...]
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        value = tuple(float(v) for v in value) if ok else value
-    if not ok:
-        expected = getattr(kind, "__name__", None) if kind in (bool, int, float, str) else "a list of numbers"
-        raise ValueError(f"ExpMAEConfig.{name}={value!r}: expected {expected}")
-    return value
-
-
-# name -> encoder size (timm ViT names) + decoders. VideoMAE's decoders: small 192/4/3, base 384/4/6, large 512/4/8;
-# MAE's frame decoder: 512 wide, 8 deep, 16 heads for base/large; tiny/small get a scaled-down 256/4/8 (MAE has none).
-MODEL_SIZES: dict[str, dict] = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3,
-                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
-                 video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6,
-                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
-                  video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
-    "base": dict(embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 video_decoder_embed_dim=384, video_decoder_depth=4, video_decoder_num_heads=6),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16,
-                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                  video_decoder_embed_dim=512, video_decoder_depth=4, video_decoder_num_heads=8),
-}
-
-
-def list_models() -> list[str]:
-    return list(MODEL_SIZES)
-
-
-def get_config(name: str, **overrides) -> ExpMAEConfig:
-    """The registry entry `name` with ExpMAEConfig field overrides applied (validated)."""
-    if name not in MODEL_SIZES:
-        raise ValueError(f"unknown expMAE model {name!r}: expected one of {list_models()}")
-    known = {f.name for f in fields(ExpMAEConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown ExpMAEConfig field(s) {unknown}: expected some of {sorted(known)}")
-    return ExpMAEConfig(**{**MODEL_SIZES[name], **overrides})
-
-
 def create_model(name: str = "base", **overrides) -> "ExpMAE":
     """create_model("tiny", img_size=112, num_frames=8, mode="mae") -> ExpMAE with random init."""
     return ExpMAE(get_config(name, **overrides))
@@ -257,14 +88,6 @@ class Masking(NamedTuple):
     ids_masked: torch.Tensor  # (B, N - num_visible) the masked token indices, ascending (= mask.nonzero() order)
 
 
-def _mae_num_kept(length: int, ratio: float) -> int:
-    return int(length * (1 - ratio))  # MAE's random_masking count
-
-
-def _tube_num_masked(length: int, ratio: float) -> int:
-    return int(ratio * length)  # VideoMAE's TubeMaskingGenerator count
-
-
 def _masking_from_shuffle(ids_shuffle: torch.Tensor, num_keep: int) -> Masking:
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     # a token is masked iff its rank in the shuffle falls after the kept ones; the masked ids go in token order,
@@ -276,13 +99,13 @@ def _masking_from_shuffle(ids_shuffle: torch.Tensor, num_keep: int) -> Masking:
 def random_masking(batch: int, length: int, mask_ratio: float, device=None, generator=None) -> Masking:
     """MAE: per-sample random masking by argsort of uniform noise; keeps int(L * (1 - ratio)) tokens."""
     noise = torch.rand(batch, length, device=device, generator=generator)
-    return _masking_from_shuffle(torch.argsort(noise, dim=1), _mae_num_kept(length, mask_ratio))
+    return _masking_from_shuffle(torch.argsort(noise, dim=1), mae_num_kept(length, mask_ratio))
 
 
 def tube_masking(batch: int, num_time: int, num_spatial: int, mask_ratio: float, device=None,
                  generator=None) -> Masking:
     """VideoMAE: one random spatial mask per sample (int(ratio * N) positions), repeated at every time step."""
-    num_keep = num_spatial - _tube_num_masked(num_spatial, mask_ratio)
+    num_keep = num_spatial - tube_num_masked(num_spatial, mask_ratio)
     noise = torch.rand(batch, num_spatial, device=device, generator=generator)
     spatial_shuffle = torch.argsort(noise, dim=1)[:, None, :]  # (B, 1, N)
     time_offsets = torch.arange(num_time, device=device)[None, :, None] * num_spatial  # (1, T', 1)
