@@ -325,6 +325,21 @@ class MaskedDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # expMAE
 # --------------------------------------------------------------------------------------------------------------
+class MaeInputs(NamedTuple):
+    """What the MAE branch feeds the encoder, and keeps for its loss."""
+    frames: torch.Tensor  # (B, C, H, W) the chosen frame of each clip
+    frame_idx: torch.Tensor  # (B,)
+    masking: Masking  # over the N patches of the frame
+    tokens: torch.Tensor  # (B, K, D) the embedded visible patches
+
+
+class VideoInputs(NamedTuple):
+    """What the VideoMAE branch feeds the encoder, and keeps for its loss."""
+    clips: torch.Tensor  # (B, C, T, H, W)
+    masking: Masking  # tube masking over the T' * N tubelets
+    tokens: torch.Tensor  # (B, K', D) the embedded visible tubelets
+
+
 class ExpMAE(nn.Module):
     """Shared encoder + MAE frame decoder (`decoder`) + VideoMAE clip decoder (`video_decoder`), per cfg.mode."""
 
@@ -383,43 +398,46 @@ class ExpMAE(nn.Module):
         So pred_video lines up with patchify_clips(...)[mask_video].reshape(B, M', -1).
         """
         _check_clips(clips, self.cfg)
-        branches = []  # (tokens for the encoder, finish(latent) -> outputs)
-        if self.decoder is not None:
-            branches.append(self._mae_branch(clips, frame_idx, mask_mae, generator))
-        if self.video_decoder is not None:
-            branches.append(self._video_branch(clips, mask_video, generator))
-        tokens = [t for t, _ in branches]
-        if self.cfg.pack_branches and len(tokens) > 1:
-            segments = [t.shape[1] for t in tokens]
-            latents = self.encoder.forward_tokens(torch.cat(tokens, dim=1), segments).split(segments, dim=1)
-        else:
-            latents = [self.encoder.forward_tokens(t) for t in tokens]
+        # 1. mask and embed: each branch's visible tokens
+        mae = self.mae_tokens(clips, frame_idx, mask_mae, generator) if self.decoder is not None else None
+        video = self.video_tokens(clips, mask_video, generator) if self.video_decoder is not None else None
+        # 2. encode: the shared encoder, both branches in one packed pass (cfg.pack_branches)
+        latent_mae, latent_video = self.encode(mae.tokens if mae else None, video.tokens if video else None)
+        # 3. decode and score each branch
         out: dict[str, torch.Tensor] = {}
-        for (_, finish), latent in zip(branches, latents):
-            out.update(finish(latent))
-        loss = 0.0
-        if "loss_mae" in out:
-            loss = loss + self.cfg.mae_loss_weight * out["loss_mae"]
-        if "loss_video" in out:
-            loss = loss + self.cfg.video_loss_weight * out["loss_video"]
-        out["loss"] = loss
+        if mae is not None:
+            out.update(self.mae_loss(mae, latent_mae))
+        if video is not None:
+            out.update(self.video_loss(video, latent_video))
+        out["loss"] = (self.cfg.mae_loss_weight * out["loss_mae"] if mae is not None else 0.0) + (
+            self.cfg.video_loss_weight * out["loss_video"] if video is not None else 0.0)
         return out
 
     def forward_mae(self, clips, frame_idx=None, mask=None, generator=None) -> dict[str, torch.Tensor]:
         """MAE branch: one frame per clip, random patch masking, reconstruct its masked patches."""
         _check_clips(clips, self.cfg)
-        tokens, finish = self._mae_branch(clips, frame_idx, mask, generator)
-        return finish(self.encoder.forward_tokens(tokens))
+        mae = self.mae_tokens(clips, frame_idx, mask, generator)
+        return self.mae_loss(mae, self.encoder.forward_tokens(mae.tokens))
 
     def forward_video(self, clips, mask=None, generator=None) -> dict[str, torch.Tensor]:
         """VideoMAE branch: tube masking, reconstruct the masked tubelets."""
         _check_clips(clips, self.cfg)
-        tokens, finish = self._video_branch(clips, mask, generator)
-        return finish(self.encoder.forward_tokens(tokens))
+        video = self.video_tokens(clips, mask, generator)
+        return self.video_loss(video, self.encoder.forward_tokens(video.tokens))
 
-    # A branch = the visible tokens it feeds the shared encoder + what it does with their latents; split so that
-    # forward() can run both branches' tokens through the encoder in one pass (cfg.pack_branches).
-    def _mae_branch(self, clips, frame_idx, mask, generator):
+    def encode(self, *tokens: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The shared encoder on each branch's visible tokens (None: branch off); with cfg.pack_branches the
+        branches go through as one sequence per clip, attention staying within each."""
+        present = [t for t in tokens if t is not None]
+        if self.cfg.pack_branches and len(present) > 1:
+            segments = [t.shape[1] for t in present]
+            latents = iter(self.encoder.forward_tokens(torch.cat(present, dim=1), segments).split(segments, dim=1))
+        else:
+            latents = iter([self.encoder.forward_tokens(t) for t in present])
+        return [next(latents) if t is not None else None for t in tokens]
+
+    def mae_tokens(self, clips, frame_idx=None, mask=None, generator=None) -> "MaeInputs":
+        """MAE branch, step 1: pick a frame per clip, mask its patches, embed the visible ones."""
         B, T, N = clips.shape[0], clips.shape[2], self.cfg.num_patches
         if frame_idx is None:
             frame_idx = torch.randint(T, (B,), device=clips.device, generator=generator)
@@ -433,28 +451,29 @@ class ExpMAE(nn.Module):
             masking = random_masking(B, N, self.cfg.mask_ratio, clips.device, generator)
         else:
             masking = masking_from_mask(mask.to(clips.device), B, N, "mask_mae")
+        return MaeInputs(frames, frame_idx, masking, self.encoder.embed_visible_frames(frames, masking.ids_keep))
 
-        def finish(latent):
-            pred = self.decoder(latent, masking.ids_keep, masking.ids_masked)
-            loss = F.mse_loss(pred.float(), self.mae_target(frames, masking.ids_masked))
-            return {"loss_mae": loss, "pred_mae": pred, "mask_mae": masking.mask, "frame_idx": frame_idx}
+    def mae_loss(self, mae: "MaeInputs", latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MAE branch, step 3: decode the latents into the masked patches and score them."""
+        pred = self.decoder(latent, mae.masking.ids_keep, mae.masking.ids_masked)
+        loss = F.mse_loss(pred.float(), self.mae_target(mae.frames, mae.masking.ids_masked))
+        return {"loss_mae": loss, "pred_mae": pred, "mask_mae": mae.masking.mask, "frame_idx": mae.frame_idx}
 
-        return self.encoder.embed_visible_frames(frames, masking.ids_keep), finish
-
-    def _video_branch(self, clips, mask, generator):
+    def video_tokens(self, clips, mask=None, generator=None) -> "VideoInputs":
+        """VideoMAE branch, step 1: tube-mask the clip, embed the visible tubelets."""
         B, N = clips.shape[0], self.cfg.num_patches
         num_time = clips.shape[2] // self.cfg.tubelet_size
         if mask is None:
             masking = tube_masking(B, num_time, N, self.cfg.video_mask_ratio, clips.device, generator)
         else:
             masking = masking_from_mask(mask.to(clips.device), B, num_time * N, "mask_video")
+        return VideoInputs(clips, masking, self.encoder.embed_visible_clips(clips, masking.ids_keep))
 
-        def finish(latent):
-            pred = self.video_decoder(latent, masking.ids_keep, masking.ids_masked)
-            loss = F.mse_loss(pred.float(), self.video_target(clips, masking.ids_masked))
-            return {"loss_video": loss, "pred_video": pred, "mask_video": masking.mask}
-
-        return self.encoder.embed_visible_clips(clips, masking.ids_keep), finish
+    def video_loss(self, video: "VideoInputs", latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """VideoMAE branch, step 3: decode the latents into the masked tubelets and score them."""
+        pred = self.video_decoder(latent, video.masking.ids_keep, video.masking.ids_masked)
+        loss = F.mse_loss(pred.float(), self.video_target(video.clips, video.masking.ids_masked))
+        return {"loss_video": loss, "pred_video": pred, "mask_video": video.masking.mask}
 
     # ---- targets (float32) ---------------------------------------------------------------------------------------
     # Statistics are two-pass (the mean, then the norm of the deviations): exact enough in float32 for pixel data and
