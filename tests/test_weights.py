@@ -238,3 +238,24 @@ def test_vitmae_folder_is_the_frame_branch(vitmae_folder, tmp_path, capsys):
     assert torch.equal(model.decoder.head.weight, ref_state["decoder.decoder_pred.weight"])
     assert torch.equal(model.decoder.blocks[0].attn.qkv.weight, torch.cat(
         [ref_state[f"decoder.decoder_layers.0.attention.{n}_proj.weight"] for n in "qkv"]))
+
+
+def test_init_from_videomae_into_a_separable_run_fails_before_training(videomae_folder, tmp_path):
+    """pretrain/train.py with train.init_from = a VideoMAE folder and the default separable code: one error line
+    naming the option to set, before any data is read or step taken."""
+    import os
+    import subprocess
+    import sys
+
+    from launching import LAUNCH_TIMEOUT, REPO, write_tiny_config
+
+    config = write_tiny_config(tmp_path / "tiny.yaml", tmp_path / "no-videos-needed", tmp_path / "run",
+                               train={"init_from": str(videomae_folder)})
+    proc = subprocess.run([sys.executable, "pretrain/train.py", "--config", str(config)], cwd=REPO,
+                          capture_output=True, text=True, timeout=LAUNCH_TIMEOUT,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and len(errors) == 1, proc.stderr[-2000:]
+    assert errors[0].startswith(f"error: train.init_from={videomae_folder}: ")
+    assert "position_code='videomae'" in errors[0] and "set model.position_code=videomae" in errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
