@@ -259,3 +259,43 @@ def test_init_from_videomae_into_a_separable_run_fails_before_training(videomae_
     assert errors[0].startswith(f"error: train.init_from={videomae_folder}: ")
     assert "position_code='videomae'" in errors[0] and "set model.position_code=videomae" in errors[0]
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_features_run_unchanged_on_an_imported_videomae_encoder(videomae_folder, tmp_path):
+    """expmae.features on the encoder folder imported from transformers: clip features are VideoMAEModel's tokens,
+    mean-pooled, on the documented window (the 3-frame clip holds its last frame)."""
+    import numpy as np
+
+    from expmae.features.visual import extract_visual_features
+
+    assert main([str(videomae_folder), str(tmp_path / "enc")]) == 0
+    clip = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "crops" / "clips").mkdir(parents=True)
+    np.save(tmp_path / "crops" / "clips" / "a.npy", clip)
+    summary = extract_visual_features(tmp_path / "crops", tmp_path / "feat", tmp_path / "enc", modality="video",
+                                      sample_stride=2, progress=False)
+    assert (summary.done, summary.failed) == (1, 0)
+    x = torch.from_numpy(clip[[0, 2, 2, 2]]).float() / 255  # (T, H, W, C)
+    x = ((x - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        expected = hf_encoder(videomae_folder)(x[None]).last_hidden_state.mean(dim=1)[0]
+    np.testing.assert_allclose(np.load(tmp_path / "feat" / "a.npy"), expected.numpy(), atol=1e-4, rtol=0)
+
+
+def test_an_expmae_trained_videomae_encoder_exports_to_transformers(tmp_path):
+    """An ExpMAE pretrained with position_code=videomae (its key bias is not zero, as training leaves it): --hf
+    drops the key bias, exactly, and transformers reproduces the encoder."""
+    from expmae.export import export_encoder, save_encoder
+
+    torch.manual_seed(0)
+    model = perturb_(create_model("tiny", img_size=32, patch_size=8, num_frames=4, embed_dim=48, depth=2,
+                                  num_heads=3, position_code="videomae"), scale=0.2).eval()
+    assert model.encoder.blocks[0].attn.qkv.bias[48:96].abs().max() > 0.1
+    save_encoder(model, tmp_path / "trained")
+    summary = export_encoder(tmp_path / "trained", tmp_path / "enc", hf=True)
+    hf = transformers.VideoMAEModel.from_pretrained(str(tmp_path / "enc" / "hf")).eval()
+    x = clips()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x.transpose(1, 2)).last_hidden_state, model.encoder.forward_clips(x),
+                                   atol=1e-4, rtol=0)
+    assert summary["verify"]["hf_max_abs_diff"] < 1e-4

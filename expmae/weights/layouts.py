@@ -122,6 +122,8 @@ class Collector:
             gamma = gamma.detach().to("cpu", torch.float32)
             self.state[f"{target}.weight"] = self.state[f"{target}.weight"] * gamma[:, None]
             self.state[f"{target}.bias"] = self.state[f"{target}.bias"] * gamma
+        if self._qkv:
+            self.report.notes.append("separate query / key / value projections or biases fused into attn.qkv")
         if self._scales:
             self.report.notes.append("layer scale (gamma) folded into attn.proj / mlp.fc2")
         return self.state
@@ -229,6 +231,7 @@ def fit(conv: Converted, model: torch.nn.Module, report: ImportReport, source: s
     check_position_code(conv.position_code, cfg, source)
     for part in PARTS[1:]:
         _fit_decoder(part, state, conv, expected, codes, report, out)
+    report.unexpected += [conv.origin.get(k, k) for k in state]  # keys outside encoder and decoders
     report.loaded = sorted(out)
     prefix = "" if full is not None else "encoder."
     return {k[len(prefix):]: v for k, v in out.items()}
@@ -281,7 +284,10 @@ def _fit_encoder(state, origin, expected, codes, cfg, report, source, out) -> No
             stem = f" (a Conv2d stem, inflated to {expected[key]})" if want != expected[key] else ""
             raise ValueError(f"{source}: checkpoint key {src!r} has shape {tuple(value.shape)} but the expMAE encoder "
                              f"({describe_config(cfg)}) expects {want}{stem}{'' if src == name else f' for {name!r}'}")
-        out[key] = _inflate_stem(value, expected[key]) if name == "patch_embed.proj.weight" else value
+        if want != expected[key]:
+            value = _inflate_stem(value, expected[key])
+            report.notes.append("Conv2d stem inflated to the Conv3d of a static tubelet (w / t per frame: exact)")
+        out[key] = value
     for key, value, src in position_codes:
         why = _position_code(key, value, codes, expected, out, report, src)
         if why is not None:
