@@ -9,6 +9,10 @@ In training the stem sees only the visible patches / tubelets (a matmul on gathe
 decoders' heads and the targets only the masked ones, and with cfg.pack_branches both branches' visible tokens go
 through the encoder in one pass: no matmul work beyond the algorithm's FLOPs (tools/bench_pretrain.py).
 
+Position codes (cfg.position_code, see position_codes): "separable" adds MAE's 2-D code plus a 1-D temporal code;
+"videomae" adds VideoMAE's fixed 1-D table over all T' x N tubelets (what public VideoMAE weights were trained with).
+A frame always gets the code of the first tubelet time step, so the frame path stays an exact timm ViT.
+
 Layout conventions (shared with MAE / VideoMAE / HF transformers):
 - clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
 - MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.

@@ -81,6 +81,9 @@ def convert_hf_videomae(keys: dict, c: Collector) -> str:
             c.put("encoder.pos_embed" if not key.startswith("decoder") else "video_decoder.pos_embed", value, raw)
         else:
             c.unknown(raw)
+    if not has_norm and not any(_strip(k, "videomae.").startswith("fc_norm.") for k in keys):
+        c.report.notes.append("the source has no final norm (use_mean_pooling=True without its fc_norm, e.g. a bare "
+                              "VideoMAEModel): norm.* stays unset")
     return "videomae"
 
 
