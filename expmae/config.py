@@ -7,8 +7,8 @@ value and what is allowed::
     cfg = load_config("expmae/pretrain/configs/tiny_demo.yaml", ["train.batch_size=4", "model.mode=mae"])
 
 Checks live next to each field (``metadata``): ``choices``, ``min``/``max`` (inclusive), ``gt``/``lt``
-(exclusive). The model section mirrors ``expmae.model.ExpMAEConfig``: ``name`` picks a preset of the
-model registry and every other field left at ``None`` keeps that preset's value.
+(exclusive). The model section is derived from ``expmae.model_config.ExpMAEConfig`` (torch-free): ``name``
+picks a preset of the model registry and every other field left at ``None`` keeps that preset's value.
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-MODES = ("expmae", "mae", "videomae")
+from expmae.model_config import MODEL_SIZES, ExpMAEConfig, get_config
+
 
 
 class ConfigError(ValueError):
@@ -34,43 +35,22 @@ def _f(default: Any = None, help: str = "", **checks: Any) -> Any:
     return field(default=default, metadata={"help": help, **checks})
 
 
-@dataclass
-class ModelConfig:
-    """Which model to pretrain: a registry preset plus overrides of its ExpMAEConfig fields (None = preset)."""
-
-    name: str = _f("tiny", "registry preset, see expmae.model.list_models()")
-    mode: str | None = _f(None, "which branches train the encoder", choices=MODES)
-    img_size: int | None = _f(None, "input height = width in pixels", min=1)
-    num_frames: int | None = _f(None, "frames per clip", min=1)
-    patch_size: int | None = _f(None, "ViT patch size", min=1)
-    tubelet_size: int | None = _f(None, "frames per VideoMAE tubelet", min=1)
-    in_chans: int | None = _f(None, "input channels", min=1)
-    embed_dim: int | None = _f(None, "encoder width", min=1)
-    depth: int | None = _f(None, "encoder blocks", min=1)
-    num_heads: int | None = _f(None, "encoder attention heads", min=1)
-    mlp_ratio: float | None = _f(None, "MLP hidden width / embed_dim", gt=0)
-    qkv_bias: bool | None = _f(None, "bias in the qkv projection")
-    drop_path_rate: float | None = _f(None, "stochastic depth rate", min=0, lt=1)
-    decoder_embed_dim: int | None = _f(None, "MAE (frame) decoder width", min=1)
-    decoder_depth: int | None = _f(None, "MAE (frame) decoder blocks", min=1)
-    decoder_num_heads: int | None = _f(None, "MAE (frame) decoder heads", min=1)
-    video_decoder_embed_dim: int | None = _f(None, "VideoMAE decoder width", min=1)
-    video_decoder_depth: int | None = _f(None, "VideoMAE decoder blocks", min=1)
-    video_decoder_num_heads: int | None = _f(None, "VideoMAE decoder heads", min=1)
-    mask_ratio: float | None = _f(None, "MAE random patch masking ratio", gt=0, lt=1)
-    video_mask_ratio: float | None = _f(None, "VideoMAE tube masking ratio", gt=0, lt=1)
-    norm_pix_loss: bool | None = _f(None, "per-patch normalised reconstruction targets")
-    mae_loss_weight: float | None = _f(None, "weight of the MAE loss in the total", min=0)
-    video_loss_weight: float | None = _f(None, "weight of the VideoMAE loss in the total", min=0)
-    learn_pos_embed: bool | None = _f(None, "trainable position embeddings (initialised sin-cos) instead of fixed")
-    grad_checkpointing: bool | None = _f(None, "activation checkpointing in the transformer blocks")
-    pack_branches: bool | None = _f(None, "run both branches' visible tokens through the encoder in one call")
-    mean: tuple[float, ...] | None = _f(None, "input normalisation mean, one value per channel", min=0)
-    std: tuple[float, ...] | None = _f(None, "input normalisation std, one value per channel", gt=0)
+def _model_section() -> type:
+    """ModelConfig: ``name`` (a registry preset) + every ExpMAEConfig field, optional (None = the preset's value),
+    with that field's own help and checks: each model field is defined once, in expmae.model_config."""
 
     def overrides(self) -> dict[str, Any]:
         """The ExpMAEConfig fields this config sets (everything but ``name`` that is not None)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
+
+    preset = ("name", str, _f("tiny", "registry preset, see expmae.model.list_models()", choices=tuple(MODEL_SIZES)))
+    fields = [(f.name, f.type | None, field(default=None, metadata=f.metadata)) for f in dataclasses.fields(ExpMAEConfig)]
+    return dataclasses.make_dataclass("ModelConfig", [preset, *fields], namespace={
+        "overrides": overrides, "__doc__": "Which model to pretrain: a registry preset plus overrides of its "
+                                           "ExpMAEConfig fields (None = preset).", "__module__": __name__})
+
+
+ModelConfig = _model_section()
 
 
 @dataclass
@@ -293,13 +273,10 @@ def apply_overrides(cfg: PretrainConfig, overrides: Sequence[str]) -> PretrainCo
 
 def validate(cfg: PretrainConfig) -> PretrainConfig:
     """Cross-field checks that no single field can make (the model's own shape checks run in ExpMAEConfig)."""
-    m = cfg.model
-    if m.img_size is not None and m.patch_size is not None and m.img_size % m.patch_size:
-        raise ConfigError(f"model.img_size={m.img_size} must be divisible by model.patch_size={m.patch_size}")
-    if m.num_frames is not None and m.tubelet_size is not None and m.num_frames % m.tubelet_size:
-        raise ConfigError(f"model.num_frames={m.num_frames} must be divisible by model.tubelet_size={m.tubelet_size}")
-    if m.embed_dim is not None and m.num_heads is not None and m.embed_dim % m.num_heads:
-        raise ConfigError(f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads}")
+    try:  # the model's own checks, on the preset with the overrides (torch-free)
+        get_config(cfg.model.name, **cfg.model.overrides())
+    except ValueError as exc:
+        raise ConfigError(str(exc).replace("ExpMAEConfig.", "model.")) from None
     if cfg.data.source is None:
         raise ConfigError("data.source is not set; expected an expmae-crop output folder or a folder of videos")
     return cfg

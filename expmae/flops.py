@@ -14,7 +14,7 @@ perf/model_tflops and perf/mfu TensorBoard curves).
 """
 from __future__ import annotations
 
-from .model import ExpMAEConfig, _mae_num_kept, _tube_num_masked
+from .model_config import ExpMAEConfig, mae_num_kept, tube_num_masked
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, matched against the device name in order.
 PEAK_BF16_FLOPS = (
@@ -38,10 +38,10 @@ def branch_forward_flops(cfg: ExpMAEConfig, branch: str) -> float:
     """Forward FLOPs per clip of one branch: 'mae' (one frame, random masking) or 'video' (tube masking)."""
     p, C, N = cfg.patch_size, cfg.in_chans, cfg.num_patches
     if branch == "mae":
-        visible, total, pixels = _mae_num_kept(N, cfg.mask_ratio), N, p * p * C
+        visible, total, pixels = mae_num_kept(N, cfg.mask_ratio), N, p * p * C
         dec_dim, dec_depth = cfg.decoder_embed_dim, cfg.decoder_depth
     elif branch == "video":
-        visible = cfg.num_time * (N - _tube_num_masked(N, cfg.video_mask_ratio))
+        visible = cfg.num_time * (N - tube_num_masked(N, cfg.video_mask_ratio))
         total, pixels = cfg.num_time * N, cfg.tubelet_size * p * p * C
         dec_dim, dec_depth = cfg.video_decoder_embed_dim, cfg.video_decoder_depth
     else:
@@ -61,8 +61,8 @@ def train_flops_per_clip(cfg: ExpMAEConfig, mode: str | None = None) -> float:
 def encoder_tokens_per_clip(cfg: ExpMAEConfig, mode: str | None = None) -> int:
     """Tokens the encoder sees per clip: the visible frame patches and / or the visible tubelets."""
     N = cfg.num_patches
-    counts = {"mae": _mae_num_kept(N, cfg.mask_ratio),
-              "video": cfg.num_time * (N - _tube_num_masked(N, cfg.video_mask_ratio))}
+    counts = {"mae": mae_num_kept(N, cfg.mask_ratio),
+              "video": cfg.num_time * (N - tube_num_masked(N, cfg.video_mask_ratio))}
     return sum(counts[b] for b in BRANCHES[mode or cfg.mode])
 
 

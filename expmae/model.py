@@ -9,187 +9,30 @@ In training the stem sees only the visible patches / tubelets (a matmul on gathe
 decoders' heads and the targets only the masked ones, and with cfg.pack_branches both branches' visible tokens go
 through the encoder in one pass: no matmul work beyond the algorithm's FLOPs (tools/bench_pretrain.py).
 
+Position codes (cfg.position_code, see position_codes): "separable" adds MAE's 2-D code plus a 1-D temporal code;
+"videomae" adds VideoMAE's fixed 1-D table over all T' x N tubelets (what public VideoMAE weights were trained with).
+A frame always gets the code of the first tubelet time step, so the frame path stays an exact timm ViT.
+
 Layout conventions (shared with MAE / VideoMAE / HF transformers):
 - clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
 - MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.
 """
-from dataclasses import asdict, dataclass, fields
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .pos_embed import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, spatiotemporal_pos_embed
+from .model_config import (IMAGENET_MEAN, IMAGENET_STD, MODEL_SIZES, MODES, POSITION_CODES,  # noqa: F401 (API)
+                           ExpMAEConfig, get_config, list_models, mae_num_kept, tube_num_masked)
+from .pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, get_videomae_sincos_table,
+                        spatiotemporal_pos_embed)
 from .vit import Block, LayerNorm, run_blocks
 
-MODES = ("expmae", "mae", "videomae")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 # --------------------------------------------------------------------------------------------------------------
-# Config and named sizes
+# Config (expmae.model_config) and named sizes
 # --------------------------------------------------------------------------------------------------------------
-@dataclass
-class ExpMAEConfig:
-    """All model hyper-parameters; defaults are ViT-B/16, 16 frames x 224 px (the "base" entry of the registry)."""
-
-    img_size: int = 224
-    num_frames: int = 16
-    patch_size: int = 16
-    tubelet_size: int = 2
-    in_chans: int = 3
-    # shared encoder
-    embed_dim: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    qkv_bias: bool = True
-    drop_path_rate: float = 0.0
-    # MAE frame decoder
-    decoder_embed_dim: int = 512
-    decoder_depth: int = 8
-    decoder_num_heads: int = 16
-    # VideoMAE clip decoder
-    video_decoder_embed_dim: int = 384
-    video_decoder_depth: int = 4
-    video_decoder_num_heads: int = 6
-    # objective
-    mode: str = "expmae"
-    mask_ratio: float = 0.75
-    video_mask_ratio: float = 0.9
-    norm_pix_loss: bool = True
-    mae_loss_weight: float = 1.0
-    video_loss_weight: float = 1.0
-    # fixed sin-cos position embeddings, or trainable ones initialised from them
-    learn_pos_embed: bool = False
-    grad_checkpointing: bool = False
-    # run both branches' visible tokens through the encoder as one packed sequence per clip, attention staying
-    # within each branch: the same model and loss in fewer, larger matmuls (7-10% faster expMAE steps on CPU, see
-    # tools/bench_pretrain.py). Only drop-path differs: a clip's two branches share their per-sample draws.
-    pack_branches: bool = True
-    # input normalisation of the clips the model receives (used to un-normalise targets and images)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-
-    def __post_init__(self):
-        for f in fields(self):
-            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), f.type))
-
-        def fail(name: str, expected: str):
-            raise ValueError(f"ExpMAEConfig.{name}={getattr(self, name)!r}: expected {expected}")
-
-        for name in ("img_size", "num_frames", "patch_size", "tubelet_size", "in_chans", "depth", "decoder_depth",
-                     "video_decoder_depth"):
-            if getattr(self, name) < 1:
-                fail(name, "a positive integer")
-        if self.img_size % self.patch_size:
-            fail("img_size", f"a multiple of patch_size={self.patch_size}")
-        if self.num_frames % self.tubelet_size:
-            fail("num_frames", f"a multiple of tubelet_size={self.tubelet_size}")
-        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
-                           ("video_decoder_embed_dim", "video_decoder_num_heads")):
-            if getattr(self, heads) < 1:
-                fail(heads, "a positive integer")
-            if getattr(self, dim) < 4 or getattr(self, dim) % 4 or getattr(self, dim) % getattr(self, heads):
-                fail(dim, f"a positive multiple of 4 (sin-cos position code) and of {heads}={getattr(self, heads)}")
-        if self.mlp_ratio <= 0:
-            fail("mlp_ratio", "> 0")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            fail("drop_path_rate", "a value in [0, 1)")
-        if self.mode not in MODES:
-            fail("mode", f"one of {MODES}")
-        num_kept = _mae_num_kept(self.num_patches, self.mask_ratio)
-        if not 0 < num_kept < self.num_patches:
-            fail("mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches visible "
-                               f"(int(N * (1 - ratio)) = {num_kept})")
-        num_masked = _tube_num_masked(self.num_patches, self.video_mask_ratio)
-        if not 0 < num_masked < self.num_patches:
-            fail("video_mask_ratio", f"a ratio masking 1..{self.num_patches - 1} of {self.num_patches} positions "
-                                     f"per time step (int(ratio * N) = {num_masked})")
-        for name in ("mae_loss_weight", "video_loss_weight"):
-            if getattr(self, name) < 0:
-                fail(name, ">= 0")
-        for name in ("mean", "std"):
-            if len(getattr(self, name)) != self.in_chans:
-                fail(name, f"{self.in_chans} values (one per input channel, in_chans={self.in_chans})")
-        if min(self.std) <= 0:
-            fail("std", "positive values")
-
-    @property
-    def grid_size(self) -> int:
-        return self.img_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        """Patches per frame (= spatial positions per tubelet time step)."""
-        return self.grid_size**2
-
-    @property
-    def num_time(self) -> int:
-        """Tubelet time steps per clip."""
-        return self.num_frames // self.tubelet_size
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _checked_type(name: str, value, kind):
-    """Coerce YAML-ish values (int for float, list for tuple); reject anything else with a one-line error."""
-    ok = True
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind is str:
-        ok = isinstance(value, str)
-    else:  # tuple[float, ...]
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        value = tuple(float(v) for v in value) if ok else value
-    if not ok:
-        expected = getattr(kind, "__name__", None) if kind in (bool, int, float, str) else "a list of numbers"
-        raise ValueError(f"ExpMAEConfig.{name}={value!r}: expected {expected}")
-    return value
-
-
-# name -> encoder size (timm ViT names) + decoders. VideoMAE's decoders: small 192/4/3, base 384/4/6, large 512/4/8;
-# MAE's frame decoder: 512 wide, 8 deep, 16 heads for base/large; tiny/small get a scaled-down 256/4/8 (MAE has none).
-MODEL_SIZES: dict[str, dict] = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3,
-                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
-                 video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6,
-                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
-                  video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
-    "base": dict(embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                 video_decoder_embed_dim=384, video_decoder_depth=4, video_decoder_num_heads=6),
-    "large": dict(embed_dim=1024, depth=24, num_heads=16,
-                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
-                  video_decoder_embed_dim=512, video_decoder_depth=4, video_decoder_num_heads=8),
-}
-
-
-def list_models() -> list[str]:
-    return list(MODEL_SIZES)
-
-
-def get_config(name: str, **overrides) -> ExpMAEConfig:
-    """The registry entry `name` with ExpMAEConfig field overrides applied (validated)."""
-    if name not in MODEL_SIZES:
-        raise ValueError(f"unknown expMAE model {name!r}: expected one of {list_models()}")
-    known = {f.name for f in fields(ExpMAEConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown ExpMAEConfig field(s) {unknown}: expected some of {sorted(known)}")
-    return ExpMAEConfig(**{**MODEL_SIZES[name], **overrides})
-
-
 def create_model(name: str = "base", **overrides) -> "ExpMAE":
     """create_model("tiny", img_size=112, num_frames=8, mode="mae") -> ExpMAE with random init."""
     return ExpMAE(get_config(name, **overrides))
@@ -249,14 +92,6 @@ class Masking(NamedTuple):
     ids_masked: torch.Tensor  # (B, N - num_visible) the masked token indices, ascending (= mask.nonzero() order)
 
 
-def _mae_num_kept(length: int, ratio: float) -> int:
-    return int(length * (1 - ratio))  # MAE's random_masking count
-
-
-def _tube_num_masked(length: int, ratio: float) -> int:
-    return int(ratio * length)  # VideoMAE's TubeMaskingGenerator count
-
-
 def _masking_from_shuffle(ids_shuffle: torch.Tensor, num_keep: int) -> Masking:
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     # a token is masked iff its rank in the shuffle falls after the kept ones; the masked ids go in token order,
@@ -268,13 +103,13 @@ def _masking_from_shuffle(ids_shuffle: torch.Tensor, num_keep: int) -> Masking:
 def random_masking(batch: int, length: int, mask_ratio: float, device=None, generator=None) -> Masking:
     """MAE: per-sample random masking by argsort of uniform noise; keeps int(L * (1 - ratio)) tokens."""
     noise = torch.rand(batch, length, device=device, generator=generator)
-    return _masking_from_shuffle(torch.argsort(noise, dim=1), _mae_num_kept(length, mask_ratio))
+    return _masking_from_shuffle(torch.argsort(noise, dim=1), mae_num_kept(length, mask_ratio))
 
 
 def tube_masking(batch: int, num_time: int, num_spatial: int, mask_ratio: float, device=None,
                  generator=None) -> Masking:
     """VideoMAE: one random spatial mask per sample (int(ratio * N) positions), repeated at every time step."""
-    num_keep = num_spatial - _tube_num_masked(num_spatial, mask_ratio)
+    num_keep = num_spatial - tube_num_masked(num_spatial, mask_ratio)
     noise = torch.rand(batch, num_spatial, device=device, generator=generator)
     spatial_shuffle = torch.argsort(noise, dim=1)[:, None, :]  # (B, 1, N)
     time_offsets = torch.arange(num_time, device=device)[None, :, None] * num_spatial  # (1, T', 1)
@@ -306,6 +141,22 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         rows = (ids + torch.arange(B, device=ids.device)[:, None] * x.shape[1]).reshape(-1)
         source = x.reshape(-1, x.shape[-1])
     return source.index_select(0, rows).view(B, K, x.shape[-1])
+
+
+def position_codes(cfg: ExpMAEConfig, dim: int, clips: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(pos_embed, time_embed) of width ``dim`` for the encoder / clip decoder (clips) or the frame decoder.
+
+    separable: pos_embed (1, N, dim) MAE's 2-D code, time_embed (1, T', dim) added per time step.
+    videomae (clips only): pos_embed (1, T' * N, dim) VideoMAE's 1-D table over all tubelets, time_embed None.
+    Frames are static tubelets at time step 0: under both codes their code is ``pos_embed[:, :N]`` (under videomae
+    the table's first N rows), so the frame encoder (and its timm export) stays exact. The frame decoder has no
+    VideoMAE counterpart and always uses MAE's 2-D code.
+    """
+    if not clips:
+        return get_2d_sincos_pos_embed(dim, cfg.grid_size)[None], None
+    if cfg.position_code == "videomae":
+        return get_videomae_sincos_table(cfg.num_time * cfg.num_patches, dim), None
+    return get_2d_sincos_pos_embed(dim, cfg.grid_size)[None], get_1d_sincos_pos_embed(dim, cfg.num_time)[None]
 
 
 def _register_pos_embed(module: nn.Module, name: str, value: torch.Tensor | None, learnable: bool) -> None:
@@ -358,42 +209,50 @@ class ExpMAEEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed3d(cfg.patch_size, cfg.tubelet_size, cfg.in_chans, cfg.embed_dim)
-        _register_pos_embed(self, "pos_embed", get_2d_sincos_pos_embed(cfg.embed_dim, cfg.grid_size)[None],
-                            cfg.learn_pos_embed)
-        _register_pos_embed(self, "time_embed", get_1d_sincos_pos_embed(cfg.embed_dim, cfg.num_time)[None],
-                            cfg.learn_pos_embed)
+        pos_embed, time_embed = position_codes(cfg, cfg.embed_dim)
+        _register_pos_embed(self, "pos_embed", pos_embed, cfg.learn_pos_embed)
+        _register_pos_embed(self, "time_embed", time_embed, cfg.learn_pos_embed)
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path[i])
                                      for i in range(cfg.depth)])
         self.norm = LayerNorm(cfg.embed_dim)
         self.grad_checkpointing = cfg.grad_checkpointing
 
+    def frame_pos_embed(self) -> torch.Tensor:
+        """(1, N, D) position code of a frame: the 2-D code, or the first time step's rows of VideoMAE's table."""
+        return self.pos_embed[:, :self.cfg.num_patches]
+
+    def clip_pos_embed(self, num_time: int) -> torch.Tensor:
+        """(1, num_time * N, D) position code of the tubelets of num_time time steps, token order (t, y, x)."""
+        if self.time_embed is None:  # VideoMAE's table
+            return self.pos_embed[:, :num_time * self.cfg.num_patches]
+        return spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, :num_time])
+
     def embed_frames(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> patch tokens + 2-D position code, (B, N, D)."""
+        """(B, C, H, W) -> patch tokens + the frame position code, (B, N, D)."""
         C, S = self.cfg.in_chans, self.cfg.img_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (C, S, S):
             raise ValueError(f"images: expected shape (B, {C}, {S}, {S}), got {tuple(images.shape)}")
         x = self.patch_embed.forward_frames(images.to(self.patch_embed.proj.weight.dtype))
-        return x + self.pos_embed
+        return x + self.frame_pos_embed()
 
     def embed_clips(self, clips: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> tubelet tokens + (2-D + temporal) position code, (B, T/t * N, D)."""
+        """(B, C, T, H, W) -> tubelet tokens + the clip position code, (B, T/t * N, D)."""
         _check_clips(clips, self.cfg)
         x = self.patch_embed(clips.to(self.patch_embed.proj.weight.dtype))
-        num_time = clips.shape[2] // self.cfg.tubelet_size
-        return x + spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, :num_time])
+        return x + self.clip_pos_embed(clips.shape[2] // self.cfg.tubelet_size)
 
     def embed_visible_frames(self, images: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """embed_frames(images) at ids_keep (B, K), computed from those K patches only: (B, K, D)."""
         x = self.patch_embed.forward_patches(patchify_frames(images, self.cfg.patch_size, ids_keep).to(self.dtype))
-        return x + gather_tokens(self.pos_embed, ids_keep)
+        return x + gather_tokens(self.frame_pos_embed(), ids_keep)
 
     def embed_visible_clips(self, clips: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """embed_clips(clips) at ids_keep (B, K), computed from those K tubelets only: (B, K, D)."""
         _check_clips(clips, self.cfg)
         cfg = self.cfg
         tubelets = patchify_clips(clips, cfg.tubelet_size, cfg.patch_size, ids_keep).to(self.dtype)
-        pos = spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, :clips.shape[2] // cfg.tubelet_size])
+        pos = self.clip_pos_embed(clips.shape[2] // cfg.tubelet_size)
         x = self.patch_embed.forward_tubelets(tubelets)
         return x + gather_tokens(pos, ids_keep)
 
@@ -433,19 +292,19 @@ class MaskedDecoder(nn.Module):
     """Visible latents + one mask token per masked position, each + its position code -> blocks -> pixels of the
     masked tokens.
 
-    MAE's decoder with a 2-D code (num_time=None), VideoMAE's with the 2-D + temporal code. As in VideoMAE, the
+    MAE's decoder with a 2-D code, VideoMAE's with the clip code (see position_codes). As in VideoMAE, the
     tokens stay in [visible, masked] order (attention does not care about order; the position codes say where each
     token is), and the final norm and pixel head run on the masked tokens only: those are what the loss reads.
     """
 
     def __init__(self, encoder_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float, patch_dim: int,
-                 grid_size: int, num_time: int | None = None, embed_bias: bool = True, learn_pos_embed: bool = False):
+                 codes: tuple[torch.Tensor, torch.Tensor | None], embed_bias: bool = True,
+                 learn_pos_embed: bool = False):
         super().__init__()
         self.embed = nn.Linear(encoder_dim, dim, bias=embed_bias)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        _register_pos_embed(self, "pos_embed", get_2d_sincos_pos_embed(dim, grid_size)[None], learn_pos_embed)
-        _register_pos_embed(self, "time_embed", get_1d_sincos_pos_embed(dim, num_time)[None] if num_time else None,
-                            learn_pos_embed)
+        _register_pos_embed(self, "pos_embed", codes[0], learn_pos_embed)  # codes: position_codes(...)
+        _register_pos_embed(self, "time_embed", codes[1], learn_pos_embed)
         self.blocks = nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
         self.norm = LayerNorm(dim)
         self.head = nn.Linear(dim, patch_dim)
@@ -457,8 +316,8 @@ class MaskedDecoder(nn.Module):
         x = self.embed(latent)
         B, K, D = x.shape
         num_tokens = K + ids_masked.shape[1]
-        if self.time_embed is None:
-            pos = self.pos_embed
+        if self.time_embed is None:  # MAE's 2-D code (N rows) or VideoMAE's table (T' * N rows)
+            pos = self.pos_embed[:, :num_tokens]
         else:
             pos = spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, : num_tokens // self.pos_embed.shape[1]])
         x = torch.cat([x + gather_tokens(pos, ids_keep),
@@ -470,6 +329,21 @@ class MaskedDecoder(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # expMAE
 # --------------------------------------------------------------------------------------------------------------
+class MaeInputs(NamedTuple):
+    """What the MAE branch feeds the encoder, and keeps for its loss."""
+    frames: torch.Tensor  # (B, C, H, W) the chosen frame of each clip
+    frame_idx: torch.Tensor  # (B,)
+    masking: Masking  # over the N patches of the frame
+    tokens: torch.Tensor  # (B, K, D) the embedded visible patches
+
+
+class VideoInputs(NamedTuple):
+    """What the VideoMAE branch feeds the encoder, and keeps for its loss."""
+    clips: torch.Tensor  # (B, C, T, H, W)
+    masking: Masking  # tube masking over the T' * N tubelets
+    tokens: torch.Tensor  # (B, K', D) the embedded visible tubelets
+
+
 class ExpMAE(nn.Module):
     """Shared encoder + MAE frame decoder (`decoder`) + VideoMAE clip decoder (`video_decoder`), per cfg.mode."""
 
@@ -482,13 +356,14 @@ class ExpMAE(nn.Module):
         self.decoder = self.video_decoder = None
         if cfg.mode in ("expmae", "mae"):
             self.decoder = MaskedDecoder(cfg.embed_dim, cfg.decoder_embed_dim, cfg.decoder_depth,
-                                         cfg.decoder_num_heads, cfg.mlp_ratio, p * p * C, cfg.grid_size,
+                                         cfg.decoder_num_heads, cfg.mlp_ratio, p * p * C,
+                                         position_codes(cfg, cfg.decoder_embed_dim, clips=False),
                                          embed_bias=True, learn_pos_embed=cfg.learn_pos_embed)
         if cfg.mode in ("expmae", "videomae"):
             # VideoMAE's encoder_to_decoder projection has no bias
             self.video_decoder = MaskedDecoder(cfg.embed_dim, cfg.video_decoder_embed_dim, cfg.video_decoder_depth,
                                                cfg.video_decoder_num_heads, cfg.mlp_ratio, t * p * p * C,
-                                               cfg.grid_size, num_time=cfg.num_time, embed_bias=False,
+                                               position_codes(cfg, cfg.video_decoder_embed_dim), embed_bias=False,
                                                learn_pos_embed=cfg.learn_pos_embed)
         self._init_weights()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -527,43 +402,46 @@ class ExpMAE(nn.Module):
         So pred_video lines up with patchify_clips(...)[mask_video].reshape(B, M', -1).
         """
         _check_clips(clips, self.cfg)
-        branches = []  # (tokens for the encoder, finish(latent) -> outputs)
-        if self.decoder is not None:
-            branches.append(self._mae_branch(clips, frame_idx, mask_mae, generator))
-        if self.video_decoder is not None:
-            branches.append(self._video_branch(clips, mask_video, generator))
-        tokens = [t for t, _ in branches]
-        if self.cfg.pack_branches and len(tokens) > 1:
-            segments = [t.shape[1] for t in tokens]
-            latents = self.encoder.forward_tokens(torch.cat(tokens, dim=1), segments).split(segments, dim=1)
-        else:
-            latents = [self.encoder.forward_tokens(t) for t in tokens]
+        # 1. mask and embed: each branch's visible tokens
+        mae = self.mae_tokens(clips, frame_idx, mask_mae, generator) if self.decoder is not None else None
+        video = self.video_tokens(clips, mask_video, generator) if self.video_decoder is not None else None
+        # 2. encode: the shared encoder, both branches in one packed pass (cfg.pack_branches)
+        latent_mae, latent_video = self.encode(mae.tokens if mae else None, video.tokens if video else None)
+        # 3. decode and score each branch
         out: dict[str, torch.Tensor] = {}
-        for (_, finish), latent in zip(branches, latents):
-            out.update(finish(latent))
-        loss = 0.0
-        if "loss_mae" in out:
-            loss = loss + self.cfg.mae_loss_weight * out["loss_mae"]
-        if "loss_video" in out:
-            loss = loss + self.cfg.video_loss_weight * out["loss_video"]
-        out["loss"] = loss
+        if mae is not None:
+            out.update(self.mae_loss(mae, latent_mae))
+        if video is not None:
+            out.update(self.video_loss(video, latent_video))
+        out["loss"] = (self.cfg.mae_loss_weight * out["loss_mae"] if mae is not None else 0.0) + (
+            self.cfg.video_loss_weight * out["loss_video"] if video is not None else 0.0)
         return out
 
     def forward_mae(self, clips, frame_idx=None, mask=None, generator=None) -> dict[str, torch.Tensor]:
         """MAE branch: one frame per clip, random patch masking, reconstruct its masked patches."""
         _check_clips(clips, self.cfg)
-        tokens, finish = self._mae_branch(clips, frame_idx, mask, generator)
-        return finish(self.encoder.forward_tokens(tokens))
+        mae = self.mae_tokens(clips, frame_idx, mask, generator)
+        return self.mae_loss(mae, self.encoder.forward_tokens(mae.tokens))
 
     def forward_video(self, clips, mask=None, generator=None) -> dict[str, torch.Tensor]:
         """VideoMAE branch: tube masking, reconstruct the masked tubelets."""
         _check_clips(clips, self.cfg)
-        tokens, finish = self._video_branch(clips, mask, generator)
-        return finish(self.encoder.forward_tokens(tokens))
+        video = self.video_tokens(clips, mask, generator)
+        return self.video_loss(video, self.encoder.forward_tokens(video.tokens))
 
-    # A branch = the visible tokens it feeds the shared encoder + what it does with their latents; split so that
-    # forward() can run both branches' tokens through the encoder in one pass (cfg.pack_branches).
-    def _mae_branch(self, clips, frame_idx, mask, generator):
+    def encode(self, *tokens: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """The shared encoder on each branch's visible tokens (None: branch off); with cfg.pack_branches the
+        branches go through as one sequence per clip, attention staying within each."""
+        present = [t for t in tokens if t is not None]
+        if self.cfg.pack_branches and len(present) > 1:
+            segments = [t.shape[1] for t in present]
+            latents = iter(self.encoder.forward_tokens(torch.cat(present, dim=1), segments).split(segments, dim=1))
+        else:
+            latents = iter([self.encoder.forward_tokens(t) for t in present])
+        return [next(latents) if t is not None else None for t in tokens]
+
+    def mae_tokens(self, clips, frame_idx=None, mask=None, generator=None) -> "MaeInputs":
+        """MAE branch, step 1: pick a frame per clip, mask its patches, embed the visible ones."""
         B, T, N = clips.shape[0], clips.shape[2], self.cfg.num_patches
         if frame_idx is None:
             frame_idx = torch.randint(T, (B,), device=clips.device, generator=generator)
@@ -577,28 +455,29 @@ class ExpMAE(nn.Module):
             masking = random_masking(B, N, self.cfg.mask_ratio, clips.device, generator)
         else:
             masking = masking_from_mask(mask.to(clips.device), B, N, "mask_mae")
+        return MaeInputs(frames, frame_idx, masking, self.encoder.embed_visible_frames(frames, masking.ids_keep))
 
-        def finish(latent):
-            pred = self.decoder(latent, masking.ids_keep, masking.ids_masked)
-            loss = F.mse_loss(pred.float(), self.mae_target(frames, masking.ids_masked))
-            return {"loss_mae": loss, "pred_mae": pred, "mask_mae": masking.mask, "frame_idx": frame_idx}
+    def mae_loss(self, mae: "MaeInputs", latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """MAE branch, step 3: decode the latents into the masked patches and score them."""
+        pred = self.decoder(latent, mae.masking.ids_keep, mae.masking.ids_masked)
+        loss = F.mse_loss(pred.float(), self.mae_target(mae.frames, mae.masking.ids_masked))
+        return {"loss_mae": loss, "pred_mae": pred, "mask_mae": mae.masking.mask, "frame_idx": mae.frame_idx}
 
-        return self.encoder.embed_visible_frames(frames, masking.ids_keep), finish
-
-    def _video_branch(self, clips, mask, generator):
+    def video_tokens(self, clips, mask=None, generator=None) -> "VideoInputs":
+        """VideoMAE branch, step 1: tube-mask the clip, embed the visible tubelets."""
         B, N = clips.shape[0], self.cfg.num_patches
         num_time = clips.shape[2] // self.cfg.tubelet_size
         if mask is None:
             masking = tube_masking(B, num_time, N, self.cfg.video_mask_ratio, clips.device, generator)
         else:
             masking = masking_from_mask(mask.to(clips.device), B, num_time * N, "mask_video")
+        return VideoInputs(clips, masking, self.encoder.embed_visible_clips(clips, masking.ids_keep))
 
-        def finish(latent):
-            pred = self.video_decoder(latent, masking.ids_keep, masking.ids_masked)
-            loss = F.mse_loss(pred.float(), self.video_target(clips, masking.ids_masked))
-            return {"loss_video": loss, "pred_video": pred, "mask_video": masking.mask}
-
-        return self.encoder.embed_visible_clips(clips, masking.ids_keep), finish
+    def video_loss(self, video: "VideoInputs", latent: torch.Tensor) -> dict[str, torch.Tensor]:
+        """VideoMAE branch, step 3: decode the latents into the masked tubelets and score them."""
+        pred = self.video_decoder(latent, video.masking.ids_keep, video.masking.ids_masked)
+        loss = F.mse_loss(pred.float(), self.video_target(video.clips, video.masking.ids_masked))
+        return {"loss_video": loss, "pred_video": pred, "mask_video": video.masking.mask}
 
     # ---- targets (float32) ---------------------------------------------------------------------------------------
     # Statistics are two-pass (the mean, then the norm of the deviations): exact enough in float32 for pixel data and
@@ -714,7 +593,7 @@ _TIMM_FAMILIES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit
 def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torch.Tensor]:
     """State dict of the frame encoder in timm VisionTransformer keys (class_token=False, see timm_create_kwargs).
 
-    The stem's Conv3d kernel is summed over time (a static tubelet), the 2-D position code becomes pos_embed.
+    The stem's Conv3d kernel is summed over time (a static tubelet), the frame position code becomes pos_embed.
     Under ZeRO-3 pass a model whose parameters are gathered (e.g. after accelerator.get_state_dict + load).
     """
     model = getattr(model_or_encoder, "module", model_or_encoder)  # unwrap DistributedDataParallel
@@ -729,7 +608,7 @@ def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torc
         if key == "patch_embed.proj.weight":
             value = value.sum(dim=2)
         state[key] = value.detach().clone()
-    state["pos_embed"] = encoder.pos_embed.detach().clone()
+    state["pos_embed"] = encoder.frame_pos_embed().detach().clone()
     return state
 
 

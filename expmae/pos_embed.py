@@ -1,4 +1,4 @@
-"""Fixed sin-cos position embeddings (MAE's layout), 1-D, 2-D and 3-D.
+"""Fixed sin-cos position embeddings: MAE's layout (1-D, 2-D and 3-D) and VideoMAE's 1-D table.
 
 1-D: [sin(pos * w_i) | cos(pos * w_i)], w_i = 1 / 10000^(i / (D/2)), as MAE's get_1d_sincos_pos_embed_from_grid.
 2-D: MAE's get_2d_sincos_pos_embed without a class token: the first D/2 channels encode the column (x) index,
@@ -6,9 +6,13 @@
 3-D: the 2-D code of (y, x) plus the 1-D code of the time index t, token order (t, y, x) (Conv3d(...).flatten(2)).
      Adding rather than splitting channels keeps every frame token on the same spatial code as the 2-D path,
      so the image encoder (exported to timm) and the clip encoder share one spatial position code.
+VideoMAE: one 1-D table over all T' x H x W tubelets in token order, sin and cos interleaved (channel 2i sin,
+     2i+1 cos, w_i = 1 / 10000^(2i / D)); built with numpy float64 exactly as transformers'
+     get_sinusoid_encoding_table (and the official VideoMAE / VideoMAE V2 code), so it is bit-for-bit the same.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -42,3 +46,12 @@ def get_3d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int], nu
     """(T*H*W, embed_dim) float32 code: 2-D spatial code + 1-D temporal code, token order (t, y, x)."""
     spatial = get_2d_sincos_pos_embed(embed_dim, grid_size)
     return spatiotemporal_pos_embed(spatial, get_1d_sincos_pos_embed(embed_dim, num_time))
+
+
+def get_videomae_sincos_table(num_positions: int, embed_dim: int) -> torch.Tensor:
+    """(1, num_positions, embed_dim) float32: VideoMAE's sinusoid table, bit-for-bit transformers' values."""
+    exponent = 2 * (np.arange(embed_dim) // 2) / embed_dim
+    angles = np.arange(num_positions, dtype=np.float64)[:, None] / np.power(10000, exponent)[None, :]
+    angles[:, 0::2] = np.sin(angles[:, 0::2])  # dim 2i
+    angles[:, 1::2] = np.cos(angles[:, 1::2])  # dim 2i + 1
+    return torch.from_numpy(angles).float()[None]

@@ -73,7 +73,8 @@ def test_overrides_are_parsed_by_the_field_type():
     ("model.qkv_bias=maybe", "model.qkv_bias='maybe' is not true/false"),
     ("log.recon_every=-1", "log.recon_every=-1 is out of range; expected a value >= 0"),
     ("train", "override 'train' is not of the form section.key=value"),
-    ("model.img_size=100", "model.img_size=100 must be divisible by model.patch_size=16"),
+    ("model.img_size=100", "model.img_size=100: expected a multiple of patch_size=16"),
+    ("model.position_code=mae", "model.position_code='mae' is not allowed; allowed values: separable, videomae"),
 ])
 def test_bad_overrides_fail_with_one_line_naming_key_value_and_allowed(override, expected):
     extra = ["model.patch_size=16"] if override.startswith("model.img_size") else []

@@ -262,7 +262,8 @@ def mae_checkpoint(cfg, seed: int = 0) -> dict:
     dec = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=cfg.img_size,
                             patch_size=cfg.patch_size, embed_dim=d, depth=1, num_heads=4)
     state.update({"decoder_embed.weight": torch.randn(d, D), "decoder_embed.bias": torch.zeros(d),
-                  "mask_token": torch.zeros(1, 1, d), "decoder_pos_embed": torch.zeros(1, cfg.num_patches + 1, d),
+                  "mask_token": torch.zeros(1, 1, d),
+                  "decoder_pos_embed": torch.cat([torch.zeros(1, d), get_2d_sincos_pos_embed(d, cfg.grid_size)])[None],
                   "decoder_norm.weight": torch.ones(d), "decoder_norm.bias": torch.zeros(d),
                   "decoder_pred.weight": torch.randn(cfg.patch_size**2 * 3, d),
                   "decoder_pred.bias": torch.zeros(cfg.patch_size**2 * 3)})
@@ -344,10 +345,12 @@ def test_official_mae_checkpoint_initialises_the_encoder(tmp_path):
     model = create_model("tiny", **TINY)
     report = load_pretrained_weights(model, path)
     assert report.layout == "mae" and report.missing == [] and report.unexpected == []
-    decoder = {k for k in state if k.startswith("decoder") or k == "mask_token"}
-    assert set(report.dropped) == decoder | {"cls_token", "pos_embed"}
-    assert all(report.dropped[k] == "decoder (pretraining only)" for k in decoder)
-    assert not any("differs" in n for n in report.notes)  # MAE's sin-cos code is ours
+    assert report.position_code == "separable" and report.decoders == {"decoder": "loaded"}
+    assert set(report.dropped) == {"cls_token", "pos_embed", "decoder_pos_embed"}  # MAE's sin-cos codes are ours
+    # the MAE decoder is the frame decoder (its class token's slot aside)
+    assert torch.equal(model.decoder.embed.weight.detach(), state["decoder_embed.weight"])
+    assert torch.equal(model.decoder.blocks[0].attn.qkv.weight.detach(), state["decoder_blocks.0.attn.qkv.weight"])
+    assert torch.equal(model.decoder.head.weight.detach(), state["decoder_pred.weight"])
 
     # Oracle: timm's ViT without the class token, on the same weights.
     oracle = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=cfg.img_size,
@@ -372,15 +375,17 @@ def test_official_videomae_checkpoint_initialises_the_encoder(tmp_path, wrapper)
     state = videomae_pretrain_checkpoint(cfg)
     path = tmp_path / "checkpoint.pth"
     torch.save({wrapper: state}, path)
-    model = create_model("tiny", **TINY).eval()
+    with pytest.raises(ValueError) as err:  # the default separable code is not what VideoMAE was trained with
+        load_pretrained_weights(create_model("tiny", **TINY), path)
+    assert "position_code='videomae'" in one_line_error(err) and "set model.position_code=videomae" in str(err.value)
+    model = create_model("tiny", **TINY, position_code="videomae").eval()
     report = load_pretrained_weights(model, path)
     assert report.layout == "videomae" and report.missing == [] and report.unexpected == []
-    assert set(report.dropped) == {k for k in state if not k.startswith("encoder.")}
-    assert set(report.dropped.values()) == {"decoder (pretraining only)"}
+    assert set(report.dropped) == {k for k in state if not k.startswith("encoder.")}  # a decoder 16 wide, ours 32
+    assert report.decoders["video_decoder"].startswith("freshly initialised (encoder_to_decoder.weight has shape")
 
-    hf = hf_videomae_from(videomae_encoder_state(cfg), cfg)
+    hf = hf_videomae_from(videomae_encoder_state(cfg), cfg)  # with transformers' own position table
     enc = model.encoder
-    hf.embeddings.position_embeddings = spatiotemporal_pos_embed(enc.pos_embed, enc.time_embed).clone()
     _, clips = inputs(cfg)
     with torch.no_grad():
         ours = enc.forward_clips(clips)
@@ -418,7 +423,7 @@ def test_finetuned_videomae_maps_fc_norm_and_drops_the_head():
     state = videomae_encoder_state(cfg)  # modeling_finetune.VisionTransformer(use_mean_pooling=True)
     state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
     state["head.weight"], state["head.bias"] = torch.randn(6, cfg.embed_dim), torch.zeros(6)
-    encoder = create_model("tiny", **TINY).encoder
+    encoder = create_model("tiny", **TINY, position_code="videomae").encoder
     report = load_pretrained_weights(encoder, {"module": state})
     assert report.dropped == {"head.weight": "classifier head", "head.bias": "classifier head"}
     assert torch.equal(encoder.norm.weight.detach(), state["fc_norm.weight"]) and any("fc_norm" in n for n in report.notes)
@@ -430,7 +435,8 @@ def test_own_expmae_checkpoint_round_trips_through_import():
     target = create_model("tiny", **TINY, mode="mae")
     report = load_pretrained_weights(target, {"model": source.state_dict()})
     assert report.layout == "expmae" and report.missing == [] and report.unexpected == []
-    assert {k.split(".")[0] for k in report.dropped} == {"decoder", "video_decoder"}
+    assert {k.split(".")[0] for k in report.dropped} == {"video_decoder"} and report.decoders == {"decoder": "loaded"}
+    assert torch.equal(target.decoder.head.weight, source.decoder.head.weight)
     for k, v in source.encoder.state_dict().items():
         assert torch.equal(target.encoder.state_dict()[k], v), k
 
@@ -452,7 +458,7 @@ def test_checkpoint_of_another_shape_is_a_one_line_error(change, fragment):
 def test_vit_b_weights_into_vit_s_name_the_key_and_both_shapes():
     state = videomae_pretrain_checkpoint(get_config("base"), empty=True)  # real sizes, uninitialised memory
     with pytest.raises(ValueError) as err:
-        convert_state_dict({"model": state}, get_config("small"), "vit_b.pth")
+        convert_state_dict({"model": state}, get_config("small", position_code="videomae"), "vit_b.pth")
     message = one_line_error(err)
     assert "vit_b.pth: checkpoint key 'encoder.patch_embed.proj.weight' has shape (768, 3, 2, 16, 16)" in message
     assert "expects (384, 3, 2, 16, 16)" in message
@@ -460,27 +466,28 @@ def test_vit_b_weights_into_vit_s_name_the_key_and_both_shapes():
 
 def test_strictness_unknown_and_unsupported_keys(tmp_path):
     cfg = get_config("tiny", **TINY)
+    TINY_V = {**TINY, "position_code": "videomae"}
     state = videomae_encoder_state(cfg)
     del state["blocks.1.mlp.fc2.bias"]
     state["blocks.0.attn.rel_pos"] = torch.zeros(3)
     with pytest.raises(ValueError) as err:
-        load_pretrained_weights(create_model("tiny", **TINY), state)
+        load_pretrained_weights(create_model("tiny", **TINY_V), state)
     assert "['blocks.1.mlp.fc2.bias']" in one_line_error(err) and "blocks.0.attn.rel_pos" in str(err.value)
-    report = load_pretrained_weights(create_model("tiny", **TINY), state, strict=False)
+    report = load_pretrained_weights(create_model("tiny", **TINY_V), state, strict=False)
     assert report.missing == ["blocks.1.mlp.fc2.bias"] and report.unexpected == ["blocks.0.attn.rel_pos"]
 
     cos = videomae_encoder_state(cfg)
     cos["blocks.0.attn.scale"] = torch.zeros(3, 1, 1)  # VideoMAE V2 cos_attn
     with pytest.raises(ValueError, match="cosine attention"):
-        load_pretrained_weights(create_model("tiny", **TINY), cos)
+        load_pretrained_weights(create_model("tiny", **TINY_V), cos)
 
     unsafe = tmp_path / "unsafe.pth"
     torch.save({"model": videomae_encoder_state(cfg), "extra": NotATensor()}, unsafe)
     with pytest.raises(ValueError) as err:
-        load_pretrained_weights(create_model("tiny", **TINY), unsafe)
+        load_pretrained_weights(create_model("tiny", **TINY_V), unsafe)
     assert "weights_only=True" in one_line_error(err)
     with pytest.raises(ValueError, match="no state dict found"):
-        load_pretrained_weights(create_model("tiny", **TINY), {"epoch": 3})
+        load_pretrained_weights(create_model("tiny", **TINY_V), {"epoch": 3})
 
 
 def test_cli_imports_a_public_checkpoint_into_an_encoder_folder(tmp_path, capsys):
@@ -534,9 +541,11 @@ def test_init_from_public_weights_loads_the_encoder_only(tmp_path):
     load_pretrained_weights(reference, path)  # the import path tested above is the oracle
     decoders = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     note = init_from(model, path)
-    assert note.startswith(f"encoder from {path} (mae layout") and note.endswith("decoders freshly initialised")
-    assert all(torch.equal(v, reference.encoder.state_dict()[k]) for k, v in model.encoder.state_dict().items())
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in decoders.items())
+    assert note.startswith(f"encoder from {path} (mae layout") and note.endswith(
+        "; decoder from it too; video_decoder freshly initialised")
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items()
+               if not k.startswith("video_decoder."))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in decoders.items() if k.startswith("video_decoder."))
 
 
 def test_init_from_errors_are_one_line(tmp_path):

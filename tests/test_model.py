@@ -8,7 +8,8 @@ import torch
 from expmae.model import (ExpMAE, ExpMAEConfig, create_model, frame_encoder_timm_state_dict, get_config,
                           list_models, masking_from_mask, patchify_clips, patchify_frames, timm_create_kwargs,
                           tube_masking, unpatchify_clips, unpatchify_frames)
-from expmae.pos_embed import get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, spatiotemporal_pos_embed
+from expmae.pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, get_videomae_sincos_table,
+                              spatiotemporal_pos_embed)
 
 # 32 px, patch 8 -> 16 patches per frame; 4 frames, tubelet 2 -> 2 time steps, 32 tubelets.
 TINY = dict(img_size=32, num_frames=4, patch_size=8, depth=2, embed_dim=64, num_heads=4,
@@ -99,6 +100,33 @@ def test_sincos_codes_match_reference_implementations():
     spatial, temporal = get_2d_sincos_pos_embed(16, 4), get_1d_sincos_pos_embed(16, 3)
     code = spatiotemporal_pos_embed(spatial, temporal).reshape(3, 16, 16)
     torch.testing.assert_close(code[2, 5], spatial[5] + temporal[2])
+
+
+@pytest.mark.parametrize("num_positions, dim", [(32, 64), (1568, 768), (8 * 196, 1024)])
+def test_videomae_table_is_bit_for_bit_transformers(num_positions, dim):
+    from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
+    assert torch.equal(get_videomae_sincos_table(num_positions, dim), get_sinusoid_encoding_table(num_positions, dim))
+
+
+def test_videomae_position_code_in_encoder_and_decoders():
+    """position_code="videomae": the clip code is VideoMAE's table over all tubelets (encoder and clip decoder),
+    a frame gets the table's first time step (a one-tubelet clip), the frame decoder keeps MAE's 2-D code."""
+    from transformers.models.videomae.modeling_videomae import get_sinusoid_encoding_table
+
+    model = tiny_model(position_code="videomae")
+    enc = model.encoder
+    assert enc.time_embed is None and model.video_decoder.time_embed is None
+    assert torch.equal(enc.clip_pos_embed(2), get_sinusoid_encoding_table(32, 64))
+    assert torch.equal(model.video_decoder.pos_embed, get_sinusoid_encoding_table(32, 32))
+    assert torch.equal(model.decoder.pos_embed[0], get_2d_sincos_pos_embed(32, 4))
+    randomize_(model).eval()
+    image = torch.randn(2, 3, 32, 32)
+    one_tubelet = image[:, :, None].expand(-1, -1, 2, -1, -1)  # the frame as a static 2-frame clip
+    with torch.no_grad():
+        torch.testing.assert_close(enc.forward_frames(image), enc.forward_clips(one_tubelet), atol=1e-5, rtol=1e-5)
+    out = model(clips_like(model))
+    assert torch.isfinite(out["loss"]) and out["loss_video"] > 0 and out["loss_mae"] > 0
 
 
 def test_patchify_round_trips_and_matches_unfold():
@@ -318,11 +346,13 @@ def test_mae_loss_matches_mae_reference(norm_pix_loss):
     torch.testing.assert_close(out["loss_mae"], reference, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("learn_pos_embed", [False, True])
-def test_frame_path_exports_to_timm_exactly(learn_pos_embed):
+@pytest.mark.parametrize("learn_pos_embed, position_code", [(False, "separable"), (True, "separable"),
+                                                            (False, "videomae"), (True, "videomae")])
+def test_frame_path_exports_to_timm_exactly(learn_pos_embed, position_code):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = randomize_(create_model("tiny", img_size=64, num_frames=4, depth=2, learn_pos_embed=learn_pos_embed))
+    model = randomize_(create_model("tiny", img_size=64, num_frames=4, depth=2, learn_pos_embed=learn_pos_embed,
+                                    position_code=position_code))
     name, kwargs = timm_create_kwargs(model.cfg)
     assert name == "vit_tiny_patch16_224"
     reference = timm.create_model(name, pretrained=False, **kwargs).eval()
