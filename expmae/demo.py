@@ -1,11 +1,16 @@
-"""`make demo` / `expmae-demo`: the main job end to end on the built-in default, on the CPU, in minutes, no download.
+"""`make demo` / `expmae-demo`: the whole main job on the built-in default, on the CPU, in minutes, no download.
 
-1. a sample set of synthetic talking-face videos (expmae.synthetic), made once and reused;
+1. a labelled synthetic expression set (expmae.synthetic: the held expression is the label; train and held-out
+   test identities), rendered as talking heads in a room, made once and reused;
 2. face crops by the crop tool (expmae.facecrop.crop_folder: resumable, so a rerun skips finished videos);
-3. expMAE pretraining of a tiny model with 2 DeepSpeed ZeRO-2 ranks on the CPU, through the same
-   ``accelerate launch -m expmae.pretrain`` command as a real run (the shipped configs ``tiny_demo`` and
-   ``cpu_deepspeed_2proc``);
-4. the paths of the checkpoint, the TensorBoard log dir and the reconstruction PNG.
+3. expMAE pretraining of a tiny model with 2 DeepSpeed ZeRO-2 ranks on the CPU on the train identities' crops,
+   through the same ``accelerate launch -m expmae.pretrain`` command as a real run (the shipped configs
+   ``tiny_demo`` and ``cpu_deepspeed_2proc``);
+4. export of the encoder (expmae-export), and the same architecture at its random initialisation;
+5. features of every crop from both encoders (expmae.features);
+6. the 5-fold finetune protocol (expmae-finetune, unimodal visual, attention head) and a linear probe, both
+   scored on the held-out identities;
+7. ``summary.json`` (pretrained vs random-init) and the paths of every artefact.
 
     python -m expmae.demo [--out demo_out] [section.key=value ...]   # overrides go to the training config
 
@@ -15,6 +20,7 @@ current folder).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import socket
@@ -28,6 +34,7 @@ from expmae.shipped_configs import find_config
 
 ACCELERATE_CONFIG = find_config("cpu_deepspeed_2proc", ("accelerate",))
 TRAIN_CONFIG = find_config("tiny_demo", ("pretrain",))
+STEPS = 7
 
 
 def free_port() -> int:
@@ -36,16 +43,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_sample_set(videos_dir: Path, n: int, num_frames: int) -> list[Path]:
-    from expmae.synthetic import make_face_videos
+def say(step: int, msg: str) -> None:
+    print(f"[{step}/{STEPS}] {msg}", flush=True)
 
-    expected = [videos_dir / f"face_{i:03d}.mp4" for i in range(n)]
-    if all(p.is_file() for p in expected):
-        print(f"[1/3] sample set: reusing {n} synthetic face videos in {videos_dir}")
-        return expected
+
+def make_sample_set(out: Path, args) -> dict[str, Path]:
+    from expmae.synthetic import write_expression_benchmark
+
     t0 = time.perf_counter()
-    paths = make_face_videos(videos_dir, n=n, num_frames=num_frames, size=128, seed=0)
-    print(f"[1/3] sample set: wrote {len(paths)} synthetic face videos to {videos_dir} ({time.perf_counter() - t0:.0f} s)")
+    paths = write_expression_benchmark(out, "static", num_frames=args.frames, size=128, framing="scene",
+                                       identities=args.identities, test_identities=args.test_identities,
+                                       clips_per_identity=args.clips_per_identity)
+    n = {split: len(list((paths["videos"] / split).glob("*.mp4"))) for split in ("train", "test")}
+    say(1, f"expression set: {n['train']} train + {n['test']} held-out-identity clips in {paths['videos']} "
+           f"({time.perf_counter() - t0:.0f} s; reused when present)")
     return paths
 
 
@@ -53,12 +64,13 @@ def crop(videos_dir: Path, crops_dir: Path, size: int, workers: int) -> int:
     from expmae.facecrop import crop_folder
 
     t0 = time.perf_counter()
-    summary = crop_folder(videos_dir, crops_dir, size=size, workers=workers)
-    done = summary["done"] + summary["skipped"]
-    print(f"[2/3] face crops: {summary['done']} cropped, {summary['skipped']} reused, {summary['failed']} failed "
-          f"-> {crops_dir} ({time.perf_counter() - t0:.0f} s)")
-    for failure in summary["failures"]:
-        print(f"      failed: {failure['input']}: {failure['reason']}")
+    done = 0
+    for split in ("train", "test"):
+        summary = crop_folder(videos_dir / split, crops_dir / split, size=size, workers=workers)
+        done += summary["done"] + summary["skipped"]
+        for failure in summary["failures"]:
+            print(f"      failed: {failure['input']}: {failure['reason']}")
+    say(2, f"face crops: {done} clips -> {crops_dir} ({time.perf_counter() - t0:.0f} s)")
     return done
 
 
@@ -71,19 +83,48 @@ def pretrain(crops_dir: Path, run_dir: Path, overrides: list[str]) -> int:
     # A CPU demo by design (2 ranks on one GPU would collide); OMP threads: one per rank on a 2-core machine.
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore::FutureWarning",
            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    print(f"[3/3] pretraining: {' '.join(cmd[1:])}", flush=True)
+    say(3, f"pretraining on the train identities: {' '.join(cmd[1:])}")
     return subprocess.call(cmd, env=env)
+
+
+def encoders(run_dir: Path, out: Path) -> dict[str, Path]:
+    """The pretrained encoder (expmae-export of the run) and the one the run started from (random init)."""
+    from expmae.benchmark import run_script, save_random_init_encoder
+    from expmae.config import load_config
+
+    cfg = load_config(run_dir / "config.yaml")
+    pretrained, random_init = out / "encoder", out / "encoder_random_init"
+    run_script("expmae-export", [run_dir, pretrained, "--overwrite"])
+    save_random_init_encoder(cfg.model.name, cfg.model.overrides(), random_init, seed=cfg.train.seed)
+    say(4, f"encoders: pretrained -> {pretrained}, random init (same architecture and seed) -> {random_init}")
+    return {"random_init": random_init, "pretrained": pretrained}
+
+
+def evaluate(encoder_dirs: dict[str, Path], benchmark: dict[str, Path], crops_dir: Path, out: Path) -> dict:
+    from expmae.benchmark import evaluate_encoder
+
+    t0 = time.perf_counter()
+    results = {}
+    for name, encoder_dir in encoder_dirs.items():
+        results[name] = evaluate_encoder(encoder_dir, benchmark, out / "eval" / name,
+                                         videos=[crops_dir / "train", crops_dir / "test"])
+    say(5, f"features -> {out / 'eval' / '*' / 'features'}")
+    say(6, f"5-fold finetune + linear probe, scored on held-out identities ({time.perf_counter() - t0:.0f} s)")
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="expmae-demo", description=__doc__.split("\n")[0])
     add_version_argument(p)
     p.add_argument("--out", default="demo_out", help="output folder (default %(default)s, git-ignored)")
-    p.add_argument("--videos", type=int, default=32, help="synthetic videos in the sample set (default %(default)s)")
-    p.add_argument("--frames", type=int, default=64, help="frames per synthetic video (default %(default)s)")
+    p.add_argument("--identities", type=int, default=16, help="people in the expression set (default %(default)s)")
+    p.add_argument("--test-identities", type=int, default=4, help="of which held out (default %(default)s)")
+    p.add_argument("--clips-per-identity", type=int, default=8, help="clips per person (default %(default)s)")
+    p.add_argument("--frames", type=int, default=24, help="frames per clip (default %(default)s)")
     p.add_argument("--crop-size", type=int, default=64, help="face crop side in pixels (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="crop processes (default %(default)s)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="training config overrides (python -m expmae.pretrain --help-config)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="training config overrides (python -m expmae.pretrain --help-config)")
     args = p.parse_args(argv)
 
     from expmae.config import ConfigError, load_config
@@ -97,23 +138,43 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     t0 = time.perf_counter()
-    make_sample_set(out / "videos", args.videos, args.frames)
-    if crop(out / "videos", crops_dir, args.crop_size, args.workers) == 0:
-        print(f"error: no face clips in {crops_dir}; see {crops_dir / 'failures.jsonl'}", file=sys.stderr)
+    benchmark = make_sample_set(out / "benchmark", args)
+    if crop(benchmark["videos"], crops_dir, args.crop_size, args.workers) == 0:
+        print(f"error: no face clips in {crops_dir}; see its failures.jsonl", file=sys.stderr)
         return 1
-    rc = pretrain(crops_dir, run_dir, args.overrides)
+    rc = pretrain(crops_dir / "train", run_dir, args.overrides)
     if rc != 0:
         print(f"error: pretraining failed (exit status {rc}); its output is above", file=sys.stderr)
         return rc
+    results = evaluate(encoders(run_dir, out), benchmark, crops_dir, out)
+    summary = {
+        "probe": {k: r["probe"]["accuracy"] for k, r in results.items()},
+        "metric": {k: r["finetune"]["metric"] for k, r in results.items()},
+        "details": results,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    report(summary, run_dir, out, time.perf_counter() - t0)
+    return 0
 
+
+def report(summary: dict, run_dir: Path, out: Path, seconds: float) -> None:
     from expmae.checkpoint import latest_checkpoint
 
     pngs = sorted((run_dir / "recon").glob("step_*.png"))
-    print(f"\ndemo finished in {(time.perf_counter() - t0) / 60:.1f} min")
-    print(f"  checkpoint:      {latest_checkpoint(run_dir / 'checkpoints')}")
-    print(f"  tensorboard:     {run_dir / 'tensorboard'}   (tensorboard --logdir {run_dir / 'tensorboard'})")
-    print(f"  reconstruction:  {pngs[-1] if pngs else 'missing'}")
-    return 0 if pngs else 1
+    details = summary["details"]
+    say(7, f"demo finished in {seconds / 60:.1f} min; held-out identities:")
+    for name in ("random_init", "pretrained"):
+        f = details[name]["finetune"]
+        print(f"  {name:12s} probe accuracy {summary['probe'][name]:.3f} | metric {f['metric']:.3f} "
+              f"(metric_e {f['metric_e']:.3f}, metric_v {f['metric_v']:.3f})")
+    print(f"  checkpoint:       {latest_checkpoint(run_dir / 'checkpoints')}")
+    print(f"  tensorboard:      {run_dir / 'tensorboard'}   (tensorboard --logdir {run_dir / 'tensorboard'})")
+    print(f"  reconstruction:   {pngs[-1] if pngs else 'missing'}")
+    print(f"  encoder:          {out / 'encoder'}")
+    print(f"  features:         {details['pretrained']['features']}")
+    print(f"  results:          {out / 'eval' / 'pretrained' / 'finetune' / 'results.json'}")
+    print(f"  confusion matrix: {details['pretrained']['finetune']['confusion_matrix_png']}")
+    print(f"  summary:          {out / 'summary.json'}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ mouth well below the eyes, with face width >= ~25 px; flat cartoon ellipses with
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +183,137 @@ def make_noface_video(path: str | os.PathLike, num_frames: int = 48, size: int =
     _check_size(size)
     frames, _ = render_face_clip(num_frames, size, seed, face=False)
     return write_video(path, frames, fps)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A labelled expression benchmark: the label lives in a static cue or in a dynamic one only.
+#
+# Static task: the held expression (mouth curve, brows, eye/mouth opening) names the class; every frame shows it.
+# Dynamic task: the same expression either appears (onset) or fades (offset): an offset clip is its onset clip
+# with the frames in reverse order, so any average of per-frame evidence is identical for the two classes and
+# only the order of the frames tells them apart.
+# Identity (skin, hair, clothes, face size, background) and pose (drift, zoom) vary, talking and blinking are
+# nuisances; train and test identities are disjoint. Labels use MER2023 names and a valence in [-5, 5].
+
+STATIC_CLASSES = {  # name: (smile, brow, mouth held open, valence at full intensity)
+    "neutral": (0.0, 0.0, 0.0, 0.0),
+    "happy": (2.0, 0.3, 0.0, 3.0),
+    "surprise": (0.0, 1.5, 0.8, 1.0),
+    "angry": (-0.3, -1.0, 0.0, -3.0),
+}
+DYNAMIC_CLASSES = {"happy": "onset", "sad": "offset"}  # MER name: a smile appears / the same smile fades
+TASKS = ("static", "dynamic")
+
+
+@dataclass(frozen=True)
+class ExpressionClip:
+    """One clip of the benchmark: its name, identity, split, label and valence, and the seed that draws it."""
+
+    name: str
+    task: str
+    identity: int
+    split: str  # "train" (pretraining + finetune folds) or "test" (held-out identities)
+    label: str
+    valence: float
+    intensity: float
+    seed: int
+
+
+def expression_benchmark(task: str, *, identities: int = 24, test_identities: int = 6, clips_per_identity: int = 8,
+                         seed: int = 0) -> list[ExpressionClip]:
+    """The clips of one task, balanced over classes within every identity; the last ``test_identities`` are test."""
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}; expected one of {', '.join(TASKS)}")
+    if not 0 < test_identities < identities:
+        raise ValueError(f"test_identities={test_identities} must be in [1, identities={identities})")
+    classes = list(STATIC_CLASSES if task == "static" else DYNAMIC_CLASSES)
+    clips = []
+    for identity in range(identities):
+        rng = np.random.default_rng([seed, TASKS.index(task), identity])
+        split = "test" if identity >= identities - test_identities else "train"
+        for k in range(clips_per_identity):
+            label = classes[(k + identity) % len(classes)]
+            intensity = float(rng.uniform(0.6, 1.0))
+            if task == "static":
+                valence = STATIC_CLASSES[label][3] * intensity
+            else:  # where the expression ends up: a smile that appears ends positive, one that fades ends neutral
+                valence = 3.0 * intensity * (1 if DYNAMIC_CLASSES[label] == "onset" else -1) / 2
+            clips.append(ExpressionClip(f"{task}_{identity:03d}_{k:02d}", task, identity, split, label,
+                                        round(valence, 3), intensity, int(rng.integers(2**31))))
+    return clips
+
+
+def _identity_look(seed: int, task: str, identity: int, size: int, framing: str) -> dict:
+    rng = np.random.default_rng([seed, 7, identity])  # the same person in both tasks
+    face_frac = rng.uniform(0.30, 0.40) if framing == "scene" else rng.uniform(0.62, 0.72)
+    return {"background": _background(rng, size), "skin": SKIN_TONES[rng.integers(len(SKIN_TONES))],
+            "hair": HAIR_COLORS[rng.integers(len(HAIR_COLORS))], "shirt": rng.uniform(20, 200, 3),
+            "face_width": size * face_frac, "dx": rng.uniform(-0.06, 0.06) * size}
+
+
+def render_expression_clip(clip: ExpressionClip, num_frames: int = 16, size: int = 64, framing: str = "face",
+                           benchmark_seed: int = 0) -> np.ndarray:
+    """Frames uint8 (T, size, size, 3) of one benchmark clip. ``framing``: "face" (the face fills the frame, as
+    a face crop) or "scene" (a head in a room, for the face-crop tool)."""
+    if framing not in ("face", "scene"):
+        raise ValueError(f"framing={framing!r}; expected 'face' or 'scene'")
+    look = _identity_look(benchmark_seed, clip.task, clip.identity, size, framing)
+    rng = np.random.default_rng(clip.seed)
+    t = np.arange(num_frames, dtype=np.float64)
+    cx = size / 2 + look["dx"] + _smooth_noise(rng, t, size * 0.04)
+    cy = size * (0.46 if framing == "scene" else 0.52) + _smooth_noise(rng, t, size * 0.03)
+    fw = look["face_width"] * (1 + _smooth_noise(rng, t, 0.04))
+    talk = 0.5 * np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) / 25.0 * t + rng.uniform(0, 6)), 0, 1)
+    blink = np.zeros(num_frames)
+    start = int(rng.integers(0, max(1, num_frames)))
+    blink[start : start + 3] = (0.7, 1.0, 0.7)[: len(blink[start : start + 3])]
+    if clip.task == "static":
+        smile, brow, held_open, _ = STATIC_CLASSES[clip.label]
+        wobble = _smooth_noise(rng, t, 0.1)
+        smile_t, brow_t = np.full(num_frames, smile * clip.intensity) + wobble, np.full(num_frames, brow * clip.intensity)
+        open_t = np.maximum(talk, held_open * clip.intensity)
+    else:  # a smile (with a little brow lift) rises over ~a third of the clip, centred near the middle
+        centre = num_frames * rng.uniform(0.4, 0.6)
+        ramp = 2 * clip.intensity / (1 + np.exp(-(t - centre) / (num_frames / 10)))
+        smile_t, brow_t, open_t = ramp, 0.15 * ramp, talk
+    frames = np.empty((num_frames, size, size, 3), np.uint8)
+    for i in range(num_frames):
+        img = look["background"].copy()
+        _draw_face(img, cx[i], cy[i], fw[i], look["skin"], look["hair"], look["shirt"], blink[i], open_t[i],
+                   smile_t[i], brow_t[i])
+        frames[i] = np.clip(img, 0, 255).astype(np.uint8)
+    if clip.task == "dynamic" and DYNAMIC_CLASSES[clip.label] == "offset":
+        frames = frames[::-1].copy()  # the same frames, in the other order
+    return frames
+
+
+def write_expression_benchmark(out_dir: str | os.PathLike, task: str, *, num_frames: int = 16, size: int = 64,
+                               framing: str = "face", fps: int = 25, seed: int = 0, **sizes) -> dict[str, Path]:
+    """Write one task's clips to ``out_dir/videos/<split>/<name>.mp4`` (split: train, or test for the held-out
+    identities) and its labels in MER2023's layout
+    (``name,discrete,valence``): ``train-label.csv`` (train identities), ``test-label.csv`` (held-out identities)
+    and ``clips.csv`` (every clip with identity, split, label, valence). Existing videos are kept (reruns reuse
+    them). ``sizes``: identities, test_identities, clips_per_identity (see expression_benchmark)."""
+    import csv
+
+    from expmae.video import write_video
+
+    _check_size(size)
+    out_dir = Path(out_dir)
+    clips = expression_benchmark(task, seed=seed, **sizes)
+    for clip in clips:
+        path = out_dir / "videos" / clip.split / f"{clip.name}.mp4"
+        if not path.is_file():
+            write_video(path, render_expression_clip(clip, num_frames, size, framing, seed), fps)
+    paths = {"videos": out_dir / "videos", "train": out_dir / "train-label.csv", "test": out_dir / "test-label.csv",
+             "clips": out_dir / "clips.csv"}
+    for split in ("train", "test"):
+        with open(paths[split], "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["name", "discrete", "valence"])
+            w.writerows([c.name, c.label, c.valence] for c in clips if c.split == split)
+    with open(paths["clips"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(ExpressionClip.__dataclass_fields__))
+        w.writeheader()
+        w.writerows(dataclasses.asdict(c) for c in clips)
+    return paths
