@@ -26,8 +26,13 @@ def console_script(name: str):
     return found[0].load()
 
 
-def run_script(name: str, argv: Sequence[str]) -> None:
-    rc = console_script(name)([str(a) for a in argv])
+def run_script(name: str, argv: Sequence[str], quiet: bool = False) -> None:
+    """Run a console script in-process; ``quiet`` drops what it prints on stdout (errors still reach stderr)."""
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
+        rc = console_script(name)([str(a) for a in argv])
     if rc:
         raise RuntimeError(f"{name} {' '.join(map(str, argv))} failed with exit status {rc}")
 

@@ -75,3 +75,59 @@ def test_make_face_videos_decode_to_the_rendered_frames(tmp_path):
 def test_sizes_decord_cannot_read_are_refused(tmp_path, size):
     with pytest.raises(ValueError, match=f"size={size}"):
         make_face_videos(tmp_path, n=1, size=size)
+
+
+# ------------------------------------------------------------------------------ the labelled expression benchmark
+
+from expmae.synthetic import (DYNAMIC_CLASSES, STATIC_CLASSES, expression_benchmark, render_expression_clip,
+                              write_expression_benchmark)
+
+
+def test_benchmark_is_seeded_balanced_and_its_test_identities_are_disjoint():
+    clips = expression_benchmark("static", identities=10, test_identities=3, clips_per_identity=8, seed=1)
+    assert clips == expression_benchmark("static", identities=10, test_identities=3, clips_per_identity=8, seed=1)
+    assert clips != expression_benchmark("static", identities=10, test_identities=3, clips_per_identity=8, seed=2)
+    train = {c.identity for c in clips if c.split == "train"}
+    test = {c.identity for c in clips if c.split == "test"}
+    assert train == set(range(7)) and test == {7, 8, 9}
+    for identity in range(10):  # every person shows every class equally often
+        labels = [c.label for c in clips if c.identity == identity]
+        assert sorted(labels) == sorted(list(STATIC_CLASSES) * 2)
+    assert len({c.name for c in clips}) == len(clips)
+    with pytest.raises(ValueError, match="test_identities"):
+        expression_benchmark("static", identities=3, test_identities=3)
+    with pytest.raises(ValueError, match="task"):
+        expression_benchmark("speech")
+
+
+def test_static_label_is_in_every_frame_and_dynamic_label_only_in_frame_order():
+    static = expression_benchmark("static", identities=2, test_identities=1, clips_per_identity=4)
+    frames = {c.label: render_expression_clip(c, 8, 64) for c in static if c.identity == 0}
+    assert set(frames) == set(STATIC_CLASSES)
+    # the same person, another held expression: the mouth/brow region differs in every frame
+    assert all(np.abs(frames["happy"][i].astype(int) - frames["neutral"][i]).max() > 60 for i in range(8))
+
+    dynamic = expression_benchmark("dynamic", identities=2, test_identities=1, clips_per_identity=2)
+    onset, offset = (c for c in dynamic if c.identity == 0)
+    assert {DYNAMIC_CLASSES[onset.label], DYNAMIC_CLASSES[offset.label]} == {"onset", "offset"}
+    # an offset clip is its own onset rendering reversed: the set of frames carries no label, their order does
+    import dataclasses
+
+    as_onset = dataclasses.replace(offset, label=next(k for k, v in DYNAMIC_CLASSES.items() if v == "onset"))
+    np.testing.assert_array_equal(render_expression_clip(offset, 12, 64), render_expression_clip(as_onset, 12, 64)[::-1])
+    a = render_expression_clip(onset if DYNAMIC_CLASSES[onset.label] == "onset" else as_onset, 12, 64)
+    mouth = (slice(36, 50), slice(20, 44))  # the mouth widens as the smile appears
+    assert np.abs(a[-1][mouth].astype(int) - a[0][mouth]).mean() > 2
+
+
+def test_written_benchmark_keeps_held_out_identities_out_of_the_training_labels(tmp_path):
+    import csv
+
+    paths = write_expression_benchmark(tmp_path, "dynamic", num_frames=4, size=32, identities=4, test_identities=1,
+                                       clips_per_identity=2)
+    rows = {split: list(csv.DictReader(open(paths[split]))) for split in ("train", "test")}
+    clips = {r["name"]: r for r in csv.DictReader(open(paths["clips"]))}
+    assert {r["name"] for r in rows["train"]} == {n for n, r in clips.items() if r["split"] == "train"}
+    assert {clips[r["name"]]["identity"] for r in rows["test"]} == {"3"}
+    assert sorted(p.name for p in (paths["videos"] / "test").glob("*.mp4")) == sorted(f"{r['name']}.mp4" for r in rows["test"])
+    assert list(rows["train"][0]) == ["name", "discrete", "valence"]  # MER2023's label layout

@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--clips-per-identity", type=int, default=8, help="(default %(default)s)")
     p.add_argument("--frames", type=int, default=16, help="frames per clip (default %(default)s)")
     p.add_argument("--size", type=int, default=64, help="clip side in pixels, face-crop framing (default %(default)s)")
-    p.add_argument("--steps", type=int, default=1500, help="pretraining steps per mode (default %(default)s)")
+    p.add_argument("--steps", type=int, default=1200, help="pretraining steps per mode (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="pretraining clips per step (default %(default)s)")
     p.add_argument("--lr", type=float, default=1e-3, help="pretraining peak lr (default %(default)s)")
     p.add_argument("--folds", type=int, default=5, help="finetune folds (default %(default)s)")
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             continue
         run_dir = pretrain(args, name, clips, out / "runs" / name)
         encoders[name] = out / "encoders" / name
-        run_script("expmae-export", [run_dir, encoders[name], "--overwrite"])
+        run_script("expmae-export", [run_dir, encoders[name], "--overwrite"], quiet=True)
     if "random" in rows:  # the weights every run above started from
         cfg = load_config(None, [f"data.source={clips}", *model_overrides(args.size)])
         encoders["random"] = save_random_init_encoder(cfg.model.name, cfg.model.overrides(),
