@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identities", type=int, default=16, help="people in the expression set (default %(default)s)")
     p.add_argument("--test-identities", type=int, default=4, help="of which held out (default %(default)s)")
     p.add_argument("--clips-per-identity", type=int, default=8, help="clips per person (default %(default)s)")
-    p.add_argument("--frames", type=int, default=24, help="frames per clip (default %(default)s)")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip (default %(default)s)")
     p.add_argument("--crop-size", type=int, default=64, help="face crop side in pixels (default %(default)s)")
     p.add_argument("--workers", type=int, default=2, help="crop processes (default %(default)s)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
