@@ -35,15 +35,18 @@ class Faults:
 # Calls that make the host wait for the device: explicit synchronisations, and read-backs of a tensor's value.
 SYNC_CALLS = ("torch.cuda.synchronize", "torch.cpu.synchronize", "deepspeed_accelerator.synchronize")
 READ_BACKS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__")
+HOST_ONLY = ("torch.utils.data",)  # the samplers' and loader's own CPU tensors: never on the device, not counted
 
 
 class SyncCounter:
     """Counts device synchronisations and tensor read-backs per micro-step (debug.count_syncs), by caller:
-    ``expmae`` (this package) or ``other`` (DeepSpeed, accelerate, torch). On a CPU run nothing actually waits,
-    but the calls that would make a GPU wait are the same ones."""
+    ``expmae`` (this package) or ``other`` (DeepSpeed, accelerate, torch), and in detail under ``where``
+    (module.function:line). A boundary micro-step's count includes the optimizer step after it. On a CPU run
+    nothing actually waits, but the calls that would make a GPU wait are the same ones."""
 
     def __init__(self):
         self.now: Counter = Counter()
+        self.where: Counter = Counter()  # by caller (module.function:line), this micro-step
         self.per_micro_step: list[dict] = []
 
     def install(self) -> "SyncCounter":
@@ -52,8 +55,12 @@ class SyncCounter:
 
         def counted(fn, name):
             def wrapper(*args, **kwargs):
-                caller = sys._getframe(1).f_globals.get("__name__", "")
+                frame = sys._getframe(1)
+                caller = frame.f_globals.get("__name__", "")
+                if caller.startswith(HOST_ONLY):
+                    return fn(*args, **kwargs)
                 self.now[f"{name}:{'expmae' if caller.startswith('expmae') else 'other'}"] += 1
+                self.where[f"{name}:{caller}.{frame.f_code.co_name}:{frame.f_lineno}"] += 1
                 return fn(*args, **kwargs)
             return wrapper
 
@@ -66,8 +73,10 @@ class SyncCounter:
         return self
 
     def mark(self, micro_step: int, boundary: bool) -> None:
-        self.per_micro_step.append({"micro_step": micro_step, "boundary": boundary, **self.now})
+        self.per_micro_step.append({"micro_step": micro_step, "boundary": boundary, **self.now,
+                                    "where": dict(self.where)})
         self.now.clear()
+        self.where.clear()
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

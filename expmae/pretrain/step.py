@@ -29,6 +29,7 @@ class StepContext:
     mean: tuple
     std: tuple
     faults: Any  # expmae.pretrain.debug.Faults
+    deepspeed: bool = False  # model is a DeepSpeedEngine: it clips and steps inside the window's last backward
     syncs: Any = None  # expmae.pretrain.debug.SyncCounter under debug.count_syncs
     dump_to: Any = None  # debug.dump_inputs: where micro-step 0's inputs go
 
@@ -118,19 +119,34 @@ def train_step(ctx: StepContext, state, data, lr: float) -> StepResult:
                     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                         accelerator.backward(model(_inputs(ctx, last_good))["loss"] * 0.0)
         state.micro_step += 1
-        if ctx.syncs is not None:
-            ctx.syncs.mark(state.micro_step - 1, accelerator.sync_gradients)
+        if ctx.syncs is not None and not accelerator.sync_gradients:
+            ctx.syncs.mark(state.micro_step - 1, False)
+    _finish_window(ctx, state, result, good)
+    if ctx.syncs is not None:
+        ctx.syncs.mark(state.micro_step - 1, True)
+    if result.taken:
+        result.losses = {k: s / good for k, s in zip(LOSS_KEYS, sums) if k == "loss" or k in out}
+    return result
+
+
+def _grad_norm(ctx: StepContext):
+    """The step's gradient norm, left on the device."""
+    if ctx.deepspeed:  # clipped inside DeepSpeed's step; accelerate's getter would read the norm back (.item())
+        norm = ctx.model.get_global_grad_norm()
+        return norm.detach().clone() if hasattr(norm, "detach") else norm
+    return ctx.accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.clip_grad if ctx.clip_grad > 0 else math.inf)
+
+
+def _finish_window(ctx: StepContext, state, result: StepResult, good: int) -> None:
+    """Step the optimizer on the window's finite micro-batches, or skip a window that has none."""
     if not good:  # every micro-batch of the window was non-finite: no backward ran, nothing to undo
         ctx.optimizer.zero_grad(set_to_none=True)
         state.skipped_steps += 1
         state.consecutive_nonfinite += 1
-        return result
-    result.grad_norm = accelerator.clip_grad_norm_(model.parameters(),
-                                                   ctx.clip_grad if ctx.clip_grad > 0 else math.inf)
+        return
+    result.grad_norm = _grad_norm(ctx)
     ctx.optimizer.step()
     ctx.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.consecutive_nonfinite = 0
     result.taken = True
-    result.losses = {k: s / good for k, s in zip(LOSS_KEYS, sums) if k == "loss" or k in out}
-    return result

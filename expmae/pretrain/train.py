@@ -370,6 +370,8 @@ def prepare(accelerator, cfg: PretrainConfig, model, plan: Plan):
 
 
 def build_step_context(cfg: PretrainConfig, accelerator, model, optimizer, raw_model):
+    from accelerate.utils import DistributedType
+
     from expmae.pretrain.debug import Faults, SyncCounter
     from expmae.pretrain.step import StepContext
 
@@ -377,7 +379,7 @@ def build_step_context(cfg: PretrainConfig, accelerator, model, optimizer, raw_m
     return StepContext(
         accelerator=accelerator, model=model, optimizer=optimizer, grad_accum_steps=cfg.train.grad_accum_steps,
         clip_grad=cfg.train.clip_grad, mean=raw_model.cfg.mean, std=raw_model.cfg.std,
-        faults=Faults.from_config(cfg.debug, rank),
+        faults=Faults.from_config(cfg.debug, rank), deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
         syncs=SyncCounter().install() if cfg.debug.count_syncs else None,
         dump_to=debug_dir / f"inputs_rank{rank}.safetensors" if cfg.debug.dump_inputs else None,
     )
