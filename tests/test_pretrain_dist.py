@@ -369,3 +369,26 @@ def test_deepspeed_defaults_timers_off_fp32_accumulation_vit_sized_buckets_and_z
     assert z3["stage3_prefetch_bucket_size"] == 24 * 1024**2 and z3["stage3_param_persistence_threshold"] == 10240
     with pytest.raises(ConfigError, match="ZeRO-3 without 16-bit weight gathering.*zero3_save_16bit_model: true"):
         configured({"zero_optimization": {"stage": 3}})
+
+
+def test_plan_and_state_count_steps_epochs_and_data_position():
+    from expmae.config import ConfigError, load_config
+    from expmae.pretrain.state import Plan, TrainState
+
+    cfg = load_config(None, ["data.source=x", "train.batch_size=2", "train.grad_accum_steps=3", "train.epochs=4",
+                             "train.warmup_epochs=1.5", "train.base_lr=1e-4"])
+    plan = Plan.from_config(cfg, num_clips=50, world=2)  # 25 clips per rank -> 12 batches -> 4 whole windows
+    assert (plan.steps_per_epoch, plan.batches_per_epoch, plan.total_steps, plan.warmup_steps) == (4, 12, 16, 6)
+    assert plan.global_batch == 12 and plan.peak_lr == pytest.approx(1e-4 * 12 / 256) and plan.num_epochs == 4
+    assert plan.run_shape == {"world_size": 2, "batch_size": 2, "grad_accum_steps": 3}
+    with pytest.raises(ConfigError, match="has 11 clips, fewer than one optimizer step needs"):
+        Plan.from_config(cfg, num_clips=11, world=2)
+
+    state = TrainState()
+    for _ in range(13):
+        state.next_batch(plan.batches_per_epoch)
+    assert (state.epoch, state.batch_in_epoch) == (1, 1)
+    state.consecutive_nonfinite = 3
+    saved = {**state.to_dict(), "run_shape": plan.run_shape}
+    resumed = TrainState.from_saved(saved)  # a run stopped by the guard resumes with a fresh allowance
+    assert resumed == TrainState(epoch=1, batch_in_epoch=1) and resumed is not state
