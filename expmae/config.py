@@ -58,6 +58,9 @@ class DataConfig:
     source: str | None = _f(None, "expmae-crop output folder (manifest.jsonl), or a folder of videos")
     sample_stride: int = _f(4, "frame stride within a clip", min=1)
     num_workers: int = _f(4, "DataLoader worker processes per rank", min=0)
+    timeout: float = _f(600.0, "seconds a rank waits for a batch from its DataLoader workers before the run stops "
+                               "(checkpointed, naming the clip being decoded); 0 waits forever; needs num_workers > 0",
+                        min=0)
 
 
 @dataclass
@@ -98,12 +101,18 @@ class CheckpointConfig:
 
 @dataclass
 class DebugConfig:
-    """Fault injection, so tests can exercise the non-finite guard on the real training path."""
+    """Fault injection and probes, so tests can exercise the guards on the real training path."""
 
     nonfinite_steps: list[int] = _f([], "micro-steps (0-based, global) whose loss is replaced by NaN")
     nonfinite_rank: int = _f(-1, "rank that sees the injected NaN; -1 = all ranks", min=-1)
     zero_loss_steps: list[int] = _f([], "micro-steps (0-based, global) whose loss is multiplied by 0 (all ranks): "
                                         "a finite micro-batch that adds no gradient, what a dropped one should equal")
+    hang_clip: int = _f(-1, "dataset index whose decoding hangs in a DataLoader worker (from epoch hang_epoch on): "
+                            "a stuck decoder for the data.timeout guard; -1 = never", min=-1)
+    hang_epoch: int = _f(0, "first epoch in which debug.hang_clip hangs", min=0)
+    count_syncs: bool = _f(False, "count device synchronisations and tensor read-backs per micro-step into "
+                                  "debug/syncs_rank<R>.json")
+    dump_inputs: bool = _f(False, "save micro-step 0's model inputs and masks to debug/inputs_rank<R>.safetensors")
 
 
 @dataclass

@@ -230,10 +230,15 @@ class VideoClipDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.max_retries + 1} clips in a row failed to load, starting at {self.paths[index]}; see the log")
 
     def _record_failure(self, index: int, exc: Exception) -> None:
-        from expmae.jobs import JsonlLog, one_line
+        from expmae.jobs import JsonlLog, JsonlShards, one_line, process_shard
 
         self.num_failed += 1
         reason = one_line(exc)
         log.warning("skipping clip %s: %s", self.paths[index], reason)
-        if self.failure_log is not None:
-            JsonlLog(self.failure_log).append({"key": self.names[index], "path": self.paths[index], "epoch": self.epoch, "reason": reason})
+        record = {"key": self.names[index], "path": self.paths[index], "epoch": self.epoch, "reason": reason}
+        if self.failure_log is None:
+            return
+        if self.failure_log.suffix == ".jsonl":  # one file, for one machine's processes
+            JsonlLog(self.failure_log).append(record)
+        else:  # a folder: one file per rank and worker, merged on read (multi-node safe)
+            JsonlShards(self.failure_log).append(record, shard=process_shard())

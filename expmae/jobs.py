@@ -103,9 +103,13 @@ class JsonlLog:
         return {r["key"] for r in self.read() if "key" in r}
 
     def append(self, record: dict) -> None:
+        self.extend([record])
+
+    def extend(self, records: Iterable[dict]) -> None:
+        """Append records with one write and one fsync."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
 
@@ -113,6 +117,30 @@ class JsonlLog:
         with atomic_path(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+class JsonlShards:
+    """A JSON-lines log kept as one file per writing process (``folder/<shard>.jsonl``) and read merged: processes
+    on several machines never append to one file (appends from two NFS clients can interleave or overwrite)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+
+    def append(self, record: dict, shard: str) -> None:
+        JsonlLog(self.folder / f"{shard}.jsonl").append(record)
+
+    def read(self) -> list[dict]:
+        """Every shard's records, shard after shard (in name order)."""
+        files = sorted(self.folder.glob("*.jsonl")) if self.folder.is_dir() else []
+        return [r for f in files for r in JsonlLog(f).read()]
+
+
+def process_shard() -> str:
+    """This process's shard name: its launcher rank and DataLoader worker, e.g. ``rank3-worker1``."""
+    from torch.utils.data import get_worker_info
+
+    worker = get_worker_info()
+    return f"rank{os.environ.get('RANK', '0')}-" + (f"worker{worker.id}" if worker is not None else "main")
 
 
 @dataclass

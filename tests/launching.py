@@ -47,8 +47,24 @@ def write_tiny_config(path: Path, videos: Path, output_dir: Path, **sections) ->
     return path
 
 
-def launch(config: Path, *extra: str, log: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CPU_DEEPSPEED),
+def write_launcher(path: Path, *, bf16: bool = False, deepspeed: dict | None = None) -> Path:
+    """A 2-rank CPU DeepSpeed launcher like CPU_DEEPSPEED; ``deepspeed``: a DeepSpeed JSON config (written next to
+    it, batch / accumulation / clipping left "auto" for the training config) instead of the ZeRO-2 keys."""
+    cfg = yaml.safe_load(CPU_DEEPSPEED.read_text())
+    cfg["mixed_precision"] = "bf16" if bf16 else "no"
+    if deepspeed is not None:
+        ds_json = path.with_suffix(".json")
+        auto = dict.fromkeys(("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                              "gradient_clipping"), "auto")
+        ds_json.write_text(json.dumps({**auto, **deepspeed}))
+        cfg["deepspeed_config"] = {"deepspeed_config_file": str(ds_json), "zero3_init_flag": False}
+        cfg.pop("mixed_precision")  # the JSON decides ("bf16": {"enabled": ...})
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def launch(config: Path, *extra: str, log: Path, launcher: Path = CPU_DEEPSPEED) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(launcher),
            "--main_process_port", str(free_port()), "-m", "expmae.pretrain", "--config", str(config), *extra]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
@@ -81,8 +97,8 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -
         pytest.fail(f"launch timed out after {timeout}s (deadlock?); log tail:\n{log.read_text()[-3000:]}")
 
 
-def run_ok(config: Path, *extra: str, log: Path) -> None:
-    rc = finish(launch(config, *extra, log=log), log)
+def run_ok(config: Path, *extra: str, log: Path, launcher: Path = CPU_DEEPSPEED) -> None:
+    rc = finish(launch(config, *extra, log=log, launcher=launcher), log)
     assert rc == 0, f"training failed (rc={rc}); log tail:\n{log.read_text()[-3000:]}"
 
 

@@ -81,3 +81,23 @@ def test_bad_arguments_exit_with_one_line_errors(bench, keep_threads, argv, mess
         bench.main(["--quick", *argv])
     text = str(err.value)
     assert "\n" not in text and message in text and text
+
+
+def test_bench_launchers_writes_one_launcher_per_configuration_that_accelerate_reads(load_tool, tmp_path):
+    """tools/bench_launchers.py (its runs are too slow for CI): the launcher files it writes parse as accelerate
+    configs of the intended kind and stage."""
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    bench = load_tool("bench_launchers")
+    kinds = {}
+    for name in (*bench.LAUNCHERS, "zero2_dsdefaults"):
+        work = tmp_path / name
+        work.mkdir()
+        (work / "l.yaml").write_text(yaml.safe_dump(bench.launcher_yaml(name, 2, False, work)))
+        cfg = load_config_from_file(str(work / "l.yaml"))
+        kinds[name] = (cfg.distributed_type, (cfg.deepspeed_config or {}).get("zero_stage"), cfg.num_processes)
+    assert kinds == {"ddp": ("MULTI_GPU", None, 2), "zero1": ("DEEPSPEED", 1, 2), "zero2": ("DEEPSPEED", 2, 2),
+                     "zero3": ("DEEPSPEED", 3, 2), "zero2_dsdefaults": ("DEEPSPEED", None, 2)}
+    ds = json.loads((tmp_path / "zero2_dsdefaults" / "ds.json").read_text())
+    assert ds["zero_optimization"]["overlap_comm"] is False and ds["zero_optimization"]["reduce_bucket_size"] == 5e8

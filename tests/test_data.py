@@ -166,12 +166,15 @@ def test_distributed_ranks_see_disjoint_clips(tmp_path):
     assert seen[0].isdisjoint(seen[1]) and seen[0] | seen[1] == set(range(10))
 
 
-def test_bad_clips_are_skipped_logged_and_counted(tmp_path, grey_sources, caplog):
+def test_bad_clips_are_skipped_logged_and_counted(tmp_path, grey_sources, caplog, monkeypatch):
+    from expmae.jobs import JsonlShards
+
+    monkeypatch.delenv("RANK", raising=False)
     bad_video = tmp_path / "corrupt.mp4"
     bad_video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x00" * 100)
     bad_array = tmp_path / "wrong.npy"
     np.save(bad_array, np.zeros((4, 8, 8), np.float32))
-    log = tmp_path / "loader_failures.jsonl"
+    log = tmp_path / "loader_failures"  # a folder: one JSON-lines file per process
     ds = VideoClipDataset([grey_sources[0], bad_video, bad_array], num_frames=4, sample_stride=2, input_size=32,
                           failure_log=log)
     with caplog.at_level("WARNING"):
@@ -179,7 +182,8 @@ def test_bad_clips_are_skipped_logged_and_counted(tmp_path, grey_sources, caplog
     assert a.shape == (3, 4, 32, 32) and ds.num_failed >= 1
     assert "corrupt.mp4" in caplog.text
     assert torch.equal(a, ds[1])  # the stand-in is deterministic
-    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [p.name for p in log.iterdir()] == ["rank0-main.jsonl"]
+    records = JsonlShards(log).read()
     assert records[0]["key"] == "corrupt" and "cannot open" in records[0]["reason"] and "\n" not in records[0]["reason"]
     with pytest.raises(RuntimeError, match="failed to load"):
         VideoClipDataset([bad_video, bad_array], num_frames=4, max_retries=3)[0]

@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg).rstrip())
         return 0
 
-    from expmae.pretrain.train import NonFiniteLossError, train
+    from expmae.pretrain.train import DataStallError, NonFiniteLossError, train
 
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, NonFiniteLossError, FileExistsError) as exc:
+    except (ConfigError, NonFiniteLossError, DataStallError, FileExistsError) as exc:
         say(f"error: {exc}")
         return 1
     return 0

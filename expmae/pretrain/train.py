@@ -1,24 +1,35 @@
 """expMAE pretraining: one shared ViT encoder, an MAE frame decoder and a VideoMAE clip decoder.
 
-The training loop behind ``accelerate launch -m expmae.pretrain`` (its CLI: expmae.pretrain.cli). The launcher
-config says where and how (GPUs, DDP or DeepSpeed ZeRO stage, bf16); the training config says what (model, data, optimisation, logging, checkpoints) and is the one source of the batch size, gradient
-accumulation and clipping that DeepSpeed is given. The config is validated before torch is imported.
+The training loop behind ``accelerate launch -m expmae.pretrain`` (its CLI: expmae.pretrain.cli), read as
+``setup`` -> ``for each epoch: train_one_epoch`` -> ``finish``, with its parts in their own modules:
+``state`` (TrainState, Plan), ``resume`` (start-up checks, which checkpoint), ``loader`` (the data stream and its
+stall guard), ``step`` (one optimizer step and the non-finite guard), ``logger`` (buffered metrics, TensorBoard),
+``debug`` (fault injection and probes). The launcher config says where and how (GPUs, DDP or DeepSpeed ZeRO
+stage, bf16); the training config says what and is the one source of the batch size, gradient accumulation and
+clipping that DeepSpeed is given. The config is validated before torch is imported.
 
 A run folder (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step),
-``tensorboard/``, ``recon/step_*.png`` and ``checkpoints/`` (see expmae.checkpoint).
+``tensorboard/``, ``recon/step_*.png``, ``checkpoints/`` (see expmae.checkpoint) and ``data_failures/`` (clips
+that failed to load, one file per rank and worker).
 """
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from expmae.config import ConfigError, PretrainConfig  # light: no torch
+from expmae.pretrain.state import Plan, TrainState
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses: the run stopped after checkpointing its last good state."""
+
+
+class DataStallError(RuntimeError):
+    """A rank's DataLoader gave no batch within data.timeout: the run stopped after checkpointing its last good state."""
 
 
 # ------------------------------------------------------------------------------------------ setup helpers
@@ -44,12 +55,29 @@ def make_accelerator(cfg: PretrainConfig):
     )
 
 
-def configure_deepspeed(accelerator, cfg: PretrainConfig) -> None:
-    """Fill DeepSpeed's batch, accumulation and clipping entries from the training config.
+def zero_defaults(stage: int, width: int) -> dict:
+    """ZeRO communication sized to a ViT of this width. Gradients are reduced (and, at stage 3, parameters
+    prefetched) in buckets of about two transformer blocks (24 x width^2 elements: 3.5 M for ViT-S, 14 M for ViT-B,
+    25 M for ViT-L), overlapped with the backward pass. DeepSpeed's default 5e8-element buckets are larger than a
+    whole ViT-L, so everything would be reduced after backward, with nothing to overlap."""
+    bucket = 24 * width * width
+    common = {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": bucket}
+    if stage in (1, 2):
+        return {**common, "reduce_scatter": True, "allgather_bucket_size": bucket}
+    if stage == 3:  # parameters below 10 x width elements (norms, biases) stay whole: gathering them costs more
+        return {**common, "stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 10 * width}
+    return {}
 
-    The accelerate config file chooses the ZeRO stage, offload and precision; these four values belong to
-    the training config alone. A launcher config that sets one of them to a different value is an error
-    rather than a silent override.
+
+def configure_deepspeed(accelerator, cfg: PretrainConfig, width: int | None = None) -> None:
+    """Complete the DeepSpeed config from the training config (and the model ``width`` for the ZeRO buckets).
+
+    The accelerate config file chooses the ZeRO stage, offload and precision; batch, accumulation and clipping
+    belong to the training config alone (a launcher config that sets one to a different value is an error
+    rather than a silent override). Entries the launcher leaves unset or "auto" get defaults that keep the
+    device busy: DeepSpeed's throughput timer off (it synchronises the device in every forward and step),
+    fp32 gradient accumulation under bf16, ZeRO buckets sized to the model (:func:`zero_defaults`).
+    ZeRO-3 must gather 16-bit weights on save (the checkpoint's weights.safetensors), checked here, at start-up.
     """
     import logging
 
@@ -72,68 +100,22 @@ def configure_deepspeed(accelerator, cfg: PretrainConfig) -> None:
                 f"remove {key} from the accelerate/DeepSpeed config (or set it to auto): it comes from the training config"
             )
     ds.setdefault("steps_per_print", 10**9)  # progress goes to our bar and TensorBoard
-
-
-def find_resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
-    from expmae.checkpoint import latest_checkpoint, resolve_checkpoint
-
-    existing = latest_checkpoint(ckpt_dir)
-    if resume == "none":
-        if existing is not None:
-            raise FileExistsError(
-                f"{ckpt_dir} already holds checkpoints (newest {existing.name}); pass --resume auto to continue "
-                f"that run or set train.output_dir to a new folder"
-            )
-        return None
-    if resume == "auto":
-        return existing
-    try:
-        return resolve_checkpoint(resume)
-    except FileNotFoundError as exc:
-        raise ConfigError(f"--resume {resume}: {exc}") from None
-
-
-class EpochBatchSampler:
-    """This rank's batches of ``(epoch, index)`` pairs, epoch after epoch, starting at (epoch, batch).
-
-    An epoch's order is DistributedSampler's shuffle for (seed, epoch), cut to ``batches_per_epoch`` full
-    batches. Addressing items by (epoch, index) lets one DataLoader, with workers started once, serve the
-    whole run, while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
-    """
-
-    def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
-                 seed: int, start_epoch: int = 0, start_batch: int = 0):
-        self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
-        self.rank, self.world, self.seed = rank, world, seed
-        self.start_epoch, self.start_batch = start_epoch, start_batch
-
-    def __iter__(self):
-        from torch.utils.data import DistributedSampler
-
-        epoch, skip = self.start_epoch, self.start_batch
-        while True:
-            sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
-                                         shuffle=True, seed=self.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            for b in range(skip, self.batches_per_epoch):
-                yield [(epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
-            epoch, skip = epoch + 1, 0
-
-
-class EpochItems:
-    """``dataset[(epoch, index)]``: the item of ``index`` as augmented in ``epoch`` (see EpochBatchSampler)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
+    zero = ds.setdefault("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    bf16 = getattr(accelerator, "mixed_precision", "no") == "bf16" or ds.get("bf16", {}).get("enabled") is True
+    if bf16 and stage in (1, 2):  # DeepSpeed accumulates in the model's dtype unless told otherwise
+        ds.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
+    for key, value in (zero_defaults(stage, width) if width else {}).items():
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    if stage == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise ConfigError(
+            "the launcher runs ZeRO-3 without 16-bit weight gathering, so the first checkpoint would fail; set "
+            "zero3_save_16bit_model: true in the accelerate config (stage3_gather_16bit_weights_on_model_save: true "
+            "under zero_optimization in a DeepSpeed JSON)"
+        )
 
 
 def save_reconstruction(model, clips_uint8, *, seed: int, device, path: Path | None):
@@ -147,297 +129,273 @@ def save_reconstruction(model, clips_uint8, *, seed: int, device, path: Path | N
     return grid
 
 
-# ---------------------------------------------------------------------------------------------- training
+# ---------------------------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything built once at start-up; the loop reads it, the TrainState is what changes."""
+
+    cfg: PretrainConfig
+    accelerator: Any
+    model: Any  # as prepared (DeepSpeed engine / DDP wrapper)
+    raw_model: Any
+    plan: Plan
+    step: Any  # expmae.pretrain.step.StepContext
+    logger: Any  # expmae.pretrain.logger.TrainLogger
+    dataset: Any
+    recon_clips: Any
+    model_config: dict
+    resumed_from: Path | None
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
 
 
 def train(cfg: PretrainConfig, resume: str = "none") -> Path:
     """Train (or continue) the run described by ``cfg``; returns the final checkpoint folder."""
-    import dataclasses
-    import json
+    from expmae.pretrain.loader import Batches
 
-    import torch
-    from accelerate.utils import DistributedType, set_seed
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    run, state = setup(cfg, resume)
+    data = Batches(make_run_loader(run, state), state, run.plan.batches_per_epoch)
+    last_ckpt = run.resumed_from  # stays the answer when a finished run is resumed
+    run.model.train()
+    while state.step < run.plan.total_steps:
+        last_ckpt = train_one_epoch(run, state, data) or last_ckpt
+    return finish(run, state, last_ckpt)
 
-    from expmae.checkpoint import (MODEL_CONFIG_NAME, TRAIN_STATE_NAME, load_checkpoint, remove_partial,
-                                   save_checkpoint)
-    from expmae.config import save_config
-    from expmae.data import VideoClipDataset, normalize_clips
-    from expmae.flops import peak_bf16_flops, train_flops_per_clip
-    from expmae.jobs import JsonlLog
-    from expmae.model import create_model
-    from expmae.optim import cosine_lr, create_optimizer, scaled_lr, set_lr
+
+def train_one_epoch(run: Run, state: TrainState, data) -> Path | None:
+    """Optimizer steps until the epoch's data (or the schedule) ends; returns the last checkpoint it wrote."""
+    from expmae.optim import cosine_lr
+    from expmae.pretrain.step import train_step
+
+    plan, cfg, epoch, saved = run.plan, run.cfg, state.epoch, None
+    while state.epoch == epoch and state.step < plan.total_steps:
+        window_start = state.copy()
+        lr = cosine_lr(state.step, peak_lr=plan.peak_lr, min_lr=cfg.train.min_lr, warmup_steps=plan.warmup_steps,
+                       total_steps=plan.total_steps)
+        result = train_step(run.step, state, data, lr)
+        if result.stall is not None:
+            stop_on_stall(run, window_start, result.stall)
+        run.logger.log_step(result, state)
+        if not result.taken:
+            if state.consecutive_nonfinite >= cfg.train.max_nonfinite:
+                stop_on_nonfinite(run, state, result.step)
+            continue
+        step = state.step
+        if cfg.log.recon_every and step % cfg.log.recon_every == 0 and step != plan.total_steps:
+            reconstruction(run, step)
+        if step % cfg.checkpoint.every == 0 or step == plan.total_steps:
+            saved = checkpoint(run, state)
+    return saved
+
+
+def checkpoint(run: Run, state: TrainState) -> Path:
+    from expmae.checkpoint import save_checkpoint
+
+    run.logger.flush()  # the metrics up to this step are on disk before the checkpoint that resumes after them
+    return save_checkpoint(run.accelerator, run.model, run.out_dir / "checkpoints", state.step,
+                           {**state.to_dict(), "run_shape": run.plan.run_shape}, run.model_config,
+                           keep_last=run.cfg.checkpoint.keep_last)
+
+
+def reconstruction(run: Run, step: int) -> Path:
+    path = run.out_dir / "recon" / f"step_{step:07d}.png"
+    grid = save_reconstruction(run.raw_model, run.recon_clips, seed=run.cfg.train.seed, device=run.accelerator.device,
+                               path=path if run.accelerator.is_main_process else None)
+    run.logger.image("reconstruction", grid, step)
+    return path
+
+
+def stop_on_nonfinite(run: Run, state: TrainState, step: int):
+    saved_at = checkpoint(run, state)
+    run.logger.close()
+    t = run.cfg.train
+    raise NonFiniteLossError(
+        f"{state.consecutive_nonfinite} non-finite losses in a row (train.max_nonfinite={t.max_nonfinite}) at step "
+        f"{step}; stopped. Last good state saved to {saved_at}. Lower train.lr/base_lr, set train.clip_grad, or "
+        f"check the data"
+    )
+
+
+def stop_on_stall(run: Run, window_start: TrainState, reason: str):
+    """Every rank is here together (the stall flag travelled with the step's all-reduce): checkpoint the state at
+    the start of the unfinished window, then stop with the stalled rank's reason."""
+    from accelerate.utils import gather_object
+
+    reasons = [r for r in gather_object([reason]) if not r.startswith("another rank")]
+    saved_at = checkpoint(run, window_start)
+    run.logger.close()
+    raise DataStallError(f"{reasons[0] if reasons else reason}; stopped. Last good state saved to {saved_at}. "
+                         f"Check that clip (decord can hang on a corrupt file), or raise data.timeout")
+
+
+def finish(run: Run, state: TrainState, last_ckpt: Path | None) -> Path:
+    from expmae.jobs import JsonlShards
+
+    png = reconstruction(run, state.step)
+    run.logger.close()
+    if run.step.syncs is not None:
+        run.step.syncs.save(run.out_dir / "debug" / f"syncs_rank{run.accelerator.process_index}.json")
+    if run.accelerator.is_main_process:
+        failures = JsonlShards(run.out_dir / "data_failures").read()
+        if failures:
+            print(f"{len(failures)} clip loads failed and were replaced; see {run.out_dir / 'data_failures'}")
+        print(f"checkpoint: {last_ckpt}\ntensorboard: {run.out_dir / 'tensorboard'}\nreconstruction: {png}", flush=True)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return last_ckpt
+
+
+def make_run_loader(run: Run, state: TrainState):
+    from expmae.pretrain.loader import make_loader
+
+    cfg, accelerator = run.cfg, run.accelerator
+    debug = cfg.debug
+    return make_loader(run.dataset, plan=run.plan, state=state, rank=accelerator.process_index, seed=cfg.train.seed,
+                       num_workers=cfg.data.num_workers, timeout=cfg.data.timeout,
+                       pin_memory=accelerator.device.type == "cuda",
+                       hang=(debug.hang_clip, debug.hang_epoch) if debug.hang_clip >= 0 else None)
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+
+def setup(cfg: PretrainConfig, resume: str) -> tuple[Run, TrainState]:
+    """Accelerator, run-folder checks, model, data, plan, DeepSpeed, resume, logger: everything but the loop."""
+    from accelerate.utils import set_seed
+
+    from expmae.checkpoint import load_checkpoint
+    from expmae.pretrain.resume import check_resumable, check_shared_output_dir, choose_resume
 
     t = cfg.train
     accelerator = make_accelerator(cfg)
-    is_main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
-    is_deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     out_dir = Path(t.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    resume_from = find_resume_checkpoint(resume, ckpt_dir)
-    if is_main:
-        remove_partial(ckpt_dir)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    check_shared_output_dir(accelerator, out_dir)
+    resume_from = choose_resume(accelerator, resume, out_dir / "checkpoints")
     accelerator.wait_for_everyone()
 
     set_seed(t.seed)  # identical initial weights on every rank
+    model, init_note = build_model(cfg, resume_from)
+    model_config = dataclasses.asdict(model.cfg)
+    dataset = build_dataset(cfg, model.cfg)
+    recon_clips = build_recon_clips(cfg, dataset)
+    plan = Plan.from_config(cfg, len(dataset), accelerator.num_processes)
+    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
+    model, optimizer, raw_model = prepare(accelerator, cfg, model, plan)
+    set_seed(t.seed, device_specific=True)  # masking and drop-path must differ between ranks
+
+    state = TrainState()
+    if resume_from is not None:
+        check_resumable(resume_from, model_config, plan.run_shape)
+        state = TrainState.from_saved(load_checkpoint(accelerator, resume_from))  # also restores RNG states
+    logger = build_logger(cfg, accelerator, raw_model, plan, state, resumed=resume_from is not None)
+    if accelerator.is_main_process:
+        from expmae.config import save_config
+
+        save_config(cfg, out_dir / "config.yaml")
+        accelerator.print(
+            f"expMAE pretraining: {type(raw_model).__name__} {cfg.model.name} mode={raw_model.cfg.mode} "
+            f"{num_params / 1e6:.2f}M params | {len(dataset)} clips | "
+            f"{plan.world} x {accelerator.distributed_type.value} | global batch {plan.global_batch} | "
+            f"lr {plan.peak_lr:.3g} | {plan.total_steps} steps ({plan.steps_per_epoch}/epoch, warmup {plan.warmup_steps})"
+            + (f" | resumed from {resume_from}" if resume_from else "")
+            + (f" | initialised: {init_note}" if init_note else "")
+        )
+    return Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=raw_model, plan=plan,
+               step=build_step_context(cfg, accelerator, model, optimizer, raw_model), logger=logger, dataset=dataset,
+               recon_clips=recon_clips, model_config=model_config, resumed_from=resume_from), state
+
+
+def build_model(cfg: PretrainConfig, resume_from: Path | None):
+    from expmae.model import create_model
+
     try:  # the model's own checks (registry name, shapes) come back as config errors
         model = create_model(cfg.model.name, **cfg.model.overrides())
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
-    mcfg = model.cfg
-    model_config = dataclasses.asdict(mcfg)
     init_note = ""
-    if t.init_from and resume_from is None:  # a resumed run continues from its own weights
+    if cfg.train.init_from and resume_from is None:  # a resumed run continues from its own weights
         from expmae.export import init_from
 
         try:
-            init_note = init_from(model, t.init_from)
+            init_note = init_from(model, cfg.train.init_from)
         except (FileNotFoundError, ValueError) as exc:  # their messages are single lines naming the path
-            raise ConfigError(f"train.init_from={t.init_from}: {exc}") from None
+            raise ConfigError(f"train.init_from={cfg.train.init_from}: {exc}") from None
+    return model, init_note
+
+
+def build_dataset(cfg: PretrainConfig, mcfg):
+    from expmae.data import VideoClipDataset
+
     try:  # a clip that fails to load later is replaced (deterministically) and recorded in the run folder
-        dataset = VideoClipDataset(cfg.data.source, num_frames=mcfg.num_frames, sample_stride=cfg.data.sample_stride,
-                                   input_size=mcfg.img_size, train=True, seed=t.seed,
-                                   failure_log=out_dir / "data_failures.jsonl")
+        return VideoClipDataset(cfg.data.source, num_frames=mcfg.num_frames, sample_stride=cfg.data.sample_stride,
+                                input_size=mcfg.img_size, train=True, seed=cfg.train.seed,
+                                failure_log=Path(cfg.train.output_dir) / "data_failures")
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         raise ConfigError(f"data.source={cfg.data.source}: {exc}") from None
-    recon_clips = torch.stack([dataset[i] for i in range(min(cfg.log.recon_samples, len(dataset)))])
 
-    # Per rank, whole accumulation windows only (DistributedSampler drops the tail): an epoch is a whole
-    # number of optimizer steps, so epoch-based schedules are exact and windows never straddle epochs.
-    steps_per_epoch = len(dataset) // world // t.batch_size // t.grad_accum_steps
-    batches_per_epoch = steps_per_epoch * t.grad_accum_steps
-    if steps_per_epoch == 0:
-        raise ConfigError(
-            f"data.source={cfg.data.source} has {len(dataset)} clips, fewer than one optimizer step needs "
-            f"({world} ranks x train.batch_size={t.batch_size} x train.grad_accum_steps={t.grad_accum_steps})"
-        )
-    total_steps = t.max_steps or t.epochs * steps_per_epoch
-    warmup_steps = t.warmup_steps if t.warmup_steps is not None else round(t.warmup_epochs * steps_per_epoch)
-    global_batch = t.batch_size * t.grad_accum_steps * world
-    peak_lr = t.lr if t.lr is not None else scaled_lr(t.base_lr, global_batch)
-    tokens_per_clip = (mcfg.num_frames // mcfg.tubelet_size) * (mcfg.img_size // mcfg.patch_size) ** 2
 
-    num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
-    optimizer = create_optimizer(model, lr=peak_lr, weight_decay=t.weight_decay, betas=t.betas)
-    if is_deepspeed:
-        configure_deepspeed(accelerator, cfg)
+def build_recon_clips(cfg: PretrainConfig, dataset):
+    import torch
+
+    return torch.stack([dataset[i] for i in range(min(cfg.log.recon_samples, len(dataset)))])
+
+
+def prepare(accelerator, cfg: PretrainConfig, model, plan: Plan):
+    """Optimizer, DeepSpeed config, accelerate.prepare; returns (prepared model, optimizer, raw model)."""
+    import torch
+    from accelerate.utils import DistributedType
+
+    from expmae.optim import create_optimizer
+
+    t = cfg.train
+    optimizer = create_optimizer(model, lr=plan.peak_lr, weight_decay=t.weight_decay, betas=t.betas)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        configure_deepspeed(accelerator, cfg, width=model.cfg.embed_dim)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
-    dtype = next(raw_model.parameters()).dtype  # bf16 under DeepSpeed bf16: inputs must match
+    dtype = raw_model.dtype
     if dtype != torch.float32:
         # DeepSpeed casts parameters, not buffers: fixed float buffers (sin-cos position codes) follow here,
         # or bf16 tokens + fp32 codes would silently promote activations back to fp32.
         for buffer in raw_model.buffers():
             if buffer.is_floating_point():
                 buffer.data = buffer.data.to(dtype)
-    device = accelerator.device
-    set_seed(t.seed, device_specific=True)  # masking and drop-path must differ between ranks
+    return model, optimizer, raw_model
+
+
+def build_step_context(cfg: PretrainConfig, accelerator, model, optimizer, raw_model):
+    from accelerate.utils import DistributedType
+
+    from expmae.pretrain.debug import Faults, SyncCounter
+    from expmae.pretrain.step import StepContext
+
+    rank, debug_dir = accelerator.process_index, Path(cfg.train.output_dir) / "debug"
+    return StepContext(
+        accelerator=accelerator, model=model, optimizer=optimizer, grad_accum_steps=cfg.train.grad_accum_steps,
+        clip_grad=cfg.train.clip_grad, mean=raw_model.cfg.mean, std=raw_model.cfg.std,
+        faults=Faults.from_config(cfg.debug, rank), deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
+        syncs=SyncCounter().install() if cfg.debug.count_syncs else None,
+        dump_to=debug_dir / f"inputs_rank{rank}.safetensors" if cfg.debug.dump_inputs else None,
+    )
+
+
+def build_logger(cfg: PretrainConfig, accelerator, raw_model, plan: Plan, state: TrainState, resumed: bool):
+    import torch
+
+    from expmae.flops import peak_bf16_flops, train_flops_per_clip
+    from expmae.pretrain.logger import TrainLogger
+
+    mcfg, device = raw_model.cfg, accelerator.device
     # Model FLOPs utilisation, as in bench_pretrain: against the device's dense bf16 peak when it computes in bf16
-    flops_per_clip = train_flops_per_clip(mcfg)
-    bf16 = dtype == torch.bfloat16 or accelerator.mixed_precision == "bf16"
-    peak_flops = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and bf16 else None
-
-    state = {"step": 0, "micro_step": 0, "epoch": 0, "batch_in_epoch": 0, "skipped_steps": 0,
-             "nonfinite_losses": 0, "consecutive_nonfinite": 0}
-    run_shape = {"world_size": world, "batch_size": t.batch_size, "grad_accum_steps": t.grad_accum_steps}
-    if resume_from is not None:
-        # Check before loading: a different model would otherwise fail deep inside load_state.
-        saved_model = json.loads((resume_from / MODEL_CONFIG_NAME).read_text())
-        changed = sorted(k for k in model_config if json.dumps(model_config[k]) != json.dumps(saved_model.get(k)))
-        if changed:
-            raise ConfigError(f"{resume_from}: the model config differs from the checkpoint's in {', '.join(changed)}")
-        saved_shape = json.loads((resume_from / TRAIN_STATE_NAME).read_text()).get("run_shape")
-        if saved_shape != run_shape:
-            raise ConfigError(f"{resume_from}: written with {saved_shape}, this run is {run_shape}; "
-                              f"an exact resume needs the same ranks, batch size and accumulation")
-        saved = load_checkpoint(accelerator, resume_from)  # also restores every rank's RNG states
-        state.update({k: saved[k] for k in state})
-        state["consecutive_nonfinite"] = 0  # a run stopped by the guard resumes with a fresh allowance
-
-    # ---- logging (main process): config, per-step jsonl, TensorBoard
-    metrics = JsonlLog(out_dir / "metrics.jsonl")
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        # Steps after the checkpoint were not kept: drop them so the log is one trajectory.
-        metrics.rewrite([r for r in metrics.read() if r.get("step", 0) <= state["step"]] if resume_from else [])
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=state["step"] + 1 if resume_from else None)
-        accelerator.print(
-            f"expMAE pretraining: {type(raw_model).__name__} {cfg.model.name} mode={mcfg.mode} "
-            f"{num_params / 1e6:.2f}M params | {len(dataset)} clips | "
-            f"{world} x {accelerator.distributed_type.value} | global batch {global_batch} | "
-            f"lr {peak_lr:.3g} | {total_steps} steps ({steps_per_epoch}/epoch, warmup {warmup_steps})"
-            + (f" | resumed from {resume_from}" if resume_from else "")
-            + (f" | initialised: {init_note}" if init_note else "")
-        )
-
-    nan_steps, zero_steps = set(cfg.debug.nonfinite_steps), set(cfg.debug.zero_loss_steps)
-    nan_here = cfg.debug.nonfinite_rank in (-1, rank)
-
-    # Worker seeds come from the loader's own generator: the global RNG (masking) stays untouched.
-    loader = DataLoader(EpochItems(dataset), num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        batch_sampler=EpochBatchSampler(len(dataset), batch_size=t.batch_size,
-                                                        batches_per_epoch=batches_per_epoch, rank=rank, world=world,
-                                                        seed=t.seed, start_epoch=state["epoch"],
-                                                        start_batch=state["batch_in_epoch"]),
-                        generator=torch.Generator().manual_seed(t.seed), persistent_workers=False)
-
-    def batches():
-        for clips in loader:
-            state["batch_in_epoch"] += 1
-            if state["batch_in_epoch"] == batches_per_epoch:
-                state["epoch"], state["batch_in_epoch"] = state["epoch"] + 1, 0
-            yield clips
-
-    def checkpoint() -> Path:
-        return save_checkpoint(accelerator, model, ckpt_dir, state["step"], {**state, "run_shape": run_shape},
-                               model_config, keep_last=cfg.checkpoint.keep_last)
-
-    def reconstruction(step: int) -> Path:
-        path = out_dir / "recon" / f"step_{step:07d}.png"
-        grid = save_reconstruction(raw_model, recon_clips, seed=t.seed, device=device,
-                                   path=path if is_main else None)
-        if writer is not None:
-            writer.add_image("reconstruction", grid, step)
-        return path
-
-    data = batches()
-    last_ckpt = resume_from  # stays the answer when a finished run is resumed
-    interval = {"t0": time.perf_counter(), "steps": 0, "loss": 0.0, "mae": 0.0, "video": 0.0, "data_s": 0.0}
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="pretrain", unit="step",
-               dynamic_ncols=True)
-    model.train()
-    while state["step"] < total_steps:
-        step = state["step"]  # 0-based index of the optimizer step being taken
-        lr = cosine_lr(step, peak_lr=peak_lr, min_lr=t.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
-        set_lr(optimizer, lr)  # before backward: under DeepSpeed the step runs inside accelerator.backward
-        sums, good, dropped, last_good = torch.zeros(3, dtype=torch.float64), 0, 0, None
-        for _ in range(t.grad_accum_steps):
-            # time blocked on the loader: > 0 for long means the data path, not the model, sets the pace
-            wait_start = time.perf_counter()
-            clips = next(data)
-            interval["data_s"] += time.perf_counter() - wait_start
-            clips = clips.to(device, non_blocking=True)
-            with accelerator.accumulate(model):
-                out = model(normalize_clips(clips, dtype=dtype, mean=mcfg.mean, std=mcfg.std))
-                loss = out["loss"]
-                if state["micro_step"] in nan_steps and nan_here:
-                    loss = loss * float("nan")
-                elif state["micro_step"] in zero_steps:
-                    loss = loss * 0.0
-                # One all-reduce carries the losses and the non-finite count: every rank takes the same
-                # decision to drop, so none is left waiting in a collective (DeepSpeed would deadlock).
-                parts = [loss.detach().float(),
-                         *(out[k].detach().float() if k in out else loss.new_zeros((), dtype=torch.float32)
-                           for k in ("loss_mae", "loss_video"))]
-                stats = torch.stack([*parts, (~torch.isfinite(parts[0])).float()])
-                if world > 1:
-                    torch.distributed.all_reduce(stats)  # sum over ranks
-                stats = stats.tolist()
-                if stats[3] == 0:
-                    accelerator.backward(loss)
-                    sums += torch.tensor(stats[:3], dtype=torch.float64) / world
-                    good, last_good = good + 1, clips
-                else:  # a non-finite micro-batch is dropped (on every rank): it adds no gradient
-                    state["nonfinite_losses"] += 1
-                    dropped += 1
-                    if accelerator.sync_gradients and good:
-                        # The window's last backward is the one that all-reduces the gradients and, under
-                        # DeepSpeed, takes the optimizer step. Give it a zero loss on a finite graph (the last good
-                        # micro-batch again), so the step uses the window's finite micro-batches. fork_rng: the
-                        # extra forward draws no masks from the training stream.
-                        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                            zero = model(normalize_clips(last_good, dtype=dtype, mean=mcfg.mean, std=mcfg.std))
-                        accelerator.backward(zero["loss"] * 0.0)
-            state["micro_step"] += 1
-
-        if not good:  # every micro-batch of the window was non-finite: no backward ran, nothing to undo
-            optimizer.zero_grad(set_to_none=True)
-            state["skipped_steps"] += 1
-            state["consecutive_nonfinite"] += 1
-            if is_main:
-                metrics.append({"step": step + 1, "skipped": True, "micro_step": state["micro_step"]})
-                writer.add_scalar("train/skipped_steps", state["skipped_steps"], step + 1)
-                bar.write(f"step {step + 1}: non-finite loss, step skipped "
-                          f"({state['consecutive_nonfinite']} in a row, {state['skipped_steps']} in total)")
-            if state["consecutive_nonfinite"] >= t.max_nonfinite:
-                saved_at = checkpoint()
-                bar.close()
-                raise NonFiniteLossError(
-                    f"{state['consecutive_nonfinite']} non-finite losses in a row (train.max_nonfinite="
-                    f"{t.max_nonfinite}) at step {step + 1}; stopped. Last good state saved to {saved_at}. "
-                    f"Lower train.lr/base_lr, set train.clip_grad, or check the data"
-                )
-            continue
-
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.clip_grad if t.clip_grad > 0 else math.inf)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] = step = step + 1
-        state["consecutive_nonfinite"] = 0
-        loss_avg = (sums / good).tolist()
-
-        if is_main:
-            record = {"step": step, "loss": loss_avg[0], "lr": lr, "epoch": state["epoch"]}
-            if dropped:  # the step used the window's other (finite) micro-batches
-                record["dropped_micro_batches"] = dropped
-            if "loss_mae" in out:
-                record["loss_mae"] = loss_avg[1]
-            if "loss_video" in out:
-                record["loss_video"] = loss_avg[2]
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            metrics.append(record)
-            interval["steps"] += 1
-            for key, v in zip(("loss", "mae", "video"), loss_avg):
-                interval[key] += v
-            if step % cfg.log.log_every == 0 or step == total_steps:
-                n, elapsed = interval["steps"], time.perf_counter() - interval["t0"]
-                writer.add_scalar("train/loss", interval["loss"] / n, step)
-                if "loss_mae" in out:
-                    writer.add_scalar("train/loss_mae", interval["mae"] / n, step)
-                if "loss_video" in out:
-                    writer.add_scalar("train/loss_video", interval["video"] / n, step)
-                writer.add_scalar("train/lr", lr, step)
-                if grad_norm is not None:
-                    writer.add_scalar("train/grad_norm", float(grad_norm), step)
-                writer.add_scalar("train/skipped_steps", state["skipped_steps"], step)
-                clips_per_s = n * global_batch / elapsed
-                writer.add_scalar("perf/clips_per_s", clips_per_s, step)
-                writer.add_scalar("perf/tokens_per_s", clips_per_s * tokens_per_clip, step)  # input tubelet tokens
-                writer.add_scalar("perf/data_wait_frac", interval["data_s"] / elapsed, step)
-                device_flops = clips_per_s / world * flops_per_clip  # model FLOP/s of one device
-                writer.add_scalar("perf/model_tflops_per_device", device_flops / 1e12, step)
-                if peak_flops:
-                    writer.add_scalar("perf/mfu", device_flops / peak_flops, step)
-                if device.type == "cuda":
-                    writer.add_scalar("perf/gpu_mem_peak_gib", torch.cuda.max_memory_allocated(device) / 2**30, step)
-                    torch.cuda.reset_peak_memory_stats(device)
-                bar.set_postfix(loss=f"{interval['loss'] / n:.4f}", lr=f"{lr:.2e}", clips_s=f"{clips_per_s:.1f}",
-                                data_wait=f"{interval['data_s'] / elapsed:.0%}",
-                                **({"mfu": f"{device_flops / peak_flops:.0%}"} if peak_flops else {}))
-                interval.update(t0=time.perf_counter(), steps=0, loss=0.0, mae=0.0, video=0.0, data_s=0.0)
-        bar.update(1)
-
-        if cfg.log.recon_every and step % cfg.log.recon_every == 0 and step != total_steps:
-            reconstruction(step)
-        if step % cfg.checkpoint.every == 0 or step == total_steps:
-            last_ckpt = checkpoint()
-    bar.close()
-
-    png = reconstruction(state["step"])
-    if writer is not None:
-        writer.close()
-        failures = out_dir / "data_failures.jsonl"
-        if failures.exists():
-            print(f"{len(JsonlLog(failures).read())} clip loads failed and were replaced; see {failures}")
-        print(f"checkpoint: {last_ckpt}\ntensorboard: {out_dir / 'tensorboard'}\nreconstruction: {png}", flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return last_ckpt
-
-
+    bf16 = raw_model.dtype == torch.bfloat16 or accelerator.mixed_precision == "bf16"
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" and bf16 else None
+    return TrainLogger(Path(cfg.train.output_dir), enabled=accelerator.is_main_process, plan=plan,
+                       start_step=state.step, resumed=resumed, log_every=cfg.log.log_every,
+                       flops_per_clip=train_flops_per_clip(mcfg), peak_flops=peak, device=device,
+                       tokens_per_clip=(mcfg.num_frames // mcfg.tubelet_size) * (mcfg.img_size // mcfg.patch_size) ** 2)

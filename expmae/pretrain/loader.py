@@ -1,0 +1,117 @@
+"""The training data stream: one DataLoader for the whole run, addressed by (epoch, index), with a stall guard.
+
+A stuck decoder (dmlc/decord#220) would otherwise stall its rank while every other rank waits in an
+all-reduce until NCCL's timeout. With ``data.timeout`` the DataLoader gives up after that many seconds;
+:class:`Batches` turns that into a :class:`DataStall` naming the clip the stuck worker was decoding.
+"""
+from __future__ import annotations
+
+import time
+
+
+class DataStall(RuntimeError):
+    """No batch within data.timeout seconds; the message names the clip being decoded."""
+
+
+class EpochBatchSampler:
+    """This rank's batches of ``(epoch, index)`` pairs, epoch after epoch, starting at (epoch, batch).
+
+    An epoch's order is DistributedSampler's shuffle for (seed, epoch), cut to ``batches_per_epoch`` full
+    batches. Addressing items by (epoch, index) lets one DataLoader, with workers started once, serve the
+    whole run, while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
+    """
+
+    def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
+                 seed: int, start_epoch: int = 0, start_batch: int = 0):
+        self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
+        self.rank, self.world, self.seed = rank, world, seed
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+
+    def __iter__(self):
+        from torch.utils.data import DistributedSampler
+
+        epoch, skip = self.start_epoch, self.start_batch
+        while True:
+            sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+            for b in range(skip, self.batches_per_epoch):
+                yield [(epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            epoch, skip = epoch + 1, 0
+
+
+class EpochItems:
+    """``dataset[(epoch, index)]``: the item of ``index`` as augmented in ``epoch`` (see EpochBatchSampler).
+
+    Each DataLoader worker notes in shared memory which clip it is decoding and since when, so a stall can
+    be blamed on a clip. ``hang=(index, epoch)`` (debug.hang_clip) makes decoding that clip hang from that
+    epoch on, in a worker: a stand-in for a stuck decoder.
+    """
+
+    def __init__(self, dataset, num_workers: int = 0, hang: tuple[int, int] | None = None):
+        import torch
+
+        self.dataset, self.hang = dataset, hang
+        self.decoding = torch.full((max(1, num_workers), 2), -1.0, dtype=torch.float64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        from torch.utils.data import get_worker_info
+
+        epoch, index = key
+        worker = get_worker_info()
+        slot = self.decoding[worker.id if worker is not None else 0]
+        slot[0], slot[1] = index, time.time()
+        if self.hang is not None and worker is not None and index == self.hang[0] and epoch >= self.hang[1]:
+            time.sleep(10**6)
+        self.dataset.set_epoch(epoch)
+        item = self.dataset[index]
+        slot[0] = -1
+        return item
+
+    def stuck_clip(self) -> str:
+        """The clip a worker has been decoding the longest, as ``path (N s)``; '' when none is busy."""
+        busy = [(float(t), int(i)) for i, t in self.decoding.tolist() if i >= 0]
+        if not busy:
+            return ""
+        since, index = min(busy)
+        return f"{self.dataset.paths[index]} ({time.time() - since:.0f} s)"
+
+
+def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int, timeout: float,
+                pin_memory: bool, hang: tuple[int, int] | None = None):
+    """One DataLoader for the whole run, starting at the state's data position."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    sampler = EpochBatchSampler(len(dataset), batch_size=plan.batch_size, batches_per_epoch=plan.batches_per_epoch,
+                                rank=rank, world=plan.world, seed=seed, start_epoch=state.epoch,
+                                start_batch=state.batch_in_epoch)
+    # Worker seeds come from the loader's own generator: the global RNG (masking) stays untouched.
+    return DataLoader(EpochItems(dataset, num_workers, hang), batch_sampler=sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, timeout=timeout if num_workers else 0,
+                      generator=torch.Generator().manual_seed(seed), persistent_workers=False)
+
+
+class Batches:
+    """Iterate a loader made by :func:`make_loader`, advancing the state's data position; a DataLoader timeout
+    becomes a :class:`DataStall` naming the clip."""
+
+    def __init__(self, loader, state, batches_per_epoch: int):
+        self.loader, self.state, self.batches_per_epoch = loader, state, batches_per_epoch
+        self.it = iter(loader)
+
+    def __next__(self):
+        try:
+            clips = next(self.it)
+        except RuntimeError as exc:
+            if "timed out" not in str(exc):
+                raise
+            clip = self.loader.dataset.stuck_clip() or "no clip in progress"
+            raise DataStall(f"no batch within data.timeout={self.loader.timeout:g} s; a DataLoader worker was "
+                            f"decoding {clip}") from None
+        self.state.next_batch(self.batches_per_epoch)
+        return clips
