@@ -78,6 +78,11 @@ class DataConfig:
     source: str | None = _f(None, "expmae-crop output folder (manifest.jsonl), or a folder of videos")
     sample_stride: int = _f(4, "frame stride within a clip", min=1)
     num_workers: int = _f(4, "DataLoader worker processes per rank", min=0)
+    repeated_samples: int = _f(1, "training samples per decoded clip (own window, crop, flip, masks); "
+                                  "train.batch_size must be a multiple", min=1)
+    augment_on: str = _f("auto", "where the crop/resize/flip runs: cpu (DataLoader workers), device (batched on "
+                                 "the training device, same bytes), auto (device on a GPU)",
+                         choices=("auto", "cpu", "device"))
 
 
 @dataclass
@@ -300,6 +305,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(f"model.num_frames={m.num_frames} must be divisible by model.tubelet_size={m.tubelet_size}")
     if m.embed_dim is not None and m.num_heads is not None and m.embed_dim % m.num_heads:
         raise ConfigError(f"model.embed_dim={m.embed_dim} must be divisible by model.num_heads={m.num_heads}")
+    if cfg.train.batch_size % cfg.data.repeated_samples:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of "
+                          f"data.repeated_samples={cfg.data.repeated_samples} (a batch holds whole clips' samples)")
     if cfg.data.source is None:
         raise ConfigError("data.source is not set; expected an expmae-crop output folder or a folder of videos")
     return cfg
