@@ -313,7 +313,10 @@ def collate_samples(items: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
             raise ValueError(f"augment_on='device' needs clips of one frame size (an expmae-crop folder); this batch "
                              f"has {sorted(sizes)}: use data.augment_on=cpu for sources of mixed sizes")
         offsets = np.cumsum([0] + [len(item["frames"]) for item in items[:-1]])
-        return {"frames": torch.cat([item["frames"] for item in items]),  # (F, H, W, 3)
+        frames = torch.empty((sum(len(item["frames"]) for item in items), *sizes.pop()), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            frames.share_memory_()  # in a worker: written once, straight where the main process reads it
+        return {"frames": torch.cat([item["frames"] for item in items], out=frames),  # (F, H, W, 3)
                 "frame_index": torch.cat([item["frame_index"] + int(o) for item, o in zip(items, offsets)]),  # (B, T)
                 "box": torch.cat([item["box"] for item in items]), "flip": torch.cat([item["flip"] for item in items])}
     return default_collate(list(items))  # (clip, label) pairs

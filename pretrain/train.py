@@ -133,49 +133,6 @@ def find_resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
         raise ConfigError(f"--resume {resume}: {exc}") from None
 
 
-class EpochBatchSampler:
-    """This rank's batches of ``(epoch, index)`` pairs, epoch after epoch, starting at (epoch, batch).
-
-    An epoch's order is DistributedSampler's shuffle for (seed, epoch), cut to ``batches_per_epoch`` full
-    batches. Addressing items by (epoch, index) lets one DataLoader, with workers started once, serve the
-    whole run, while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
-    """
-
-    def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
-                 seed: int, start_epoch: int = 0, start_batch: int = 0):
-        self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
-        self.rank, self.world, self.seed = rank, world, seed
-        self.start_epoch, self.start_batch = start_epoch, start_batch
-
-    def __iter__(self):
-        from torch.utils.data import DistributedSampler
-
-        epoch, skip = self.start_epoch, self.start_batch
-        while True:
-            sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
-                                         shuffle=True, seed=self.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            for b in range(skip, self.batches_per_epoch):
-                yield [(epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
-            epoch, skip = epoch + 1, 0
-
-
-class EpochItems:
-    """``dataset[(epoch, index)]``: the item of ``index`` as augmented in ``epoch`` (see EpochBatchSampler)."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
-
-
 def save_reconstruction(model, clips_uint8, *, seed: int, device, path: Path | None):
     """The reconstruction grid of a fixed batch with fixed masks (expmae.visualize). Every rank runs it (ZeRO-3
     gathers parameters collectively); the main process writes ``path``. Returns the grid (3, H, W) in [0, 1]."""
@@ -203,7 +160,8 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
     from expmae.checkpoint import (MODEL_CONFIG_NAME, TRAIN_STATE_NAME, load_checkpoint, remove_partial,
                                    save_checkpoint)
     from expmae.config import save_config
-    from expmae.data import VideoClipDataset, normalize_clips
+    from expmae.data import (EpochBatchSampler, EpochItems, VideoClipDataset, batch_to_device, collate_samples,
+                             normalize_clips, resolve_augment_on)
     from expmae.flops import peak_bf16_flops, train_flops_per_clip
     from expmae.jobs import JsonlLog
     from expmae.model import create_model
@@ -238,10 +196,12 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
     try:  # a clip that fails to load later is replaced (deterministically) and recorded in the run folder
         dataset = VideoClipDataset(cfg.data.source, num_frames=mcfg.num_frames, sample_stride=cfg.data.sample_stride,
                                    input_size=mcfg.img_size, train=True, seed=t.seed,
-                                   failure_log=out_dir / "data_failures.jsonl")
+                                   failure_log=out_dir / "data_failures.jsonl",
+                                   repeated_samples=cfg.data.repeated_samples,  # issue 13: k samples per decode
+                                   augment_on=resolve_augment_on(cfg.data.augment_on, accelerator.device))
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         raise ConfigError(f"data.source={cfg.data.source}: {exc}") from None
-    recon_clips = torch.stack([dataset[i] for i in range(min(cfg.log.recon_samples, len(dataset)))])
+    recon_clips = dataset.reference_clips(cfg.log.recon_samples)  # uint8 (n, 3, T, S, S), whatever augment_on
 
     # Per rank, whole accumulation windows only (DistributedSampler drops the tail): an epoch is a whole
     # number of optimizer steps, so epoch-based schedules are exact and windows never straddle epochs.
@@ -323,7 +283,9 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
                         batch_sampler=EpochBatchSampler(len(dataset), batch_size=t.batch_size,
                                                         batches_per_epoch=batches_per_epoch, rank=rank, world=world,
                                                         seed=t.seed, start_epoch=state["epoch"],
-                                                        start_batch=state["batch_in_epoch"]),
+                                                        start_batch=state["batch_in_epoch"],
+                                                        repeated_samples=cfg.data.repeated_samples),
+                        collate_fn=collate_samples,
                         generator=torch.Generator().manual_seed(t.seed), persistent_workers=False)
 
     def batches():
@@ -361,7 +323,7 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
             wait_start = time.perf_counter()
             clips = next(data)
             interval["data_s"] += time.perf_counter() - wait_start
-            clips = clips.to(device, non_blocking=True)
+            clips = batch_to_device(clips, device, mcfg.img_size)  # augment_on=device: cropped/resized here
             with accelerator.accumulate(model):
                 out = model(normalize_clips(clips, dtype=dtype, mean=mcfg.mean, std=mcfg.std))
                 loss = out["loss"]
