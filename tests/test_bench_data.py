@@ -84,7 +84,8 @@ def test_quick_run_of_all_parts(bench, single_thread, capsys):
     assert naive["centre_err_mean"] == naive["centre_err_max"] == naive["side_err_mean"] == 0
 
     forms = bench.STORED_FORMS["quick"]
-    names = [f"face clips, {f}, augment on {a}, {k} samples/clip" for f in forms for a, k in bench.LOADER_SETTINGS]
+    settings = lambda i: bench.LOADER_SETTINGS if i == 0 else bench.LOADER_SETTINGS[1::2]  # noqa: E731 - all for the default form
+    names = [f"face clips, {f}, augment on {a}, {k} samples/clip" for i, f in enumerate(forms) for a, k in settings(i)]
     names += ["raw videos, full pipeline (crop+resize whole frame)", "raw videos, plain decord decode only (baseline)"]
     assert [r["dataset"] for r in loader] == names  # one object per dataset and worker count (here: 0)
     by_form = {r["stored_form"]: r for r in loader}
@@ -94,7 +95,8 @@ def test_quick_run_of_all_parts(bench, single_thread, capsys):
         if r["stored_form"] != "raw":
             k = r["repeated_samples"]
             assert r["input_size"] == 64 and r["decode_clips_per_s_per_core"] > 0
-            assert r["samples"] == 8 and r["batch_size"] == 4  # --samples 8 in batches of 4 samples (4 / k clips)
+            # --samples 8 in batches of 4 samples (4 / k clips), at least 3 batches: 12
+            assert r["samples"] == 12 and r["batch_size"] == 4
             assert (r["device_augment_ms_per_sample"] is None) is (r["augment_on"] == "cpu")
     # .npy stores raw uint8 frames: 64 * 64 * 3 bytes each, plus a 128-byte header per file
     assert 64 * 64 * 3 <= by_form["npy 64"]["bytes_per_stored_frame"] <= 64 * 64 * 3 + 128
@@ -111,7 +113,7 @@ def test_quick_run_of_all_parts(bench, single_thread, capsys):
     assert d["demand_clips_per_s"] == pytest.approx(989e12 * 0.4 / train_flops_per_clip(cfg), abs=0.05)
     best = max((r for r in loader if r["stored_form"] == "mp4 64"), key=lambda r: r["clips_per_s_per_core"])
     assert (d["best_loader"], d["best_clips_per_s_per_core"]) == (best["dataset"], best["clips_per_s_per_core"])
-    assert d["cores_per_gpu_needed"] == pytest.approx(d["demand_clips_per_s"] / best["clips_per_s_per_core"], rel=1e-3)
+    assert d["cores_per_gpu_needed"] == pytest.approx(d["demand_clips_per_s"] / best["clips_per_s_per_core"], abs=0.006)  # rounded
     best = max((r for r in loader if r["stored_form"] != "raw"), key=lambda r: r["clips_per_s_per_core"])
     assert d["best_loader_any_form"] == best["dataset"]
     assert d["cores_per_gpu_needed_any_form"] <= d["cores_per_gpu_needed"]

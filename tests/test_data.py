@@ -285,6 +285,11 @@ def test_four_repeated_samples_of_a_clip_differ_in_window_and_crop(tmp_path, gre
     # a batch of samples: clips' samples adjacent, batch size = clips x k
     batch = collate_samples([ds[0], ds[1]])
     assert batch.shape == (8, 3, 8, 32, 32) and torch.equal(batch[4:], clips)
+    # own masks: the model draws them per sample of the batch, so a clip's k samples never share one
+    from expmae.model import random_masking, tube_masking
+
+    for masking in (random_masking(len(batch), 196, 0.75), tube_masking(len(batch), 8, 196, 0.9)):  # ViT-B 16x224
+        assert all(not torch.equal(masking.mask[a], masking.mask[b]) for a in range(4, 8) for b in range(4, a))
     with pytest.raises(ValueError, match="labels"):
         VideoClipDataset(grey_sources, repeated_samples=2, labels={"clip0": 1})
 

@@ -17,20 +17,35 @@ measurement, git commit, UTC time), to compare across commits. A one-line summar
 crop (one object per setting): frames/s and videos/s of the face-crop job in one process for naive every-frame
         detection at native resolution and for sampled / downscaled settings, the crop-centre jitter, and how far
         each setting's per-frame crop box lies from the naive one (centre and size error, fraction of the side).
-loader (one object per dataset and worker count): clips/s of VideoClipDataset (``--num-frames`` frames, stride 4,
-        224 px, VideoMAE augmentation) over the face clips in each stored form, against plain decord decoding of
-        the same frame indices from the raw videos (no crop, no augmentation); bytes on disk per stored frame.
-        Items are not collated (stored forms decode to the same output; the raw baseline's sizes differ).
+loader (one object per dataset and worker count): VideoClipDataset (``--num-frames`` frames, stride 4, 224 px,
+        VideoMAE augmentation) over the face clips in each stored form, under each (augment_on, repeated_samples)
+        of LOADER_SETTINGS, through a DataLoader with collate_samples and batches of ``--loader-batch-size``
+        samples; then the raw videos through the whole CPU path, and plain decord decoding of the sampled frames
+        of the raw videos (no crop, no augmentation) as the baseline:
+        ``clips_per_s``            training samples per second of wall time (the first batch left out);
+        ``clips_per_s_per_core``   training samples per CPU core-second: CPU time (user + system) of this process
+                                   and its workers (read from /proc before they exit), start-up included, so
+                                   other jobs on shared cores do not count; repeated samples count each;
+        ``decode_clips_per_s_per_core``  the raw decode rate of the stored form: one window's frames per CPU
+                                   second (open + decode, no augmentation, no repeated sampling);
+        ``device_augment_ms_per_sample`` (augment_on=device) expmae.data.augment_on_device on ``--device``;
+        ``bytes_per_stored_frame`` bytes on disk per frame.
+demand (one object): the clips/s one GPU consumes, ``--peak-tflops`` (989: H100/H200 dense bf16) x ``--mfu`` (0.4) /
+        the training FLOPs per clip of ``--demand-model`` (ViT-B 16 x 224 expMAE, expmae.flops), and
+        ``cores_per_gpu_needed`` = that / the best ``clips_per_s_per_core`` with workers on the stored form
+        expmae-crop writes by default (``..._any_form``: on any stored form).
 pipeline (one object per worker count): what pretrain/train.py does, at the model's geometry and ``--batch-size``:
         ``step_clips_per_s``   the expMAE training step alone (tools/bench_pretrain.py's ConfigRun "expmae":
                                masks, forward, backward, fused AdamW) on inputs already on the device, median of
                                ``--steps`` steps after warm-up;
         ``loader_clips_per_s`` the training DataLoader alone (face clips in the default stored form,
-                               VideoClipDataset train=True, default collate, this worker count), ``--steps``
-                               batches after the first (worker start-up is not throughput);
-        ``pipeline_clips_per_s``, ``data_wait_fraction``  a loop that pulls a batch, moves it to the device,
-                               normalises it (expmae.data.normalize_clips) and takes a training step, ``--steps``
-                               times after one untimed batch + step; data_wait_fraction = time blocked in
+                               VideoClipDataset train=True, ``--repeated-samples``, ``--augment-on``,
+                               collate_samples, this worker count), ``--steps`` batches after the first (worker
+                               start-up is not throughput);
+        ``pipeline_clips_per_s``, ``data_wait_fraction``  a loop that pulls a batch, moves it to the device
+                               (expmae.data.batch_to_device: augmented there with augment_on=device), normalises
+                               it (expmae.data.normalize_clips) and takes a training step, ``--steps`` times
+                               after one untimed batch + step; data_wait_fraction = time blocked in
                                next(loader) / loop time;
         ``loader_headroom``    loader_clips_per_s / step_clips_per_s;
         ``bottleneck``         "data" when loader_headroom < 1 (the loader alone cannot feed the step) or
@@ -81,9 +96,10 @@ STORED_FORMS = {
     "quick": {"mp4 64": dict(size=64, format="mp4"), "mp4 32": dict(size=32, format="mp4"),
               "npy 64": dict(size=64, format="npy")},
 }
-LOADER_SETTINGS = [("cpu", 1), ("cpu", 4), ("device", 1), ("device", 4)]  # (data.augment_on, data.repeated_samples)
+# (data.augment_on, data.repeated_samples): all for the default stored form, every 2nd for the others
+LOADER_SETTINGS = [("cpu", 1), ("cpu", 4), ("device", 1), ("device", 4)]
 MODE = {  # input and measurement sizes per mode; the model's geometry comes from bench_pretrain's PRESETS
-    "full": dict(frames=96, samples=128, loader_batch_size=32, synthetic_size=224, real=len(REAL), steps=10),
+    "full": dict(frames=96, samples=256, loader_batch_size=32, synthetic_size=224, real=len(REAL), steps=10),
     "quick": dict(frames=24, samples=8, loader_batch_size=4, synthetic_size=96, real=3, steps=3),
 }
 CUDA_STEPS = 20
@@ -338,35 +354,50 @@ def clip_batches(num_clips: int, clips_per_batch: int, dataset_len: int) -> list
             for b in range(0, num_clips, clips_per_batch)]
 
 
-def loader_rates(dataset, samples: int, batch_size: int, workers: int) -> tuple[float, float, int]:
-    """(samples/s of wall time, samples per CPU core-second, samples delivered) of a DataLoader over
-    ``dataset`` with batches of ``batch_size`` samples (batch_size / k clips of k samples each).
-
-    Wall time leaves out the first batch (worker start-up, first decode). CPU time is what this process and
-    its workers used from the start to the last batch, read before the workers exit (so not their exit), per
-    process, not wall time: other jobs sharing the cores do not count against the loader.
-    """
-    import math
-
+def run_loader(dataset, batches: list[list[int]], workers: int) -> tuple[int, float, float]:
+    """(samples, wall seconds after the first batch, CPU seconds of this process and its workers) of one
+    DataLoader pass over ``batches``; worker CPU is read from /proc after the last batch, before they exit."""
     import torch
 
     from expmae.data import collate_samples
 
-    k = dataset.repeated_samples
-    per = max(1, batch_size // k)
-    batches = clip_batches(max(math.ceil(samples / k), 2 * per), per, len(dataset))  # >= 2 batches: 1 is timed
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                          collate_fn=collate_samples, persistent_workers=False)
     cpu0 = time.process_time()
     it = iter(loader)
-    total = num_samples(next(it))
-    t0, timed = time.perf_counter(), 0
+    samples = num_samples(next(it))
+    t0 = time.perf_counter()
     for _ in range(len(batches) - 1):
-        timed += num_samples(next(it))
+        samples += num_samples(next(it))
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0 + (children_cpu_seconds() if workers else 0.0)
     del it, loader
-    return timed / wall, (total + timed) / cpu, total + timed
+    return samples, wall, cpu
+
+
+def loader_rates(dataset, samples: int, batch_size: int, workers: int) -> tuple[float, float, int]:
+    """(samples/s of wall time, samples per CPU core-second, samples delivered) of a DataLoader over
+    ``dataset`` with batches of ``batch_size`` samples (batch_size / k clips of k samples each).
+
+    Both are steady-state rates, as in a training run, whose workers start once: wall time leaves out the first
+    batch; CPU time is the difference between the full pass and a pass of one batch per worker (which holds
+    the workers' start-up and first-batch costs), in CPU time per process, not wall time: other jobs sharing
+    the cores do not count against the loader.
+    """
+    import math
+
+    k = dataset.repeated_samples
+    per = max(1, batch_size // k)
+    first = max(1, workers)  # one batch per worker
+    batches = clip_batches(max(math.ceil(samples / k), 3 * first * per), per, len(dataset))
+    start_samples, _, start_cpu = run_loader(dataset, batches[:first], workers)
+    total, wall, cpu = run_loader(dataset, batches, workers)
+    timed = total - num_samples_of(batches[:1], k)
+    return timed / wall, (total - start_samples) / (cpu - start_cpu), total
+
+
+def num_samples_of(batches: list[list[int]], k: int) -> int:
+    return k * sum(len(b) for b in batches)
 
 
 def decode_rate(dataset, samples: int) -> float:
@@ -409,7 +440,7 @@ def loader_datasets(videos: list[Path], plans: dict, work: Path, forms: dict, ar
     datasets = {}
     for name, overrides in forms.items():
         paths = store_form(videos, plans, work / "forms" / slug(name), CropOptions(**overrides))
-        for augment_on, k in LOADER_SETTINGS:
+        for augment_on, k in (LOADER_SETTINGS if name == next(iter(forms)) else LOADER_SETTINGS[1::2]):
             datasets[f"face clips, {name}, augment on {augment_on}, {k} samples/clip"] = (
                 name, VideoClipDataset(paths, args.num_frames, SAMPLE_STRIDE, size, train=True, repeated_samples=k,
                                        augment_on=augment_on))

@@ -49,7 +49,7 @@ step() {  # step NAME CMD...: run, log to $OUT/NAME.log, stop with the log's tai
 }
 
 # ---- 0. what the machine lacks, from the project's own files
-if ! "$PY" -c "import expmae, torch, timm, accelerate, deepspeed, decord, transformers, tensorboard, av, yaml" 2>/dev/null; then
+if ! "$PY" -c "import expmae, torch, timm, accelerate, deepspeed, decord, transformers, tensorboard, av, yaml" >/dev/null 2>&1; then
   say "installing the project's dependencies (setup.cfg)"
   "$PY" -m pip install -q ${WHEELHOUSE:+--no-index --find-links "$WHEELHOUSE"} -e "$REPO"
 fi
