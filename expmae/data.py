@@ -263,7 +263,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         return normalize_clips(clip) if self.normalize else clip
 
     def reference_clips(self, n: int) -> torch.Tensor:
-        """uint8 (n, 3, T, S, S): the first sample of items 0..n-1 (epoch 0), CPU-augmented whatever
+        """uint8 (n, 3, T, S, S): the first sample of items 0..n-1 in the current epoch, the same bytes whatever
         ``augment_on`` says; a fixed batch to draw reconstruction grids of."""
         items = [self[i] for i in range(min(n, len(self)))]
         return torch.stack([first_sample(item, self.input_size) for item in items])
