@@ -332,8 +332,9 @@ def batch_to_device(batch: torch.Tensor | dict[str, torch.Tensor], device, input
 
 def first_sample(item, input_size: int) -> torch.Tensor:
     """uint8 (3, T, S, S): the first sample of a VideoClipDataset item of any kind, CPU-augmented."""
-    if isinstance(item, dict):
-        return augment_on_device(collate_samples([item]), input_size)[0]
+    if isinstance(item, dict):  # PIL here: the same bytes as augment_on_device, and fast on the CPU
+        frames = item["frames"].numpy()[item["frame_index"][0].numpy()]  # (T, H, W, 3)
+        return crop_resize_frames(frames, tuple(item["box"][0].tolist()), input_size, bool(item["flip"][0]))
     return item[0] if item.ndim == 5 else item
 
 
