@@ -296,9 +296,11 @@ def bench_crop(videos: list[Path], out: Path, base, emitter: Emitter) -> tuple[l
 class PlainDecord:
     """The baseline: decode the frames VideoClipDataset would sample, from the raw video, and nothing else."""
 
+    repeated_samples = 1
+    collate = staticmethod(list)  # raw frames of videos of different sizes: not stackable
+
     def __init__(self, paths, num_frames: int = 16, stride: int = SAMPLE_STRIDE, seed: int = 0):
         self.paths, self.num_frames, self.stride, self.seed = [str(p) for p in paths], num_frames, stride, seed
-        self.repeated_samples = 1
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -362,7 +364,8 @@ def run_loader(dataset, batches: list[list[int]], workers: int) -> tuple[int, fl
     from expmae.data import collate_samples
 
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         collate_fn=collate_samples, persistent_workers=False)
+                                         collate_fn=getattr(dataset, "collate", collate_samples),
+                                         persistent_workers=False)
     cpu0 = time.process_time()
     it = iter(loader)
     samples = num_samples(next(it))
