@@ -33,6 +33,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 mkdir -p "$OUT"
+rm -f "$OUT"/bench_pretrain.jsonl "$OUT"/bench_data.jsonl  # the benchmarks append: start this run's afresh
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS="ignore::FutureWarning"
 say() { echo "[gpu_check] $*" >&2; }
@@ -89,7 +90,7 @@ from expmae.data import augment_on_device, crop_resize_frames, multi_scale_crop_
 device, out = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(0)
 frames = rng.integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)
-boxes, flips, index = [], [], rng.integers(0, 32, (64, 16))
+index = rng.integers(0, 32, (64, 16))  # 64 samples of 16 frames
 boxes = [multi_scale_crop_box(224, 224, 224, rng) for _ in range(64)]
 flips = [bool(f) for f in rng.integers(0, 2, 64)]
 cpu = torch.stack([crop_resize_frames(frames[i], b, 224, f) for i, b, f in zip(index, boxes, flips)])
