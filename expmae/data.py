@@ -7,6 +7,14 @@ batch on the training device (4x less host->device traffic than float clips, and
 Augmentation randomness comes only from ``numpy.random.default_rng((seed, epoch, index))``: the same sample
 in the same epoch gets the same frames and crop whatever the worker, the call order or a resume. A sample
 that fails to load is logged, counted and replaced by a deterministic other one; an epoch never dies on it.
+
+Feeding a GPU (README, "Throughput"): ``repeated_samples=k`` decodes a clip once and makes k training samples
+of it (MAE-ST's repeated sampling, VideoMAE V2's ``--num_sample``), each with its own window and crop/flip; an
+item is then (k, 3, T, S, S). ``augment_on="device"`` leaves the crop, resize and flip to
+:func:`augment_on_device` on the training device: an item is then the decoded frames of the clip (once, however
+many samples use them) and each sample's frame indices, crop box and flip. :func:`collate_samples` makes both
+into batches of samples, :class:`EpochBatchSampler` picks batch_size / k clips per batch, and
+:func:`batch_to_device` turns any batch into uint8 (B, 3, T, S, S) on the device, ready for normalize_clips.
 """
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from expmae.video import VIDEO_EXTENSIONS
 
 VIDEOMAE_SCALES = (1.0, 0.875, 0.75, 0.66)  # GroupMultiScaleCrop scales of VideoMAE pretraining
 SHORT_CLIP_MODES = ("pad", "loop")
+AUGMENT_ON = ("cpu", "device")
+PIL_PRECISION_BITS = 22  # Pillow's fixed-point weights (Resample.c)
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +156,17 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def __init__(self, source, num_frames: int = 16, sample_stride: int = 4, input_size: int = 224, train: bool = True,
                  seed: int = 0, *, scales: Sequence[float] = VIDEOMAE_SCALES, flip: bool = True,
                  short_clip: str = "pad", normalize: bool = False, labels: Mapping[str, Any] | str | os.PathLike | None = None,
-                 max_retries: int = 10, failure_log: str | os.PathLike | None = None):
+                 max_retries: int = 10, failure_log: str | os.PathLike | None = None, repeated_samples: int = 1,
+                 augment_on: str = "cpu"):
         if short_clip not in SHORT_CLIP_MODES:
             raise ValueError(f"short_clip={short_clip!r}: expected one of {SHORT_CLIP_MODES}")
+        if augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on={augment_on!r}: expected one of {AUGMENT_ON}")
+        if repeated_samples < 1:
+            raise ValueError(f"repeated_samples={repeated_samples}: expected an integer >= 1")
+        if (repeated_samples > 1 or augment_on == "device") and (labels is not None or normalize):
+            raise ValueError("repeated_samples > 1 and augment_on='device' are for pretraining: they do not combine "
+                             "with labels or normalize=True")
         if num_frames < 1 or sample_stride < 1 or input_size < 1:
             raise ValueError(f"num_frames={num_frames}, sample_stride={sample_stride}, input_size={input_size}: all must be >= 1")
         self.paths, self.names = _resolve_source(source)
@@ -169,6 +187,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.num_frames, self.sample_stride, self.input_size = num_frames, sample_stride, input_size
         self.train, self.seed, self.scales, self.flip = train, seed, tuple(scales), flip
         self.short_clip, self.normalize, self.max_retries = short_clip, normalize, max_retries
+        self.repeated_samples, self.augment_on = int(repeated_samples), augment_on
         self.failure_log = Path(failure_log) if failure_log else None
         self.epoch = 0
         self.num_failed = 0  # in this process (each DataLoader worker counts its own; failure_log has them all)
@@ -183,8 +202,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def _rng(self, index: int, attempt: int = 0) -> np.random.Generator:
         return np.random.default_rng((self.seed, self.epoch, index, attempt))
 
-    def load_frames(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
-        """The sampled raw frames of clip ``index``: uint8 (T, H, W, 3)."""
+    def _open(self, index: int):
+        """The clip's frame source: a memory-mapped .npy array or a decord reader (one per clip: opened once)."""
         path = self.paths[index]
         if path.endswith(".npy"):
             try:
@@ -193,28 +212,61 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{path}: cannot read as a .npy clip ({exc})") from None
             if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or len(clip) == 0:
                 raise ValueError(f"{path}: expected a uint8 array (T, H, W, 3) with T > 0, got {clip.dtype}{clip.shape}")
-            idx = sample_frame_indices(len(clip), self.num_frames, self.sample_stride, rng, self.short_clip)
-            return np.ascontiguousarray(clip[idx])
-        from expmae.video import open_video, read_frames
+            return clip
+        from expmae.video import open_video
 
-        reader = open_video(path)
-        idx = sample_frame_indices(len(reader), self.num_frames, self.sample_stride, rng, self.short_clip)
-        return read_frames(reader, idx, path)
+        return open_video(path)
+
+    def _read(self, source, index: int, idx: np.ndarray) -> np.ndarray:
+        if isinstance(source, np.ndarray):
+            return np.ascontiguousarray(source[idx])
+        from expmae.video import read_frames
+
+        return read_frames(source, idx, self.paths[index])
+
+    def _window(self, num_available: int, rng: np.random.Generator | None) -> np.ndarray:
+        return sample_frame_indices(num_available, self.num_frames, self.sample_stride, rng, self.short_clip)
+
+    def load_frames(self, index: int, rng: np.random.Generator | None) -> np.ndarray:
+        """The sampled raw frames of clip ``index``: uint8 (T, H, W, 3)."""
+        source = self._open(index)
+        return self._read(source, index, self._window(len(source), rng))
+
+    def crop_params(self, height: int, width: int, rng: np.random.Generator | None) -> tuple[tuple[int, int, int, int], bool]:
+        """One sample's crop box (top, left, h, w) and flip: VideoMAE's multi-scale crop, or the centre square."""
+        if rng is None:
+            return center_crop_box(height, width), False
+        box = multi_scale_crop_box(height, width, self.input_size, rng, self.scales)
+        return box, bool(self.flip and rng.random() < 0.5)
 
     def transform(self, frames: np.ndarray, rng: np.random.Generator | None) -> torch.Tensor:
         """Raw frames (T, H, W, 3) -> uint8 (3, T, S, S): one crop (+ flip) for all frames."""
-        h, w = frames.shape[1:3]
-        if rng is not None:
-            top, left, ch, cw = multi_scale_crop_box(h, w, self.input_size, rng, self.scales)
-            flip = self.flip and rng.random() < 0.5
-        else:
-            (top, left, ch, cw), flip = center_crop_box(h, w), False
-        return crop_resize_frames(frames, (top, left, ch, cw), self.input_size, flip)
+        box, flip = self.crop_params(*frames.shape[1:3], rng)
+        return crop_resize_frames(frames, box, self.input_size, flip)
 
     def _get(self, index: int, attempt: int):
+        """k = repeated_samples samples of one decode. The draws, in order: k windows, then (crop, flip) per
+        sample; with k = 1 that is the order of load_frames + transform, so k = 1 gives the same clips."""
         rng = self._rng(index, attempt) if self.train else None
-        clip = self.transform(self.load_frames(index, rng), rng)
+        source = self._open(index)
+        windows = np.stack([self._window(len(source), rng) for _ in range(self.repeated_samples)])  # (k, T)
+        union, where = np.unique(windows, return_inverse=True)  # each needed frame decoded once, in order
+        frames = self._read(source, index, union)  # (U, H, W, 3)
+        where = where.reshape(windows.shape)  # (k, T) indices into frames
+        params = [self.crop_params(*frames.shape[1:3], rng) for _ in range(self.repeated_samples)]
+        if self.augment_on == "device":
+            return {"frames": torch.from_numpy(frames), "frame_index": torch.from_numpy(where.astype(np.int64)),
+                    "box": torch.tensor([box for box, _ in params], dtype=torch.int64),
+                    "flip": torch.tensor([flip for _, flip in params], dtype=torch.bool)}
+        clips = [crop_resize_frames(frames[w], box, self.input_size, flip) for w, (box, flip) in zip(where, params)]
+        clip = clips[0] if self.repeated_samples == 1 else torch.stack(clips)  # (3, T, S, S) or (k, 3, T, S, S)
         return normalize_clips(clip) if self.normalize else clip
+
+    def reference_clips(self, n: int) -> torch.Tensor:
+        """uint8 (n, 3, T, S, S): the first sample of items 0..n-1 in the current epoch, the same bytes whatever
+        ``augment_on`` says; a fixed batch to draw reconstruction grids of."""
+        items = [self[i] for i in range(min(n, len(self)))]
+        return torch.stack([first_sample(item, self.input_size) for item in items])
 
     def __getitem__(self, index: int):
         index = int(index)
@@ -242,3 +294,165 @@ class VideoClipDataset(torch.utils.data.Dataset):
             JsonlLog(self.failure_log).append(record)
         else:  # a folder: one file per rank and worker, merged on read (multi-node safe)
             JsonlShards(self.failure_log).append(record, shard=process_shard())
+
+
+
+# ------------------------------------------------------------------------------------ batches of samples
+
+
+def collate_samples(items: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
+    """A DataLoader ``collate_fn`` for every kind of VideoClipDataset item -> one batch of samples.
+
+    Clips (3, T, S, S) -> (B, 3, T, S, S) (the default collate, so k = 1 batches are what they always were);
+    repeated clips (k, 3, T, S, S) -> (B * k, 3, T, S, S) with a clip's samples adjacent; device-augmentation
+    items -> their frames packed along the first axis, frame_index shifted to index the packed frames.
+    """
+    from torch.utils.data import default_collate
+
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        batch = default_collate(list(items))  # in a worker: stacked straight into shared memory
+        return batch.flatten(0, 1) if first.ndim == 5 else batch  # (n, k, 3, T, S, S) -> (n k, 3, T, S, S): a view
+    if isinstance(first, dict):
+        sizes = {tuple(item["frames"].shape[1:]) for item in items}
+        if len(sizes) > 1:
+            raise ValueError(f"augment_on='device' needs clips of one frame size (an expmae-crop folder); this batch "
+                             f"has {sorted(sizes)}: use data.augment_on=cpu for sources of mixed sizes")
+        offsets = np.cumsum([0] + [len(item["frames"]) for item in items[:-1]])
+        frames = torch.empty((sum(len(item["frames"]) for item in items), *sizes.pop()), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            frames.share_memory_()  # in a worker: written once, straight where the main process reads it
+        return {"frames": torch.cat([item["frames"] for item in items], out=frames),  # (F, H, W, 3)
+                "frame_index": torch.cat([item["frame_index"] + int(o) for item, o in zip(items, offsets)]),  # (B, T)
+                "box": torch.cat([item["box"] for item in items]), "flip": torch.cat([item["flip"] for item in items])}
+    return default_collate(list(items))  # (clip, label) pairs
+
+
+def batch_to_device(batch: torch.Tensor | dict[str, torch.Tensor], device, input_size: int) -> torch.Tensor:
+    """A collated batch -> uint8 clips (B, 3, T, S, S) on ``device`` (device-augmentation batches are augmented
+    there). What the training loop calls in place of ``clips.to(device)``; normalize_clips comes after."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    return augment_on_device({k: v.to(device, non_blocking=True) for k, v in batch.items()}, input_size)
+
+
+def first_sample(item, input_size: int) -> torch.Tensor:
+    """uint8 (3, T, S, S): the first sample of a VideoClipDataset item of any kind, CPU-augmented."""
+    if isinstance(item, dict):  # PIL here: the same bytes as augment_on_device, and fast on the CPU
+        frames = item["frames"].numpy()[item["frame_index"][0].numpy()]  # (T, H, W, 3)
+        return crop_resize_frames(frames, tuple(item["box"][0].tolist()), input_size, bool(item["flip"][0]))
+    return item[0] if item.ndim == 5 else item
+
+
+def pil_bilinear_weights(in_size: int, start: torch.Tensor, length: torch.Tensor, out_size: int) -> torch.Tensor:
+    """(B, out_size, in_size) int64 weights (fixed point, 2^22 = 1) of PIL's bilinear resize of
+    [start, start + length) to out_size.
+
+    Pillow's precompute_coeffs (src/libImaging/Resample.c), per output pixel: a triangle filter widened by the
+    downscale factor (antialiasing), taps clipped to the image (not the box), normalised, then rounded to PIL's
+    22-bit fixed point (normalize_coeffs_8bpc).
+    """
+    start, length = start.double(), length.double()
+    scale = (length / out_size)[:, None]  # (B, 1)
+    filterscale = scale.clamp(min=1.0)  # = support: bilinear's support is 1
+    center = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5) * scale  # (B, S)
+    xmin = torch.trunc(center - filterscale + 0.5).clamp(min=0)  # C's (int) cast
+    xmax = torch.trunc(center + filterscale + 0.5).clamp(max=in_size)
+    j = torch.arange(in_size, dtype=torch.float64, device=start.device)  # (in,)
+    w = (1 - ((j - center[..., None] + 0.5) / filterscale[..., None]).abs()).clamp(min=0)  # (B, S, in)
+    w = w * ((j >= xmin[..., None]) & (j < xmax[..., None]))
+    w = w / w.sum(-1, keepdim=True).clamp(min=1e-300)
+    return torch.floor(w * 2**PIL_PRECISION_BITS + 0.5).long()
+
+
+def _pil_pass(x: torch.Tensor, weights: torch.Tensor, rows: bool) -> torch.Tensor:
+    """One pass of PIL's 8-bit resampling, bit-exact: ``weights`` (B, S, N) along the rows (``rows``: x is
+    (B, T, C, N, M)) or the columns (x is (B, T, C, M, N)); x holds integers 0..255 as float32.
+
+    PIL computes (sum(pixel * weight) + 2^21) >> 22 in integers. A float32 matmul is exact on integers below
+    2^24, so the weights are split into 11-bit halves (pixel x half-weight sums stay below 2^19) and joined
+    in int32 (below 2^31). Pixels (8 bits) and halves (<= 11 significant bits) are exact in TF32 too, so
+    tensor cores give the same bytes.
+    """
+    halves = [(weights >> 11).float(), (weights & 2047).float()]  # (B, S, N) each
+    if rows:
+        hi, lo = (h[:, None, None] @ x for h in halves)  # (B, T, C, S, M)
+    else:
+        hi, lo = (x @ h.transpose(1, 2)[:, None, None] for h in halves)  # (B, T, C, M, S)
+    acc = hi.to(torch.int32) * 2048 + lo.to(torch.int32)
+    return ((acc + 2 ** (PIL_PRECISION_BITS - 1)) >> PIL_PRECISION_BITS).clamp_(0, 255).float()
+
+
+def augment_on_device(batch: dict[str, torch.Tensor], input_size: int) -> torch.Tensor:
+    """Crop, resize and flip on the tensors' device: a device-augmentation batch -> uint8 (B, 3, T, S, S).
+
+    ``batch``: ``frames`` uint8 (F, H, W, 3), ``frame_index`` (B, T) into frames, ``box`` (B, 4) = (top, left,
+    h, w), ``flip`` (B,). Batched matmuls with PIL's own fixed-point weights, horizontal pass first and rounded
+    in between as PIL does: the same bytes as VideoClipDataset's CPU path (crop_resize_frames, PIL) for the
+    same (seed, epoch, index) (tests/test_data.py).
+    """
+    frames, index, box, flip = batch["frames"], batch["frame_index"], batch["box"], batch["flip"]
+    _, height, width, _ = frames.shape
+    wy = pil_bilinear_weights(height, box[:, 0], box[:, 2], input_size)  # (B, S, H)
+    wx = pil_bilinear_weights(width, box[:, 1], box[:, 3], input_size)  # (B, S, W)
+    wx = torch.where(flip.bool()[:, None, None], wx.flip(1), wx)  # a flip reverses the output columns
+    previous = torch.get_float32_matmul_precision()
+    # TF32 is exact here (see _pil_pass) and ~8x faster than float32 on the GPU; "medium" (bf16) would not be
+    # exact, and on the CPU only "highest" is sure to stay float32.
+    torch.set_float32_matmul_precision("high" if frames.device.type == "cuda" else "highest")
+    try:
+        x = frames[index].permute(0, 1, 4, 2, 3).float()  # (B, T, H, W, 3) -> (B, T, 3, H, W)
+        x = _pil_pass(x, wx, rows=False)  # (B, T, 3, H, S)
+        x = _pil_pass(x, wy, rows=True)  # (B, T, 3, S, S)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    return x.to(torch.uint8).permute(0, 2, 1, 3, 4).contiguous()  # (B, 3, T, S, S)
+
+
+def resolve_augment_on(setting: str, device) -> str:
+    """``data.augment_on``: 'auto' -> 'device' when training on a GPU (frees the CPU cores), else 'cpu'."""
+    if setting == "auto":
+        return "device" if torch.device(device).type == "cuda" else "cpu"
+    if setting not in AUGMENT_ON:
+        raise ValueError(f"augment_on={setting!r}: expected auto or one of {AUGMENT_ON}")
+    return setting
+
+
+class EpochBatchSampler:
+    """This rank's batches of ``(epoch, index)`` pairs, epoch after epoch, starting at (epoch, batch).
+
+    An epoch's order is DistributedSampler's shuffle for (seed, epoch), cut to ``batches_per_epoch`` full
+    batches. Addressing items by (epoch, index) lets one DataLoader, with workers started once, serve the
+    whole run, while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
+
+    With ``repeated_samples = k`` a batch holds batch_size / k clips (k samples each) and an epoch still
+    counts batch_size x batches_per_epoch samples: a pass over the clips (shuffled for (seed, pass)) is spread
+    over k epochs, epoch e taking its (e mod k)-th part, so every clip is decoded once per k epochs. k = 1 is
+    the plain per-epoch shuffle. Everything stays a function of (seed, epoch, batch): resume is exact.
+    """
+
+    def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
+                 seed: int, start_epoch: int = 0, start_batch: int = 0, repeated_samples: int = 1):
+        if batch_size % repeated_samples:
+            raise ValueError(f"batch_size={batch_size} is not a multiple of repeated_samples={repeated_samples}")
+        clips_per_epoch = batches_per_epoch * batch_size // repeated_samples
+        if clips_per_epoch * repeated_samples > num_items // world:
+            raise ValueError(f"{batches_per_epoch} batches of {batch_size} samples need {clips_per_epoch * repeated_samples} "
+                             f"clips per rank and pass, but {world} ranks share {num_items} clips")
+        self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
+        self.rank, self.world, self.seed, self.k = rank, world, seed, repeated_samples
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+
+    def __iter__(self):
+        from torch.utils.data import DistributedSampler
+
+        epoch, skip = self.start_epoch, self.start_batch
+        clips_per_batch, clips_per_epoch = self.batch_size // self.k, self.batches_per_epoch * self.batch_size // self.k
+        while True:
+            sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
+                                         shuffle=True, seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch // self.k)  # the pass; k = 1: the epoch
+            order = list(sampler)[(epoch % self.k) * clips_per_epoch:]
+            for b in range(skip, self.batches_per_epoch):
+                yield [(epoch, i) for i in order[b * clips_per_batch : (b + 1) * clips_per_batch]]
+            epoch, skip = epoch + 1, 0

@@ -30,8 +30,8 @@ import numpy as np
 from expmae import add_version_argument
 from expmae.features.common import resolve_device
 from expmae.jobs import atomic_path, run_jobs
-from expmae.video import (VIDEO_EXTENSIONS, VideoError, VideoInfo, iter_frames, list_videos, open_video, read_frames,
-                          video_info)
+from expmae.video import (DEFAULT_KEYINT, VIDEO_EXTENSIONS, VideoError, VideoInfo, iter_frames, list_videos,
+                          open_video, read_frames, stored_encoding, video_info)
 
 FORMATS = ("mp4", "npy")
 
@@ -53,6 +53,7 @@ class CropOptions:
     trim: bool = True  # drop face-less frames before the first and after the last detection of the main face
     format: str = "mp4"  # "mp4" (H.264, compact) or "npy" (uint8 (T, S, S, 3), fastest to read, ~30x larger)
     crf: int = 18  # H.264 quality for mp4 output (lower: better, larger)
+    keyint: int = DEFAULT_KEYINT  # frames between H.264 keyframes (expmae.video.VideoWriter: the measured best)
     batch_size: int = 16  # frames per MTCNN call
     device: str = "auto"  # "auto": cuda when available, else cpu
     threads: int = 1  # torch intra-op threads for MTCNN on CPU: 1 is fastest per core (use more --workers)
@@ -341,6 +342,7 @@ def crop_record(plan: CropPlan, path: Path, opt: CropOptions) -> dict:
         "fps": round(info.fps, 4),
         "size": opt.size,
         "format": opt.format,
+        **({"encoding": stored_encoding(opt.keyint)} if opt.format == "mp4" else {}),
         "source": str(path),
         "source_frames": info.num_frames,
         "source_size": [info.width, info.height],
@@ -373,7 +375,7 @@ def _write_crops(reader, path: Path, boxes: np.ndarray, start: int, end: int, ou
             return
         from expmae.video import VideoWriter
 
-        with VideoWriter(tmp, fps, opt.size, opt.size, crf=opt.crf) as writer:
+        with VideoWriter(tmp, fps, opt.size, opt.size, crf=opt.crf, keyint=opt.keyint) as writer:
             for idx, frames in iter_frames(reader, np.arange(start, end), 32, path):
                 writer.write(crop_square(f, *boxes[i - start], opt.size) for i, f in zip(idx, frames))
         _verify_readable(tmp, end - start, opt.size)
@@ -438,12 +440,57 @@ def crop_folder(input_dir: str | os.PathLike | Sequence[str | os.PathLike], outp
     return {**summary.as_dict(), "ok": summary.ok, "output_dir": str(output_dir), "failures": summary.failures}
 
 
+def reencode_clip(path: Path, fps: float, crf: int = 18, keyint: int = DEFAULT_KEYINT) -> None:
+    """Rewrite one mp4 face clip in today's stored form (atomically): the same frames, one more lossy generation
+    (at crf 18, a mean error of about 1-2 grey levels)."""
+    from expmae.video import VideoWriter
+
+    reader = open_video(path)
+    frames = len(reader)
+    with atomic_path(path) as tmp:
+        info = video_info(reader)
+        with VideoWriter(tmp, fps or info.fps, info.width, info.height, crf=crf, keyint=keyint) as writer:
+            for _, chunk in iter_frames(reader, np.arange(frames), 32, path):
+                writer.write(chunk)
+        _verify_readable(tmp, frames, info.height)
+
+
+def reencode_folder(output_dir: str | os.PathLike, crf: int = 18, keyint: int = DEFAULT_KEYINT,
+                    progress: bool = True) -> dict:
+    """Re-encode the mp4 clips of an expmae-crop folder whose manifest record names another stored form than
+    today's (crops of older versions have none); resumable: the manifest is updated as clips are done.
+    Returns {total, reencoded, already, failed, failures}."""
+    from tqdm.auto import tqdm
+
+    from expmae.jobs import JsonlLog, one_line
+
+    output_dir = Path(output_dir)
+    manifest = JsonlLog(output_dir / "manifest.jsonl")
+    if not manifest.path.is_file():
+        raise FileNotFoundError(f"{manifest.path}: no manifest (not an expmae-crop output folder)")
+    records, target = manifest.read(), stored_encoding(keyint)
+    todo = [r for r in records if r.get("format", "mp4") == "mp4" and r.get("encoding") != target]
+    failures = []
+    for n, record in enumerate(tqdm(todo, desc="re-encode", disable=not progress or None), 1):
+        try:
+            reencode_clip(output_dir / record["path"], record.get("fps", 0), crf=crf, keyint=keyint)
+            record["encoding"] = target
+        except Exception as exc:  # noqa: BLE001 - one bad clip is reported, the others go on
+            failures.append({"input": record["path"], "reason": one_line(exc)})
+        if n % 100 == 0 or n == len(todo):
+            manifest.rewrite(records)  # the records are the list's own dicts: done clips say so
+    return {"total": len(records), "reencoded": len(todo) - len(failures), "already": len(records) - len(todo),
+            "failed": len(failures), "failures": failures}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     defaults = CropOptions()
     p = argparse.ArgumentParser(prog="expmae-crop", description="Crop the main face of every video in a folder into stable square face clips (resumable).")
     add_version_argument(p)
-    p.add_argument("input_dir", help="folder of videos (searched recursively)")
-    p.add_argument("output_dir", help="where clips/, manifest.jsonl and failures.jsonl go; rerun to resume")
+    p.add_argument("input_dir", nargs="?", help="folder of videos (searched recursively)")
+    p.add_argument("output_dir", nargs="?", help="where clips/, manifest.jsonl and failures.jsonl go; rerun to resume")
+    p.add_argument("--reencode", metavar="CROP_DIR", help="instead of cropping: rewrite the mp4 clips of an expmae-crop "
+                   "folder made by an older version in today's stored form (decodes faster; resumable)")
     p.add_argument("--size", type=int, default=defaults.size, help="output crop side in pixels (default %(default)s)")
     p.add_argument("--margin", type=float, default=defaults.margin, help="margin per side, fraction of the face size (default %(default)s)")
     p.add_argument("--format", choices=FORMATS, default=defaults.format, help="mp4 (compact) or npy (fastest to read, large)")
@@ -454,6 +501,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smooth", type=float, default=defaults.smooth, help="temporal smoothing of the box, seconds (default %(default)s)")
     p.add_argument("--no-trim", dest="trim", action="store_false", help="keep face-less frames at the start and end")
     p.add_argument("--crf", type=int, default=defaults.crf, help="H.264 quality of mp4 output (default %(default)s)")
+    p.add_argument("--keyint", type=int, default=defaults.keyint, help="frames between keyframes of mp4 output (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per process for MTCNN on CPU (default %(default)s)")
     p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, or auto: cuda when available (default %(default)s)")
@@ -462,6 +510,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--retry-failed", action="store_true", help="retry videos recorded in failures.jsonl")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.reencode:
+        try:
+            summary = reencode_folder(args.reencode, crf=args.crf, keyint=args.keyint, progress=not args.quiet)
+        except FileNotFoundError as exc:
+            p.error(str(exc))
+        for f in summary.pop("failures"):
+            print(f"failed: {f['input']}: {f['reason']}", file=sys.stderr)
+        print(json.dumps(summary))
+        return 1 if summary["failed"] else 0
+    if not args.input_dir or not args.output_dir:
+        p.error("input_dir and output_dir are required (or --reencode CROP_DIR)")
     if not Path(args.input_dir).is_dir():
         p.error(f"{args.input_dir}: not a folder")
     options = {f.name: getattr(args, f.name) for f in fields(CropOptions) if hasattr(args, f.name)}

@@ -63,11 +63,12 @@ def test_quick_pipeline_one_object_per_worker_count(bench, single_thread, capsys
 
 
 def test_quick_run_of_all_parts(bench, single_thread, capsys):
-    records, _ = run(bench, capsys, ["--quick", "--synthetic", "--workers", "0", "--samples", "4"])
+    records, _ = run(bench, capsys, ["--quick", "--synthetic", "--workers", "0", "--samples", "8"])
     crop = [r for r in records if r["bench"] == "crop"]
     loader = [r for r in records if r["bench"] == "loader"]
     pipeline = [r for r in records if r["bench"] == "pipeline"]
-    assert [r["bench"] for r in records] == ["crop"] * len(crop) + ["loader"] * len(loader) + ["pipeline"]
+    demand = [r for r in records if r["bench"] == "demand"]
+    assert [r["bench"] for r in records] == ["crop"] * len(crop) + ["loader"] * len(loader) + ["demand", "pipeline"]
     for r in records:
         check_env(r)
         assert r["inputs"]["videos"] == {f"face_00{i}": "96x96" for i in range(4)}
@@ -83,18 +84,39 @@ def test_quick_run_of_all_parts(bench, single_thread, capsys):
     assert naive["centre_err_mean"] == naive["centre_err_max"] == naive["side_err_mean"] == 0
 
     forms = bench.STORED_FORMS["quick"]
-    names = [f"face clips, {f}" for f in forms] + ["raw videos, full pipeline (crop+resize whole frame)",
-                                                   "raw videos, plain decord decode only (baseline)"]
+    settings = lambda i: bench.LOADER_SETTINGS if i == 0 else bench.LOADER_SETTINGS[1::2]  # noqa: E731 - all for the default form
+    names = [f"face clips, {f}, augment on {a}, {k} samples/clip" for i, f in enumerate(forms) for a, k in settings(i)]
+    names += ["raw videos, full pipeline (crop+resize whole frame)", "raw videos, plain decord decode only (baseline)"]
     assert [r["dataset"] for r in loader] == names  # one object per dataset and worker count (here: 0)
     by_form = {r["stored_form"]: r for r in loader}
     for r in loader:
-        assert r["workers"] == 0 and r["clips_per_s"] > 0 and r["samples"] == 4 and r["input_size"] == 64
+        assert r["workers"] == 0 and r["clips_per_s"] > 0 and r["clips_per_s_per_core"] > 0
         assert r["augment"] is (r["dataset"] != names[-1])
+        if r["stored_form"] != "raw":
+            k = r["repeated_samples"]
+            assert r["input_size"] == 64 and r["decode_clips_per_s_per_core"] > 0
+            # --samples 8 in batches of 4 samples (4 / k clips), at least 3 batches: 12
+            assert r["samples"] == 12 and r["batch_size"] == 4
+            assert (r["device_augment_ms_per_sample"] is None) is (r["augment_on"] == "cpu")
     # .npy stores raw uint8 frames: 64 * 64 * 3 bytes each, plus a 128-byte header per file
     assert 64 * 64 * 3 <= by_form["npy 64"]["bytes_per_stored_frame"] <= 64 * 64 * 3 + 128
     assert by_form["mp4 32"]["bytes_per_stored_frame"] < by_form["mp4 64"]["bytes_per_stored_frame"] \
         < by_form["npy 64"]["bytes_per_stored_frame"]
     assert loader[-1]["bytes_per_stored_frame"] == loader[-2]["bytes_per_stored_frame"]  # the same raw videos
+
+    # demand: ViT-B 16x224 at 40% of 989 TFLOP/s by default, against the best face-clip loader per core
+    (d,) = demand
+    from expmae.flops import train_flops_per_clip
+
+    cfg = bench.load_bench_pretrain().get_config("base", img_size=224, num_frames=16)
+    assert (d["model"], d["img_size"], d["num_frames"], d["peak_tflops"], d["mfu"]) == ("base", 224, 16, 989.0, 0.4)
+    assert d["demand_clips_per_s"] == pytest.approx(989e12 * 0.4 / train_flops_per_clip(cfg), abs=0.05)
+    best = max((r for r in loader if r["stored_form"] == "mp4 64"), key=lambda r: r["clips_per_s_per_core"])
+    assert (d["best_loader"], d["best_clips_per_s_per_core"]) == (best["dataset"], best["clips_per_s_per_core"])
+    assert d["cores_per_gpu_needed"] == pytest.approx(d["demand_clips_per_s"] / best["clips_per_s_per_core"], abs=0.006)  # rounded
+    best = max((r for r in loader if r["stored_form"] != "raw"), key=lambda r: r["clips_per_s_per_core"])
+    assert d["best_loader_any_form"] == best["dataset"]
+    assert d["cores_per_gpu_needed_any_form"] <= d["cores_per_gpu_needed"]
 
     assert pipeline[0]["workers"] == 0 and pipeline[0]["pipeline_clips_per_s"] > 0
 
@@ -117,7 +139,9 @@ def test_box_error_hand_computed_case(bench):
     (["--model", "huge"], "--model huge --img-size 32 --num-frames 4: unknown expMAE model 'huge'"),
     (["--img-size", "36"], "ExpMAEConfig.img_size=36: expected a multiple of patch_size=8"),
     (["--steps", "0"], "--steps 0: expected an integer >= 1"),
-    (["--samples", "2"], "--samples 2: the loader part needs more than one batch (--batch-size 2)"),
+    (["--samples", "2"], "--samples 2: the loader part needs more than one batch (--loader-batch-size 4)"),
+    (["--repeated-samples", "3"], "--repeated-samples 3: expected a divisor of --batch-size 2"),
+    (["--mfu", "1.5"], "--mfu 1.5 --peak-tflops 989.0: expected 0 < mfu <= 1"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--batch-size", "0"], ""),
 ])
 def test_bad_arguments_exit_with_one_line_errors(bench, single_thread, capsys, argv, message):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from expmae.data import (IMAGENET_MEAN, IMAGENET_STD, VideoClipDataset, multi_scale_crop_box, normalize_clips,
+from expmae.data import (IMAGENET_MEAN, IMAGENET_STD, EpochBatchSampler, VideoClipDataset, augment_on_device,
+                         batch_to_device, collate_samples, crop_resize_frames, multi_scale_crop_box, normalize_clips,
                          sample_frame_indices)
 from expmae.video import VideoError, list_videos, open_video, read_frames, write_video
 
@@ -237,6 +238,120 @@ def test_normalize_clips_matches_torchvision():
         normalize_clips(x.float())
     with pytest.raises(ValueError, match="3, T, H, W"):
         normalize_clips(x[:, :2])
+
+
+# ------------------------------------------------------------------- repeated sampling, device augmentation
+
+
+def reference_samples(frames: np.ndarray, k: int, seed: int, epoch: int, index: int, *, num_frames: int,
+                      stride: int, size: int) -> list[torch.Tensor]:
+    """The documented contract, written out: rng((seed, epoch, index, 0)) draws k windows, then a (crop, flip)
+    per sample; each sample is its window's frames, cropped, resized (PIL) and flipped."""
+    rng = np.random.default_rng((seed, epoch, index, 0))
+    windows = [sample_frame_indices(len(frames), num_frames, stride, rng) for _ in range(k)]
+    out = []
+    for w in windows:
+        box = multi_scale_crop_box(*frames.shape[1:3], size, rng)
+        out.append(crop_resize_frames(frames[w], box, size, flip=bool(rng.random() < 0.5)))
+    return out
+
+
+def test_one_repeated_sample_is_todays_sample_bit_for_bit(grey_sources):
+    ds = VideoClipDataset(grey_sources, num_frames=8, sample_stride=2, input_size=32, seed=3, repeated_samples=1)
+    ds.set_epoch(2)
+    for i, path in enumerate(grey_sources):
+        frames = np.load(path) if path.suffix == ".npy" else read_frames(open_video(path), range(80), path)
+        (expected,) = reference_samples(frames, 1, 3, 2, i, num_frames=8, stride=2, size=32)
+        assert torch.equal(ds[i], expected)
+    # batches through collate_samples are the default collate's
+    loader = lambda **kw: torch.utils.data.DataLoader(ds, batch_size=2, num_workers=0, **kw)  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(loader(), loader(collate_fn=collate_samples)))
+
+
+def test_four_repeated_samples_of_a_clip_differ_in_window_and_crop(tmp_path, grey_sources):
+    ds = VideoClipDataset(grey_sources, num_frames=8, sample_stride=2, input_size=32, seed=0, repeated_samples=4)
+    clips = ds[1]  # a .npy grey clip (offset 1)
+    assert clips.shape == (4, 3, 8, 32, 32) and clips.dtype == torch.uint8
+    expected = reference_samples(np.load(grey_sources[1]), 4, 0, 0, 1, num_frames=8, stride=2, size=32)
+    assert all(torch.equal(c, e) for c, e in zip(clips, expected))
+    starts = [frame_ids(c, offset=1)[0] for c in clips]
+    assert len(set(starts)) > 1  # own temporal windows (the 80-frame clip leaves room)
+    for c in clips:
+        assert np.array_equal(np.diff(frame_ids(c, offset=1)), np.full(7, 2))
+    # own crops: a textured clip makes the four samples differ pixel-wise, and their crop boxes differ
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "tex.npy", rng.integers(0, 256, (40, 64, 64, 3), dtype=np.uint8))
+    tex = VideoClipDataset([tmp_path / "tex.npy"], num_frames=8, sample_stride=2, input_size=32, repeated_samples=4,
+                           augment_on="device")[0]
+    assert len({tuple(b) for b in tex["box"].tolist()}) > 1
+    samples = augment_on_device(collate_samples([tex]), 32)
+    assert all(not torch.equal(samples[a], samples[b]) for a in range(4) for b in range(a))
+    # a batch of samples: clips' samples adjacent, batch size = clips x k
+    batch = collate_samples([ds[0], ds[1]])
+    assert batch.shape == (8, 3, 8, 32, 32) and torch.equal(batch[4:], clips)
+    # own masks: the model draws them per sample of the batch, so a clip's k samples never share one
+    from expmae.model import random_masking, tube_masking
+
+    for masking in (random_masking(len(batch), 196, 0.75), tube_masking(len(batch), 8, 196, 0.9)):  # ViT-B 16x224
+        assert all(not torch.equal(masking.mask[a], masking.mask[b]) for a in range(4, 8) for b in range(4, a))
+    with pytest.raises(ValueError, match="labels"):
+        VideoClipDataset(grey_sources, repeated_samples=2, labels={"clip0": 1})
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_device_augmentation_gives_the_cpu_paths_bytes(make_video, tmp_path, k):
+    """Same (seed, epoch, index): the device path (PIL's weights in batched matmuls) equals the CPU path (PIL)
+    exactly, for down- and up-scaling crops, flips, and repeated samples."""
+    paths = [make_video(f"v{i}.mp4", num_frames=40, size=96, seed=i) for i in range(3)]
+    for size in (64, 112):  # crops of 96 px frames are shrunk to 64 and enlarged to 112
+        cpu = VideoClipDataset(paths, num_frames=6, sample_stride=3, input_size=size, seed=5, repeated_samples=k)
+        dev = VideoClipDataset(paths, num_frames=6, sample_stride=3, input_size=size, seed=5, repeated_samples=k,
+                               augment_on="device")
+        for epoch in (0, 1):
+            cpu.set_epoch(epoch), dev.set_epoch(epoch)
+            expected = collate_samples([cpu[i] for i in range(3)])
+            items = [dev[i] for i in range(3)]
+            packed = collate_samples(items)
+            assert packed["frames"].shape[0] == sum(len(it["frames"]) for it in items) and packed["box"].shape == (3 * k, 4)
+            got = batch_to_device(packed, "cpu", size)
+            assert got.dtype == torch.uint8 and torch.equal(got, expected)
+    assert dev.reference_clips(2).shape == (2, 3, 6, 112, 112)
+    assert torch.equal(dev.reference_clips(2), cpu.reference_clips(2))
+
+
+def test_device_augmentation_on_real_face_clips(shared_data):
+    crops = sorted((shared_data / "mead-dreamtalk").glob("*.mp4"))[:2] + sorted((shared_data / "marlin").glob("cropped0[12].mp4"))
+    for group in (crops[:2], crops[2:]):  # one frame size per batch: 256 px, then 224 px
+        kw = dict(num_frames=16, sample_stride=4, input_size=224, seed=1, repeated_samples=2)
+        cpu = collate_samples([VideoClipDataset(group, **kw)[i] for i in range(2)])
+        dev = VideoClipDataset(group, augment_on="device", **kw)
+        assert torch.equal(augment_on_device(collate_samples([dev[0], dev[1]]), 224), cpu)
+    mixed = VideoClipDataset([crops[0], crops[2]], num_frames=4, augment_on="device")
+    with pytest.raises(ValueError, match="one frame size"):
+        collate_samples([mixed[0], mixed[1]])
+
+
+def test_epoch_batch_sampler_with_repeated_samples_counts_samples_and_resumes():
+    from itertools import islice
+
+    def batches(k, rank=0, start_epoch=0, start_batch=0, n=12):
+        sampler = EpochBatchSampler(24, batch_size=4, batches_per_epoch=3, rank=rank, world=2, seed=7,
+                                    start_epoch=start_epoch, start_batch=start_batch, repeated_samples=k)
+        return list(islice(iter(sampler), n))
+
+    one, two = batches(1), batches(2)
+    assert all(len(b) == 4 for b in one) and all(len(b) == 2 for b in two)  # clips per batch = batch_size / k
+    assert [b[0][0] for b in two] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # epochs: 3 batches of 4 samples
+    clips = lambda bs: [i for b in bs for _, i in b]  # noqa: E731
+    # a pass over this rank's 12 clips spans k = 2 epochs, each clip once; the next pass is reshuffled
+    assert len(set(clips(two[:6]))) == len(clips(two[:6])) == 12
+    assert clips(two[:6]) == clips(one[:3])  # the rank's share of the (seed, pass 0) shuffle, in order
+    assert clips(two[6:12]) != clips(two[:6])
+    other = batches(2, rank=1)
+    assert not set(clips(two[:6])) & set(clips(other[:6]))  # ranks stay disjoint
+    assert batches(2, start_epoch=1, start_batch=2, n=7) == two[5:]  # resume mid-epoch, mid-pass
+    with pytest.raises(ValueError, match="multiple"):
+        EpochBatchSampler(24, batch_size=3, batches_per_epoch=1, rank=0, world=1, seed=0, repeated_samples=2)
 
 
 # ------------------------------------------------------------------------------------------- video reading

