@@ -94,7 +94,9 @@ def finish(proc: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_hard(proc)
-        pytest.fail(f"launch timed out after {timeout}s (deadlock?); log tail:\n{log.read_text()[-3000:]}")
+        pytest.fail(f"launch timed out after {timeout}s (deadlock? a stale lock file left in ~/.cache/torch_extensions/"
+                    f"*/deepspeed_shm_comm/ by a build that was killed makes a rank wait forever); log tail:\n"
+                    f"{log.read_text()[-3000:]}")
 
 
 def run_ok(config: Path, *extra: str, log: Path, launcher: Path = CPU_DEEPSPEED) -> None:
