@@ -73,6 +73,13 @@ def moving_pattern(num_frames: int = 24, size: int = 64, seed: int = 0) -> np.nd
     return np.stack(frames)
 
 
+def write_moving_clips(root: Path, n: int = 12) -> Path:
+    """``n`` moving-pattern mp4 clips (24 frames, 64 px) in ``root``: the launched pretraining tests' data."""
+    for i in range(n):
+        write_video(root / f"clip_{i:02d}.mp4", moving_pattern(num_frames=24, size=64, seed=i))
+    return root
+
+
 @pytest.fixture
 def make_video(tmp_path):
     """Factory: make_video(name, num_frames=24, size=64, fps=25, seed=0) -> Path of a synthetic mp4."""

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import moving_pattern, write_video
+from conftest import write_moving_clips
 from launching import (
     CPU_DEEPSPEED, LAUNCH_TIMEOUT, N, REPO, finish, kill_hard, launch, read_metrics, run_ok, trained,
     write_tiny_config,
@@ -25,10 +25,7 @@ from launching import (
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("videos")
-    for i in range(12):
-        write_video(root / f"clip_{i:02d}.mp4", moving_pattern(num_frames=24, size=64, seed=i))
-    return root
+    return write_moving_clips(tmp_path_factory.mktemp("videos"))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import moving_pattern, write_video
+from conftest import write_moving_clips
 from launching import LAUNCH_TIMEOUT, finish, launch, read_metrics, run_ok, trained, write_launcher, write_tiny_config
 
 TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
@@ -25,10 +25,7 @@ TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("videos")
-    for i in range(12):
-        write_video(root / f"clip_{i:02d}.mp4", moving_pattern(num_frames=24, size=64, seed=i))
-    return root
+    return write_moving_clips(tmp_path_factory.mktemp("videos"))
 
 
 # --------------------------------------------------------------------------------- bf16 against fp32 (ZeRO-2)
