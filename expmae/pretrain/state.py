@@ -88,3 +88,30 @@ class Plan:
     def run_shape(self) -> dict:
         """What an exact resume needs to be unchanged (saved in train_state.json)."""
         return {"world_size": self.world, "batch_size": self.batch_size, "grad_accum_steps": self.grad_accum_steps}
+
+
+class RngSnapshot:
+    """The random-number states a checkpoint saves (accelerate's save_state: Python, NumPy, torch CPU and CUDA),
+    taken at a window's start so that a checkpoint written after the window went wrong (a data stall) resumes
+    exactly where the window began. Host-side copies only: no device synchronisation."""
+
+    def __init__(self):
+        import random
+
+        import numpy as np
+        import torch
+
+        self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+    def restore(self) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)

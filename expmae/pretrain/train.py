@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from expmae.config import ConfigError, PretrainConfig  # light: no torch
-from expmae.pretrain.state import Plan, TrainState
+from expmae.pretrain.state import Plan, RngSnapshot, TrainState
 
 
 class NonFiniteLossError(RuntimeError):
@@ -173,12 +173,12 @@ def train_one_epoch(run: Run, state: TrainState, data) -> Path | None:
 
     plan, cfg, epoch, saved = run.plan, run.cfg, state.epoch, None
     while state.epoch == epoch and state.step < plan.total_steps:
-        window_start = state.copy()
+        window_start, rng_at_start = state.copy(), RngSnapshot()
         lr = cosine_lr(state.step, peak_lr=plan.peak_lr, min_lr=cfg.train.min_lr, warmup_steps=plan.warmup_steps,
                        total_steps=plan.total_steps)
         result = train_step(run.step, state, data, lr)
         if result.stall is not None:
-            stop_on_stall(run, window_start, result.stall)
+            stop_on_stall(run, window_start, rng_at_start, result.stall)
         run.logger.log_step(result, state)
         if not result.taken:
             if state.consecutive_nonfinite >= cfg.train.max_nonfinite:
@@ -220,12 +220,14 @@ def stop_on_nonfinite(run: Run, state: TrainState, step: int):
     )
 
 
-def stop_on_stall(run: Run, window_start: TrainState, reason: str):
+def stop_on_stall(run: Run, window_start: TrainState, rng_at_start: RngSnapshot, reason: str):
     """Every rank is here together (the stall flag travelled with the step's all-reduce): checkpoint the state at
-    the start of the unfinished window, then stop with the stalled rank's reason."""
+    the start of the unfinished window, RNG states included (the ranks that got data drew masks before the stall
+    was known), so a resume continues exactly; then stop with the stalled rank's reason."""
     from accelerate.utils import gather_object
 
     reasons = [r for r in gather_object([reason]) if not r.startswith("another rank")]
+    rng_at_start.restore()
     saved_at = checkpoint(run, window_start)
     run.logger.close()
     raise DataStallError(f"{reasons[0] if reasons else reason}; stopped. Last good state saved to {saved_at}. "
