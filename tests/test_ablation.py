@@ -44,3 +44,11 @@ def test_quick_ablation_prints_the_table_and_never_trains_on_held_out_identities
             assert cv_names and not cv_names & held_out
             test_names = {r["name"] for r in csv.DictReader(open(finetune / "predictions_test-label.csv"))}
             assert test_names == held_out
+
+    # a rerun reuses the finished runs, exports and features: no pretraining, the same table
+    again = subprocess.run([sys.executable, str(REPO / "tools" / "ablation.py"), "--quick", "--out", str(out)],
+                           capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "[pretrain" not in again.stdout
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table

@@ -75,12 +75,13 @@ def write_benchmarks(args, out: Path) -> dict[str, dict[str, Path]]:
                                              framing="face", **sizes) for task in args.tasks}
 
 
-def pretrain(args, mode: str, clips: Path, run_dir: Path) -> Path:
-    """One mode's run (skipped when it already finished); returns the run folder."""
-    from expmae.checkpoint import latest_checkpoint
+def pretrain(args, mode: str, clips: Path, run_dir: Path) -> bool:
+    """One mode's run into ``run_dir``; False when an earlier call already finished it (nothing to do)."""
+    from expmae.checkpoint import latest_checkpoint, step_dir_name
 
-    if latest_checkpoint(run_dir / "checkpoints") is not None and (run_dir / "finished").exists():
-        return run_dir
+    last = latest_checkpoint(run_dir / "checkpoints")
+    if last is not None and last.name == step_dir_name(args.steps):  # finished by an earlier call
+        return False
     model = model_overrides(args.size)
     train = [f"data.source={clips}", "data.sample_stride=2", "data.num_workers=1", f"train.output_dir={run_dir}",
              f"train.batch_size={args.batch_size}", f"train.max_steps={args.steps}", f"train.lr={args.lr}",
@@ -98,8 +99,7 @@ def pretrain(args, mode: str, clips: Path, run_dir: Path) -> Path:
     env = {**os.environ, "PYTHONWARNINGS": "ignore::FutureWarning"}
     print(f"[pretrain {mode}] {' '.join(cmd[1:])}", flush=True)
     subprocess.run(cmd, env=env, check=True)
-    (run_dir / "finished").touch()
-    return run_dir
+    return True
 
 
 def main(argv=None) -> int:
@@ -128,13 +128,14 @@ def main(argv=None) -> int:
     for name in rows:
         if name == "random":
             continue
-        run_dir = pretrain(args, name, clips, out / "runs" / name)
-        encoders[name] = out / "encoders" / name
-        run_script("expmae-export", [run_dir, encoders[name], "--overwrite"], quiet=True)
-    if "random" in rows:  # the weights every run above started from
+        run_dir, encoders[name] = out / "runs" / name, out / "encoders" / name
+        # a rerun keeps an existing export (and so the features extracted from it) unless the run trained again
+        if pretrain(args, name, clips, run_dir) or not encoders[name].is_dir():
+            run_script("expmae-export", [run_dir, encoders[name], "--overwrite"], quiet=True)
+    encoders["random"] = out / "encoders" / "random"
+    if "random" in rows and not encoders["random"].is_dir():  # the weights every run above started from
         cfg = load_config(None, [f"data.source={clips}", *model_overrides(args.size)])
-        encoders["random"] = save_random_init_encoder(cfg.model.name, cfg.model.overrides(),
-                                                      out / "encoders" / "random", seed=args.seed)
+        save_random_init_encoder(cfg.model.name, cfg.model.overrides(), encoders["random"], seed=args.seed)
     results = {}
     for name in rows:
         results[name] = {task: evaluate_encoder(encoders[name], benchmarks[task], out / "eval" / name / task,

@@ -22,8 +22,8 @@ VERSION="$(basename "$WHEEL" | cut -d- -f2)"   # setup.cfg reads it from expmae.
 import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 need = ["expmae/pretrain/configs/tiny_demo.yaml", "expmae/pretrain/configs/vit_base_16x224.yaml",
-        "expmae/pretrain/configs/accelerate/deepspeed_zero2.yaml", "expmae/pretrain/configs/accelerate/cpu_deepspeed_2proc.yaml"]
-need += [n for n in ("expmae/finetune/configs/mer2023_attention.yaml",) if n.rsplit("/", 1)[0] in {x.rsplit("/", 1)[0] for x in names}]
+        "expmae/pretrain/configs/accelerate/deepspeed_zero2.yaml", "expmae/pretrain/configs/accelerate/cpu_deepspeed_2proc.yaml",
+        "expmae/finetune/configs/mer2023_attention.yaml", "expmae/finetune/configs/dfew_uar.yaml"]
 missing = [n for n in need if n not in names]
 licence = [n for n in names if n.endswith("LICENSE")]
 assert not missing, f"the wheel lacks {missing}"
@@ -60,7 +60,7 @@ for s in $SCRIPTS; do
 done
 expmae-configs --list-configs
 "$VPY" -m expmae.pretrain --list-configs >/dev/null
-if expmae-finetune --help | grep -q -- --list-configs; then expmae-finetune --list-configs >/dev/null; fi
+expmae-finetune --list-configs | grep -q mer2023_attention
 
 say "2-step pretraining from the installed package (shipped config tiny_demo)"
 "$VPY" -c 'from expmae.synthetic import make_face_videos; make_face_videos("clips", n=16, num_frames=16, size=64, seed=0)'
