@@ -46,10 +46,12 @@ def branch_forward_flops(cfg: ExpMAEConfig, branch: str) -> float:
         dec_dim, dec_depth = cfg.video_decoder_embed_dim, cfg.video_decoder_depth
     else:
         raise ValueError(f"branch={branch!r}: expected 'mae' or 'video'")
+    cls = int(cfg.class_token)  # a class token runs through the encoder, and through the MAE decoder only
+    dec_cls = cls if branch == "mae" else 0
     return (2 * visible * pixels * cfg.embed_dim  # stem on visible tokens
-            + transformer_forward_flops(visible, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
-            + 2 * visible * cfg.embed_dim * dec_dim  # encoder -> decoder projection
-            + transformer_forward_flops(total, dec_dim, dec_depth, cfg.mlp_ratio)
+            + transformer_forward_flops(visible + cls, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
+            + 2 * (visible + dec_cls) * cfg.embed_dim * dec_dim  # encoder -> decoder projection
+            + transformer_forward_flops(total + dec_cls, dec_dim, dec_depth, cfg.mlp_ratio)
             + 2 * (total - visible) * dec_dim * pixels)  # head on the masked tokens
 
 

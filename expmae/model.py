@@ -13,6 +13,11 @@ Position codes (cfg.position_code, see position_codes): "separable" adds MAE's 2
 "videomae" adds VideoMAE's fixed 1-D table over all T' x N tubelets (what public VideoMAE weights were trained with).
 A frame always gets the code of the first tubelet time step, so the frame path stays an exact timm ViT.
 
+Class token (cfg.class_token, off by default): as MAE / ViTMAE, a learned token is prepended to the visible tokens of
+every sequence the encoder runs, with position code zero (MAE's class slot); encoder outputs then have it first
+(num_prefix_tokens = 1, timm's name). The MAE frame decoder carries it as MAE's decoder does (code zero, dropped
+before the prediction); the VideoMAE clip decoder never sees it (VideoMAE has no class token).
+
 Layout conventions (shared with MAE / VideoMAE / HF transformers):
 - clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
 - MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.
@@ -150,7 +155,7 @@ def position_codes(cfg: ExpMAEConfig, dim: int, clips: bool = True) -> tuple[tor
     videomae (clips only): pos_embed (1, T' * N, dim) VideoMAE's 1-D table over all tubelets, time_embed None.
     Frames are static tubelets at time step 0: under both codes their code is ``pos_embed[:, :N]`` (under videomae
     the table's first N rows), so the frame encoder (and its timm export) stays exact. The frame decoder has no
-    VideoMAE counterpart and always uses MAE's 2-D code.
+    VideoMAE counterpart and always uses MAE's 2-D code. A class token's code is zero (MAE's class slot): no row.
     """
     if not clips:
         return get_2d_sincos_pos_embed(dim, cfg.grid_size)[None], None
@@ -203,7 +208,7 @@ class PatchEmbed3d(nn.Module):
 
 
 class ExpMAEEncoder(nn.Module):
-    """ViT without class token, keys named like timm's VisionTransformer (patch_embed, blocks.i, norm)."""
+    """ViT, keys named like timm's VisionTransformer (cls_token when cfg.class_token, patch_embed, blocks.i, norm)."""
 
     def __init__(self, cfg: ExpMAEConfig):
         super().__init__()
@@ -212,6 +217,8 @@ class ExpMAEEncoder(nn.Module):
         pos_embed, time_embed = position_codes(cfg, cfg.embed_dim)
         _register_pos_embed(self, "pos_embed", pos_embed, cfg.learn_pos_embed)
         _register_pos_embed(self, "time_embed", time_embed, cfg.learn_pos_embed)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
+        self.num_prefix_tokens = int(cfg.class_token)  # output rows before the patch / tubelet tokens (timm's name)
         drop_path = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.ModuleList([Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias, drop_path[i])
                                      for i in range(cfg.depth)])
@@ -261,16 +268,27 @@ class ExpMAEEncoder(nn.Module):
         return self.patch_embed.proj.weight.dtype
 
     def forward_tokens(self, x: torch.Tensor, segments: list[int] | None = None) -> torch.Tensor:
-        """Transformer blocks + final norm on any (visible) subset of embedded tokens. segments: lengths of
-        independent sequences packed along dim 1 (attention stays within each; see ExpMAEConfig.pack_branches)."""
+        """Transformer blocks + final norm on any (visible) subset of embedded tokens (B, K, D) -> (B, P + K, D), P =
+        num_prefix_tokens (the class token, first). segments: lengths of independent sequences packed along dim 1
+        (attention stays within each; see ExpMAEConfig.pack_branches); each gets its own class token in front."""
+        if self.cls_token is not None:
+            x, segments = self.prepend_class_token(x, segments)
         return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, segments))
 
+    def prepend_class_token(self, x: torch.Tensor, segments: list[int] | None) -> tuple[torch.Tensor, list[int] | None]:
+        """(B, sum K_i, D) -> (B, sum (1 + K_i), D): the class token, position code zero (MAE), before each segment."""
+        cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
+        if segments is None:
+            return torch.cat([cls, x], dim=1), None
+        parts = [t for part in x.split(segments, dim=1) for t in (cls, part)]
+        return torch.cat(parts, dim=1), [1 + n for n in segments]
+
     def forward_frames(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> all tokens after the final norm (B, N, D) (= timm forward_features)."""
+        """(B, C, H, W) -> all tokens after the final norm (B, P + N, D) (= timm forward_features)."""
         return self.forward_tokens(self.embed_frames(images))
 
     def forward_clips(self, clips: torch.Tensor) -> torch.Tensor:
-        """(B, C, T, H, W) -> all tokens after the final norm (B, T/t * N, D)."""
+        """(B, C, T, H, W) -> all tokens after the final norm (B, P + T/t * N, D)."""
         return self.forward_tokens(self.embed_clips(clips))
 
 
@@ -311,19 +329,21 @@ class MaskedDecoder(nn.Module):
         self.grad_checkpointing = False
 
     def forward(self, latent: torch.Tensor, ids_keep: torch.Tensor, ids_masked: torch.Tensor) -> torch.Tensor:
-        """(B, K, D_enc) latents of the tokens ids_keep (B, K); ids_masked (B, M) -> (B, M, patch_dim)
-        predictions for the masked tokens, in the order of ids_masked."""
+        """(B, P + K, D_enc) latents: P prefix rows (a class token, carried with position code zero as in MAE's
+        decoder) then the tokens ids_keep (B, K); ids_masked (B, M) -> (B, M, patch_dim) predictions for the masked
+        tokens, in the order of ids_masked."""
         x = self.embed(latent)
-        B, K, D = x.shape
+        K = ids_keep.shape[1]
+        P = x.shape[1] - K
         num_tokens = K + ids_masked.shape[1]
         if self.time_embed is None:  # MAE's 2-D code (N rows) or VideoMAE's table (T' * N rows)
             pos = self.pos_embed[:, :num_tokens]
         else:
             pos = spatiotemporal_pos_embed(self.pos_embed, self.time_embed[:, : num_tokens // self.pos_embed.shape[1]])
-        x = torch.cat([x + gather_tokens(pos, ids_keep),
+        x = torch.cat([x[:, :P], x[:, P:] + gather_tokens(pos, ids_keep),
                        self.mask_token.to(x.dtype) + gather_tokens(pos, ids_masked)], dim=1)
         x = run_blocks(self.blocks, x, self.grad_checkpointing)
-        return self.head(self.norm(x[:, K:]))
+        return self.head(self.norm(x[:, P + K:]))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -383,6 +403,8 @@ class ExpMAE(nn.Module):
         for decoder in (self.decoder, self.video_decoder):
             if decoder is not None:
                 nn.init.normal_(decoder.mask_token, std=0.02)
+        if self.encoder.cls_token is not None:
+            nn.init.normal_(self.encoder.cls_token, std=0.02)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -435,7 +457,8 @@ class ExpMAE(nn.Module):
         present = [t for t in tokens if t is not None]
         if self.cfg.pack_branches and len(present) > 1:
             segments = [t.shape[1] for t in present]
-            latents = iter(self.encoder.forward_tokens(torch.cat(present, dim=1), segments).split(segments, dim=1))
+            rows = [self.encoder.num_prefix_tokens + n for n in segments]  # each with its own class token
+            latents = iter(self.encoder.forward_tokens(torch.cat(present, dim=1), segments).split(rows, dim=1))
         else:
             latents = iter([self.encoder.forward_tokens(t) for t in present])
         return [next(latents) if t is not None else None for t in tokens]
@@ -474,7 +497,9 @@ class ExpMAE(nn.Module):
         return VideoInputs(clips, masking, self.encoder.embed_visible_clips(clips, masking.ids_keep))
 
     def video_loss(self, video: "VideoInputs", latent: torch.Tensor) -> dict[str, torch.Tensor]:
-        """VideoMAE branch, step 3: decode the latents into the masked tubelets and score them."""
+        """VideoMAE branch, step 3: decode the latents into the masked tubelets and score them (VideoMAE's decoder has
+        no class token: it sees the tubelet latents only)."""
+        latent = latent[:, self.encoder.num_prefix_tokens:]
         pred = self.video_decoder(latent, video.masking.ids_keep, video.masking.ids_masked)
         loss = F.mse_loss(pred.float(), self.video_target(video.clips, video.masking.ids_masked))
         return {"loss_video": loss, "pred_video": pred, "mask_video": video.masking.mask}
@@ -574,9 +599,9 @@ class ExpMAE(nn.Module):
 
     # ---- training helpers ----------------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        """Parameter names to keep out of weight decay (timm convention): mask tokens, learned position codes."""
+        """Parameter names kept out of weight decay (timm convention): mask / class tokens, learned position codes."""
         return {name for name, _ in self.named_parameters()
-                if name.endswith(("mask_token", "pos_embed", "time_embed"))}
+                if name.endswith(("mask_token", "cls_token", "pos_embed", "time_embed"))}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for module in (self.encoder, self.decoder, self.video_decoder):
@@ -591,9 +616,10 @@ _TIMM_FAMILIES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit
 
 
 def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the frame encoder in timm VisionTransformer keys (class_token=False, see timm_create_kwargs).
+    """State dict of the frame encoder in timm VisionTransformer keys (see timm_create_kwargs).
 
-    The stem's Conv3d kernel is summed over time (a static tubelet), the frame position code becomes pos_embed.
+    The stem's Conv3d kernel is summed over time (a static tubelet), the frame position code becomes pos_embed (with
+    a zero row first for the class token's slot when cfg.class_token: its code is zero, as in MAE).
     Under ZeRO-3 pass a model whose parameters are gathered (e.g. after accelerator.get_state_dict + load).
     """
     model = getattr(model_or_encoder, "module", model_or_encoder)  # unwrap DistributedDataParallel
@@ -608,23 +634,27 @@ def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torc
         if key == "patch_embed.proj.weight":
             value = value.sum(dim=2)
         state[key] = value.detach().clone()
-    state["pos_embed"] = encoder.frame_pos_embed().detach().clone()
+    pos_embed = encoder.frame_pos_embed().detach()
+    if encoder.cls_token is not None:  # (1, N, D) -> (1, 1 + N, D)
+        pos_embed = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
+    state["pos_embed"] = pos_embed.clone()
     return state
 
 
 def timm_create_kwargs(cfg: ExpMAEConfig | nn.Module) -> tuple[str, dict]:
     """(model_name, kwargs) such that timm.create_model(model_name, pretrained=False, **kwargs) strict-loads
     frame_encoder_timm_state_dict(model) and reproduces encoder.forward_frames (forward_features) and the
-    mean-pooled feature (forward / forward_head). Every architecture argument is explicit, so the name only
-    picks the closest standard family. Replace num_classes=0 to add a fresh classifier head."""
+    mean-pooled feature (forward / forward_head): global_pool="avg" averages the patch tokens only, also with a class
+    token (pass global_pool="token" for the class token instead). Every architecture argument is explicit, so the
+    name only picks the closest standard family. Replace num_classes=0 to add a fresh classifier head."""
     cfg = getattr(cfg, "cfg", cfg)
     family = _TIMM_FAMILIES.get(cfg.embed_dim, "vit_base")
     kwargs = dict(
         img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
         depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        # no class token; average pooling of the final-normed tokens: with fc_norm=False timm keeps `norm` on the
-        # tokens and makes fc_norm an Identity (fc_norm=None would move the norm after the pooling instead)
-        class_token=False, global_pool="avg", fc_norm=False, num_classes=0,
+        # average pooling of the final-normed patch tokens: with fc_norm=False timm keeps `norm` on the tokens and
+        # makes fc_norm an Identity (fc_norm=None would move the norm after the pooling instead)
+        class_token=cfg.class_token, global_pool="avg", fc_norm=False, num_classes=0,
         # so timm.data.resolve_data_config normalises inputs the way this encoder was trained
         pretrained_cfg_overlay=dict(mean=tuple(cfg.mean), std=tuple(cfg.std)),
     )

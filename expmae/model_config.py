@@ -54,6 +54,11 @@ class ExpMAEConfig:
     # frames always use the rows of the first tubelet time step (see expmae.model.position_codes)
     position_code: str = _f("separable", "position code: separable (2-D + temporal) or videomae (VideoMAE's 1-D "
                                          "table over all tubelets, as public VideoMAE weights)", choices=POSITION_CODES)
+    # MAE's / ViTMAE's / timm's class token: a learned token prepended to every sequence the encoder runs (position
+    # code zero, MAE's class slot), carried through the MAE frame decoder as MAE's decoder does, dropped before the
+    # VideoMAE clip decoder (VideoMAE has none); see ExpMAEEncoder.forward_tokens
+    class_token: bool = _f(False, "a learned class token in front of the encoder's tokens (as MAE / ViTMAE / timm "
+                                  "ViTs; VideoMAE has none)")
     learn_pos_embed: bool = _f(False, "trainable position embeddings (initialised sin-cos) instead of fixed")
     grad_checkpointing: bool = _f(False, "activation checkpointing in the transformer blocks")
     # run both branches' visible tokens through the encoder as one packed sequence per clip, attention staying

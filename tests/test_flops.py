@@ -13,15 +13,17 @@ def test_transformer_flops_hand_computed_case():
     assert flops.transformer_forward_flops(seq_len=2, dim=4, depth=3, mlp_ratio=2.0) == 3 * 576
 
 
+@pytest.mark.parametrize("class_token", [False, True])
 @pytest.mark.parametrize("mode", ["mae", "videomae", "expmae"])
-def test_forward_flops_match_torch_flop_counter(mode):
+def test_forward_flops_match_torch_flop_counter(mode, class_token):
     """Our forward, counted by torch.utils.flop_counter, is exactly the analytic count: the stem sees only visible
-    tokens, the heads only masked ones, and the packed encoder pass attends within each branch only."""
+    tokens, the heads only masked ones, and the packed encoder pass attends within each branch only (a class token
+    runs through the encoder with each branch, and through the MAE decoder only)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     overrides = dict(img_size=32, num_frames=4, patch_size=8, depth=2, decoder_depth=2, video_decoder_depth=1)
-    model = create_model("tiny", mode=mode, **overrides)
+    model = create_model("tiny", mode=mode, class_token=class_token, **overrides)
     cfg = model.cfg
     clips = torch.randn(3, 3, cfg.num_frames, cfg.img_size, cfg.img_size)
     # the math backend spells attention as matmuls, which the counter sees (it skips the CPU flash kernel)

@@ -91,10 +91,11 @@ def test_segment_attention_is_attention_on_each_segment():
     assert not torch.allclose(attn(torch.cat([a, b], dim=1)), packed, atol=1e-3)  # plain attention mixes them
 
 
-@pytest.mark.parametrize("grad_checkpointing", [False, True])
-def test_packed_branches_match_separate_passes(grad_checkpointing):
+@pytest.mark.parametrize("grad_checkpointing, class_token", [(False, False), (True, False), (False, True)])
+def test_packed_branches_match_separate_passes(grad_checkpointing, class_token):
     """pack_branches runs the encoder once on [frame tokens | clip tokens] and is otherwise the same model:
-    same losses, predictions and gradients as the two separate passes (the path the HF oracle checks)."""
+    same losses, predictions and gradients as the two separate passes (the path the HF oracle checks). With a
+    class token, each branch's sequence gets its own."""
     clips = clips_like(tiny_model(), batch=4)
     g = torch.Generator().manual_seed(0)
     mask_mae = random_masking(4, 16, 0.75, generator=g).mask
@@ -102,7 +103,7 @@ def test_packed_branches_match_separate_passes(grad_checkpointing):
     frame_idx = torch.tensor([0, 3, 1, 2])
 
     def run(pack):
-        model = tiny_model(pack_branches=pack, grad_checkpointing=grad_checkpointing)
+        model = tiny_model(pack_branches=pack, grad_checkpointing=grad_checkpointing, class_token=class_token)
         seen = []
         model.encoder.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
         out = model(clips, frame_idx=frame_idx, mask_mae=mask_mae, mask_video=mask_video)
@@ -111,7 +112,8 @@ def test_packed_branches_match_separate_passes(grad_checkpointing):
         return out, {n: p.grad for n, p in model.named_parameters()}, forward_calls
 
     (out, grads, seen), (packed, packed_grads, packed_seen) = run(False), run(True)
-    assert seen == [(4, 4, 64), (4, 8, 64)] and packed_seen == [(4, 12, 64)]
+    P = int(class_token)
+    assert seen == [(4, P + 4, 64), (4, P + 8, 64)] and packed_seen == [(4, 2 * P + 12, 64)]
     for key in ("loss", "loss_mae", "loss_video", "pred_mae", "pred_video"):
         torch.testing.assert_close(packed[key], out[key], atol=1e-5, rtol=1e-5, msg=key)
     assert torch.equal(packed["mask_video"], out["mask_video"]) and torch.equal(packed["frame_idx"], frame_idx)

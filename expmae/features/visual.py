@@ -2,8 +2,9 @@
 
 - ``video``: sliding windows of T frames taken ``sample_stride`` apart (as in pretraining), window starts
   ``clip_stride`` frames apart (default T x sample_stride: back to back), each through the clip encoder
-  (``forward_clips``) and mean-pooled over its tokens: segment level (N_clips, D). A video shorter than one
-  window gives one window that repeats its last frame (as the pretraining loader does).
+  (``forward_clips``) and mean-pooled over its tubelet tokens (a class token is left out): segment level
+  (N_clips, D). A video shorter than one window gives one window that repeats its last frame (as the pretraining
+  loader does).
 - ``frame``: ``num_frames`` frames spread evenly over the video (all when 0), each through the frame encoder
   (``forward_frames``) and mean-pooled over its patch tokens, which is exactly the exported timm model's
   ``forward()``: frame level (N_frames, D).
@@ -191,6 +192,7 @@ class VisualFeatureExtractor:
                     tokens = self.encoder.forward_clips(x)
                 else:
                     tokens = self.encoder.forward_frames(x[:, :, 0])
+                tokens = tokens[:, self.encoder.num_prefix_tokens:]  # patch / tubelet tokens (not a class token)
                 out.append(tokens.float().mean(dim=1).cpu().numpy())
         count = "clips" if self.modality == "video" else "frames"
         return np.concatenate(out, axis=0), {**loaded["info"], count: int(len(windows))}

@@ -74,8 +74,8 @@ class VideoFusionModel(nn.Module):
             encoder.eval()
 
     def pool(self, clips: torch.Tensor) -> torch.Tensor:
-        """Normalised clips (B, C, T, H, W) -> the mean of all encoder tokens (B, D), before fc_norm."""
-        return self.encoder.forward_clips(clips).mean(dim=1)
+        """Normalised clips (B, C, T, H, W) -> the mean of the encoder's tubelet tokens (B, D), before fc_norm."""
+        return self.encoder.forward_clips(clips)[:, self.encoder.num_prefix_tokens:].mean(dim=1)
 
     def forward(self, clips: torch.Tensor, features: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
