@@ -20,7 +20,7 @@ from launching import CPU_DEEPSPEED, LAUNCH_TIMEOUT, REPO, finish, free_port, wr
 
 from expmae.export import (ENCODER_WEIGHTS, TIMM_WEIGHTS, convert_state_dict, create_timm_model, export_encoder,
                            load_encoder, load_pretrained_weights, read_checkpoint, save_encoder)
-from expmae.model import create_model, get_config
+from expmae.model import create_model, frame_encoder_timm_state_dict, get_config
 from expmae.pos_embed import get_2d_sincos_pos_embed, spatiotemporal_pos_embed
 
 # The pretraining tests' tiny geometry: 32 px, patch 8 (16 patches), 4 frames, tubelet 2, width 48, 2 blocks.
@@ -201,6 +201,34 @@ def test_learned_position_codes_travel_with_the_encoder(tmp_path):
     assert_encoder_folder_matches(tmp_path / "enc", model)
 
 
+def test_class_token_encoder_exports_to_timm_and_back_exactly(tmp_path):
+    """class_token=True: timm's ViT with class_token=True (its pos_embed's class slot zero) strict-loads the frame
+    encoder, forward_features gives its tokens (class token first), forward() pools the patch tokens only; the timm
+    state dict imports back (layout timm) into the same encoder."""
+    torch.manual_seed(0)
+    model = randomize_(create_model("tiny", **TINY, class_token=True)).eval()
+    save_encoder(model, tmp_path / "enc")
+    assert_encoder_folder_matches(tmp_path / "enc", model)
+    timm_model = create_timm_model(tmp_path / "enc")
+    assert timm_model.num_prefix_tokens == 1 and timm_model.global_pool == "avg"
+    images, _ = inputs(model.cfg)
+    with torch.no_grad():
+        tokens = model.encoder.forward_frames(images)
+        assert tokens.shape == (3, 1 + model.cfg.num_patches, model.cfg.embed_dim)
+        torch.testing.assert_close(timm_model(images), tokens[:, 1:].mean(dim=1), atol=1e-5, rtol=0)
+    state = frame_encoder_timm_state_dict(model)
+    assert state["pos_embed"].shape == (1, 1 + model.cfg.num_patches, model.cfg.embed_dim)
+    assert not state["pos_embed"][:, 0].any()
+    back = create_model("tiny", **TINY, class_token=True, mode="mae")
+    report = load_pretrained_weights(back, state)
+    assert report.layout == "timm" and report.class_token and report.missing == [] and report.unexpected == []
+    for key, value in model.encoder.state_dict().items():
+        if key != "patch_embed.proj.weight":  # the timm stem is the Conv3d summed over time: only the frame path stays
+            assert torch.equal(back.encoder.state_dict()[key], value), key
+    with torch.no_grad():
+        torch.testing.assert_close(back.encoder.eval().forward_frames(images), tokens, atol=1e-5, rtol=0)
+
+
 def test_export_errors_are_one_line(tmp_path, capsys):
     from expmae.export import main
 
@@ -342,23 +370,26 @@ def test_official_mae_checkpoint_initialises_the_encoder(tmp_path):
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     # as MAE's misc.save_model writes it: the model under 'model', argparse args beside it
     torch.save({"model": state, "epoch": 799, "args": argparse.Namespace(model="mae_vit_tiny", mask_ratio=0.75)}, path)
-    model = create_model("tiny", **TINY)
+    with pytest.raises(ValueError) as err:  # MAE's class token is kept: a model without one is told to have one
+        load_pretrained_weights(create_model("tiny", **TINY), path)
+    assert "set model.class_token=true" in one_line_error(err)
+    model = create_model("tiny", **TINY, class_token=True)
     report = load_pretrained_weights(model, path)
     assert report.layout == "mae" and report.missing == [] and report.unexpected == []
-    assert report.position_code == "separable" and report.decoders == {"decoder": "loaded"}
-    assert set(report.dropped) == {"cls_token", "pos_embed", "decoder_pos_embed"}  # MAE's sin-cos codes are ours
+    assert report.position_code == "separable" and report.decoders == {"decoder": "loaded"} and report.class_token
+    assert set(report.dropped) == {"pos_embed", "decoder_pos_embed"}  # MAE's sin-cos codes are ours
+    assert torch.equal(model.encoder.cls_token.detach(), state["cls_token"])  # its slot's code is zero
     # the MAE decoder is the frame decoder (its class token's slot aside)
     assert torch.equal(model.decoder.embed.weight.detach(), state["decoder_embed.weight"])
     assert torch.equal(model.decoder.blocks[0].attn.qkv.weight.detach(), state["decoder_blocks.0.attn.qkv.weight"])
     assert torch.equal(model.decoder.head.weight.detach(), state["decoder_pred.weight"])
 
-    # Oracle: timm's ViT without the class token, on the same weights.
+    # Oracle: timm's ViT with its class token (MAE's encoder), on the same weights as they are.
     oracle = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=cfg.img_size,
                                patch_size=cfg.patch_size, embed_dim=cfg.embed_dim, depth=cfg.depth,
-                               num_heads=cfg.num_heads, num_classes=0, class_token=False, global_pool="avg",
+                               num_heads=cfg.num_heads, num_classes=0, class_token=True, global_pool="avg",
                                fc_norm=False).eval()
-    vit = {k: v for k, v in state.items() if k in oracle.state_dict() and k != "pos_embed"}
-    oracle.load_state_dict({**vit, "pos_embed": state["pos_embed"][:, 1:]}, strict=True)
+    oracle.load_state_dict({k: v for k, v in state.items() if k in oracle.state_dict()}, strict=True)
     images, _ = inputs(cfg)
     model.eval()
     with torch.no_grad():
@@ -536,8 +567,8 @@ def test_init_from_public_weights_loads_the_encoder_only(tmp_path):
     cfg = get_config("tiny", **TINY)
     path = tmp_path / "mae_pretrain_vit_tiny.pth"
     torch.save({"model": mae_checkpoint(cfg)}, path)
-    model = create_model("tiny", **TINY)
-    reference = create_model("tiny", **TINY)
+    model = create_model("tiny", **TINY, class_token=True)
+    reference = create_model("tiny", **TINY, class_token=True)
     load_pretrained_weights(reference, path)  # the import path tested above is the oracle
     decoders = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     note = init_from(model, path)

@@ -101,6 +101,30 @@ def test_frame_features_are_the_exported_timm_model(encoder_dir, npy_clips, tmp_
         np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
 
 
+def test_features_of_a_class_token_encoder_pool_the_patch_tokens(npy_clips, tmp_path):
+    """class_token=True: frame features are still the exported timm model's forward() (global_pool="avg" over the
+    patch tokens), video features the mean of the tubelet tokens; the class token is left out of both."""
+    torch.manual_seed(0)
+    model = create_model("tiny", **TINY, class_token=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    folder = save_encoder(model, tmp_path / "enc-cls", sample_stride=2)
+    crops, clips = npy_clips
+    extract_visual_features(crops, tmp_path / "frame", folder, modality="frame", num_frames=3, pooling="none",
+                            progress=False)
+    with torch.no_grad():
+        expected = create_timm_model(folder)(normalise(clips["short"])).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "frame" / "short.npy"), expected, atol=1e-5, rtol=0)
+    extract_visual_features(crops, tmp_path / "video", folder, modality="video", pooling="none", progress=False)
+    x = normalise(clips["short"][np.array([[0, 2, 2, 2]])]).transpose(1, 2)
+    with torch.no_grad():
+        tokens = load_encoder(folder).forward_clips(x)
+    got = np.load(tmp_path / "video" / "short.npy")
+    np.testing.assert_allclose(got, tokens[:, 1:].mean(dim=1).numpy(), atol=1e-5, rtol=0)
+    assert np.abs(got - tokens.mean(dim=1).numpy()).max() > 1e-3  # the class token is not in it
+
+
 def test_notebook_api_matches_the_folder_job(encoder_dir, npy_clips, tmp_path):
     import expmae.features
 

@@ -23,7 +23,8 @@ VIDEOMAE = dict(image_size=32, patch_size=8, num_channels=3, num_frames=4, tubel
                 use_mean_pooling=False, norm_pix_loss=True)
 VITMAE = dict(image_size=32, patch_size=8, num_channels=3, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
               intermediate_size=192, decoder_hidden_size=32, decoder_num_hidden_layers=1,
-              decoder_num_attention_heads=4, decoder_intermediate_size=128)
+              decoder_num_attention_heads=4, decoder_intermediate_size=128,
+              layer_norm_eps=1e-6)  # MAE's own eps, and expMAE's (transformers' ViTMAE default is 1e-12)
 
 
 def perturb_(model: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:
@@ -213,31 +214,113 @@ def vitmae_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def test_vitmae_folder_is_the_frame_branch(vitmae_folder, tmp_path, capsys):
-    """ViTMAE -> expmae-export (size from its config) -> the frame encoder equals ViTMAE's own layers run on the
-    patch tokens alone: the class token is dropped (the expMAE frame encoder, and its timm export, have none)."""
+def vitmae_noise(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViTMAE's masking input: uniform noise, argsorted per sample, keeps int(N * (1 - 0.75)) = 4 of 16 patches;
+    and the (B, N) mask it makes (True = masked), what expMAE takes."""
+    noise = torch.rand(batch, 16, generator=torch.Generator().manual_seed(seed))
+    return noise, noise.argsort(dim=1).argsort(dim=1) >= 4
+
+
+def test_vitmae_folder_is_the_frame_encoder_with_its_class_token(vitmae_folder, tmp_path, capsys):
+    """ViTMAE -> expmae-export (size and class token from its config and weights, no --set) -> the frame encoder
+    is ViTMAEModel: last_hidden_state (class token first) on every patch in order, and on the same visible ones."""
     assert main([str(vitmae_folder), str(tmp_path / "enc")]) == 0
     summary = json.loads(capsys.readouterr().out)["import"]
     assert summary["layout"] == "transformers-vitmae" and summary["position_code"] == "separable"
-    assert summary["dropped"]["vit.embeddings.cls_token"] == "class token (the expMAE encoder has none)"
-    hf = transformers.ViTMAEModel.from_pretrained(str(vitmae_folder)).eval()
+    assert summary["class_token"] is True and "vit.embeddings.cls_token" not in summary["dropped"]
+    encoder = load_encoder(tmp_path / "enc")
+    assert encoder.cfg.class_token and encoder.num_prefix_tokens == 1
     images = clips()[:, :, 0]
     with torch.no_grad():
-        x = hf.embeddings.patch_embeddings(images) + hf.embeddings.position_embeddings[:, 1:]
-        for layer in hf.layers:
-            x = layer(x)
-        ref = hf.layernorm(x)
-        ours = load_encoder(tmp_path / "enc").forward_frames(images)
-    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
-    # the MAE decoder becomes the frame decoder of a model of that size
-    cfg = ExpMAEConfig(**read_source(vitmae_folder).config)
-    model = ExpMAE(cfg)
+        hf = transformers.ViTMAEModel.from_pretrained(str(vitmae_folder), mask_ratio=0.0).eval()
+        ref = hf(images, noise=torch.arange(16.0).expand(2, -1)).last_hidden_state  # every patch, in token order
+        ours = encoder.forward_frames(images)
+        torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+        assert ref.shape == (2, 17, 48) and ref.abs().mean() > 0.1
+        noise, _ = vitmae_noise(2, seed=5)  # the pretraining masking: 4 visible patches in ViTMAE's shuffle order
+        masked = transformers.ViTMAEModel.from_pretrained(str(vitmae_folder)).eval()(images, noise=noise)
+        ids_keep = noise.argsort(dim=1)[:, :4]
+        visible = encoder.forward_tokens(encoder.embed_visible_frames(images, ids_keep))
+        torch.testing.assert_close(visible, masked.last_hidden_state, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_vitmae_loss_matches_vitmae_for_pretraining(vitmae_folder, norm_pix_loss):
+    """Same folder, same image, the mask ViTMAE's noise makes: ExpMAE(mode=mae) with the imported class token and
+    frame decoder gives ViTMAEForPreTraining's loss and the logits of the masked patches; transformers untouched."""
+    fields = {**read_source(vitmae_folder).config, "norm_pix_loss": norm_pix_loss}
+    model = ExpMAE(ExpMAEConfig(**fields)).eval()
+    assert (model.cfg.mode, model.cfg.class_token, model.cfg.decoder_embed_dim) == ("mae", True, 32)
     report = load_pretrained_weights(model, vitmae_folder)
-    assert report.decoders == {"decoder": "loaded"}
-    ref_state = transformers.ViTMAEForPreTraining.from_pretrained(str(vitmae_folder)).state_dict()
-    assert torch.equal(model.decoder.head.weight, ref_state["decoder.decoder_pred.weight"])
-    assert torch.equal(model.decoder.blocks[0].attn.qkv.weight, torch.cat(
-        [ref_state[f"decoder.decoder_layers.0.attention.{n}_proj.weight"] for n in "qkv"]))
+    assert report.decoders == {"decoder": "loaded"} and report.missing == [] and report.unexpected == []
+    hf = transformers.ViTMAEForPreTraining.from_pretrained(str(vitmae_folder), norm_pix_loss=norm_pix_loss).eval()
+    x = clips(batch=3)
+    noise, mask = vitmae_noise(3, seed=7)
+    with torch.no_grad():
+        ours = model(x, frame_idx=0, mask_mae=mask)
+        ref = hf(x[:, :, 0], noise=noise)
+    assert torch.equal(ref.mask.bool(), ours["mask_mae"])
+    torch.testing.assert_close(ours["loss_mae"], ref.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours["pred_mae"], ref.logits[mask].reshape(3, 12, -1), atol=1e-4, rtol=0)
+
+
+def test_vitmae_export_loads_strictly_and_round_trips(vitmae_folder, tmp_path, capsys):
+    """--hf-vitmae: OUT/hf_vitmae loads in transformers' ViTMAEModel with no missing / unexpected keys, gives the
+    frame encoder's tokens, and transformers -> expmae -> transformers gives the original tensors back."""
+    assert main([str(vitmae_folder), str(tmp_path / "enc"), "--hf-vitmae"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["verify"]["hf_vitmae_max_abs_diff"] < 1e-4
+    out = tmp_path / "enc" / "hf_vitmae"
+    model, info = transformers.ViTMAEModel.from_pretrained(str(out), mask_ratio=0.0, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    images = clips()[:, :, 0]
+    with torch.no_grad():
+        theirs = model.eval()(images, noise=torch.arange(16.0).expand(2, -1)).last_hidden_state
+        torch.testing.assert_close(theirs, load_encoder(tmp_path / "enc").forward_frames(images), atol=1e-4, rtol=0)
+    original = transformers.ViTMAEForPreTraining.from_pretrained(str(vitmae_folder)).vit.state_dict()
+    back = model.state_dict()
+    assert set(back) == set(original)
+    for key, value in original.items():
+        assert torch.equal(back[key], value), key
+    assert model.config.mask_ratio == 0.0 and json.loads((out / "config.json").read_text())["mask_ratio"] == 0.75
+    # continued MAE pretraining in transformers: only the decoder is fresh
+    _, info = transformers.ViTMAEForPreTraining.from_pretrained(str(out), output_loading_info=True)
+    assert {k.split(".")[0] for k in info["missing_keys"]} == {"decoder"} and not info["unexpected_keys"]
+    card = (out / "README.md").read_text()
+    for fragment in (str(vitmae_folder.resolve()), "ViTMAEModel.from_pretrained", "mask_ratio=0.0",
+                     "timm.create_model", "expmae.load_encoder", '"class_token": true'):
+        assert fragment in card, fragment
+
+
+def test_class_token_mismatch_is_a_one_line_error(vitmae_folder, videomae_folder, tmp_path, capsys):
+    """As a position-code mismatch: never a silent drop (ViTMAE's patches attended to its class token)."""
+    sizes = dict(img_size=32, patch_size=8, num_frames=4, embed_dim=48, depth=2, num_heads=3)
+    with pytest.raises(ValueError) as err:
+        load_pretrained_weights(create_model("tiny", **sizes), vitmae_folder)
+    message = one_line(err)
+    assert "the weights have a class token" in message and "set model.class_token=true" in message
+    with pytest.raises(ValueError) as err:
+        init_from(create_model("tiny", **sizes, position_code="videomae", class_token=True), videomae_folder)
+    assert "the weights have no class token" in one_line(err) and "set model.class_token=false" in str(err.value)
+    assert main([str(vitmae_folder), str(tmp_path / "enc"), "--set", "class_token=false"]) == 2
+    err_lines = capsys.readouterr().err.strip().splitlines()
+    assert len(err_lines) == 1 and "class_token=False" in err_lines[0] and not (tmp_path / "enc").exists()
+
+
+def test_hf_exports_say_in_one_line_what_transformers_cannot_express(vitmae_folder, tmp_path, capsys):
+    from expmae.export import save_encoder
+
+    assert main([str(vitmae_folder), str(tmp_path / "enc"), "--hf"]) == 2  # separable and a class token
+    assert "position_code='separable'" in capsys.readouterr().err
+    save_encoder(create_model("tiny", img_size=32, patch_size=8, num_frames=4, depth=1, position_code="videomae",
+                              class_token=True), tmp_path / "cls")
+    assert main([str(tmp_path / "cls"), str(tmp_path / "out"), "--hf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "class_token=True" in err[0] and "--hf-vitmae" in err[0]
+    save_encoder(create_model("tiny", img_size=32, patch_size=8, num_frames=4, depth=1), tmp_path / "plain")
+    assert main([str(tmp_path / "plain"), str(tmp_path / "out"), "--hf-vitmae"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no class token (class_token=False)" in err[0] and not (tmp_path / "out").exists()
 
 
 def test_init_from_videomae_into_a_separable_run_fails_before_training(videomae_folder, tmp_path):

@@ -3,8 +3,9 @@
 In: foreign checkpoints are read (load.py), their layout detected and converted by one small converter per
 layout (layouts.py dispatches to mae.py: facebookresearch/mae and timm ViTs; videomae.py: VideoMAE and
 VideoMAE V2; hf.py: transformers VideoMAE* / ViTMAE*; layouts.convert_expmae: expMAE's own), then fitted to the
-model (the encoder strictly, the position code checked, decoders when their shapes match).
-Out: the expmae encoder folder with a timm frame encoder (folder.py) and a transformers VideoMAE folder (hf.py).
+model (the encoder strictly, the position code and class token checked, decoders when their shapes match).
+Out: the expmae encoder folder with a timm frame encoder (folder.py), transformers VideoMAE (the clip encoder) and
+ViTMAE (the frame encoder) folders (hf.py).
 """
 from expmae.weights.folder import (CONFIG_NAME, ENCODER_WEIGHTS, TIMM_WEIGHTS, create_timm_model, load_encoder,
                                    read_encoder_config, save_encoder, unwrap_encoder, verify_encoder_folder)

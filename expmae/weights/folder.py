@@ -7,6 +7,7 @@
                           an "expmae" section: the full ExpMAEConfig, the exact explicit timm.create_model call,
                           the clip sampling used in pretraining, the source checkpoint, a weights hash.
     hf/                   (``--hf``) the clip encoder as a transformers VideoMAEModel folder + model card
+    hf_vitmae/            (``--hf-vitmae``) the frame encoder as a transformers ViTMAEModel folder + model card
 """
 from __future__ import annotations
 
@@ -161,7 +162,8 @@ def load_encoder(path: str | os.PathLike, *, device: str | torch.device | None =
     """The clip encoder (tubelet stem + blocks + norm) of an encoder folder, in eval mode.
 
     Also accepts a pretraining checkpoint / run folder (exported on the fly). ``encoder.forward_clips(clips)``
-    gives tokens (B, T/t * N, D), ``encoder.forward_frames(images)`` (B, N, D); ``encoder.cfg`` has the rest.
+    gives tokens (B, P + T/t * N, D), ``encoder.forward_frames(images)`` (B, P + N, D), P =
+    ``encoder.num_prefix_tokens`` (1: a class token first, when cfg.class_token); ``encoder.cfg`` has the rest.
     Call ``.train()`` to finetune it.
     """
     folder = folder_of(path)

@@ -6,7 +6,9 @@ Keys: ``[videomae.]embeddings.patch_embeddings.projection`` (Conv3d), ``encoder.
 ``layernorm_before / _after``, ``layernorm`` (absent with use_mean_pooling: then ``fc_norm`` after pooling);
 pretraining adds ``encoder_to_decoder``, ``mask_token``, ``decoder.decoder_layers.i``, ``decoder.norm``,
 ``decoder.head``. ViTMAE (transformers 5: ``layers.i.attention.{q,k,v,o}_proj``, ``mlp.fc1 / fc2``; 4.x names as
-VideoMAE) has a class token (dropped: the expMAE frame encoder has none) and stores its 2-D sin-cos code.
+VideoMAE) has a class token (kept: class_token=True, its slot's code folded into it) and stores its 2-D sin-cos code.
+Out: an encoder as a transformers VideoMAEModel folder (``hf/``, the clip encoder: videomae code, no class token) or
+a ViTMAEModel folder (``hf_vitmae/``, the frame encoder: a class token, any frame code, as ViTMAE stores its code).
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any
 import torch
 
 from expmae.weights.layouts import Collector
-from expmae.weights.mae import CLASS_TOKENS, without_class_slot
+from expmae.weights.mae import OTHER_TOKENS, with_slot_code, without_class_slot
 
 HF_MODEL_TYPES = ("videomae", "vit_mae")
 # layers as named in memory (transformers 5), in hub / 4.x files, and as transformers 5's save_pretrained writes
@@ -88,6 +90,7 @@ def convert_hf_videomae(keys: dict, c: Collector) -> str:
 
 
 def convert_hf_vitmae(keys: dict, c: Collector) -> str:
+    pos_embed = next((v for k, v in keys.items() if _strip(k, "vit.") == "embeddings.position_embeddings"), None)
     for raw, value in keys.items():
         key = _strip(raw, "vit.")
         target = next((new + key[len(old):] for old, new in _VITMAE.items() if key.startswith(old)), None)
@@ -95,11 +98,13 @@ def convert_hf_vitmae(keys: dict, c: Collector) -> str:
             c.put(target, value, raw)
         elif _layer(key, value, c, "decoder", raw):
             continue
-        elif key.split(".")[-1] in CLASS_TOKENS:
-            c.drop(raw, "class token (the expMAE encoder has none)")
+        elif key == "embeddings.cls_token":
+            c.put("encoder.cls_token", with_slot_code(value, pos_embed, c), raw)
+        elif key.split(".")[-1] in OTHER_TOKENS:
+            c.drop(raw, "distillation / register token (the expMAE encoder has only a class token)")
         elif key in ("embeddings.position_embeddings", "decoder.decoder_pos_embed"):
             target = "encoder.pos_embed" if key.startswith("embeddings") else "decoder.pos_embed"
-            c.put(target, without_class_slot(value, True), raw)
+            c.put(target, without_class_slot(value, True, raw, c), raw)
         elif key.startswith("classifier."):
             c.drop(raw, "classifier head")
         else:
@@ -136,7 +141,7 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
     else:
         fields.update(qkv_bias=hf.get("qkv_bias", True), decoder_embed_dim=dec,
                       decoder_depth=hf["decoder_num_hidden_layers"], decoder_num_heads=hf["decoder_num_attention_heads"],
-                      mask_ratio=hf.get("mask_ratio", 0.75), mode="mae", position_code="separable")
+                      mask_ratio=hf.get("mask_ratio", 0.75), mode="mae", position_code="separable", class_token=True)
     return fields
 
 
@@ -149,7 +154,8 @@ def hf_weights_file(folder: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- export
-HF_FOLDER = "hf"
+HF_FOLDER = "hf"  # the clip encoder as a transformers VideoMAEModel
+HF_VITMAE_FOLDER = "hf_vitmae"  # the frame encoder as a transformers ViTMAEModel
 
 
 def hf_videomae_config(cfg) -> dict[str, Any]:
@@ -200,6 +206,9 @@ def check_hf_exportable(encoder) -> None:
         raise ValueError(f"--hf: this encoder uses position_code={cfg.position_code!r} (the 2-D + temporal code), "
                          "which transformers' VideoMAE cannot express (it adds VideoMAE's fixed 1-D table); "
                          "pretrain or import with position_code=videomae to export it to transformers")
+    if cfg.class_token:
+        raise ValueError("--hf: this encoder has a class token (class_token=True), which transformers' VideoMAE "
+                         "cannot express (it has none); --hf-vitmae exports its frame encoder as a ViTMAEModel")
     fixed = get_videomae_sincos_table(cfg.num_time * cfg.num_patches, cfg.embed_dim)
     if cfg.learn_pos_embed and not torch.allclose(encoder.pos_embed.detach().cpu().float(), fixed, atol=1e-6):
         raise ValueError("--hf: this encoder learned its position table (learn_pos_embed=True); transformers' "
@@ -240,6 +249,97 @@ def verify_hf_folder(folder: str | os.PathLike, encoder, atol: float = 1e-4) -> 
     return diff
 
 
+# ---- the frame encoder as a ViTMAEModel
+def hf_vitmae_config(cfg) -> dict[str, Any]:
+    """ViTMAEConfig arguments reproducing an expMAE frame encoder (eps 1e-6 as expMAE's); mask ratio, norm_pix_loss
+    and decoder sizes are the MAE frame branch's, so ViTMAEForPreTraining gets a (fresh) decoder of that shape."""
+    return dict(image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans,
+                hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
+                intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-6,
+                qkv_bias=cfg.qkv_bias, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+                decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
+                decoder_num_attention_heads=cfg.decoder_num_heads,
+                decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio))
+
+
+_VITMAE_LAYERS = {  # ViTMAEModel's layer names in memory: transformers 5, then 4.x (prefix, timm part -> theirs)
+    "layers.": {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.o_proj",
+                "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+                "q": "attention.q_proj", "k": "attention.k_proj", "v": "attention.v_proj"},
+    "encoder.layer.": {"norm1": "layernorm_before", "norm2": "layernorm_after", "attn.proj": "attention.output.dense",
+                       "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense", "q": "attention.attention.query",
+                       "k": "attention.attention.key", "v": "attention.attention.value"}}
+
+
+def check_vitmae_exportable(encoder) -> None:
+    """One-line error for an encoder transformers' ViTMAE cannot express. Any frame position code can be: ViTMAE
+    stores its code (position_embeddings), so the frame code goes in as it is, behind a zero class slot."""
+    if not encoder.cfg.class_token:
+        raise ValueError("--hf-vitmae: this encoder has no class token (class_token=False), and transformers' ViTMAE "
+                         "always prepends one, which every patch attends to; pretrain or import with class_token=true "
+                         "to export it as a ViTMAEModel (the timm export has no such limit)")
+
+
+def hf_vitmae_state(encoder, prefix: str = "layers.") -> dict[str, torch.Tensor]:
+    """ViTMAEModel keys (layer names after ``prefix``, see _VITMAE_LAYERS) for the frame encoder of an
+    ExpMAEEncoder: its timm state dict (Conv2d stem, cls_token, pos_embed with the class slot) renamed."""
+    from expmae.model import frame_encoder_timm_state_dict
+
+    check_vitmae_exportable(encoder)
+    D, names = encoder.cfg.embed_dim, _VITMAE_LAYERS[prefix]
+    src = {k: v.to("cpu", torch.float32) for k, v in frame_encoder_timm_state_dict(encoder).items()}
+    out = {"embeddings.cls_token": src["cls_token"], "embeddings.position_embeddings": src["pos_embed"],
+           "embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+           "embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+           "layernorm.weight": src["norm.weight"], "layernorm.bias": src["norm.bias"]}
+    for i in range(encoder.cfg.depth):
+        b, h = f"blocks.{i}.", f"{prefix}{i}."
+        for ours in ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            for kind in ("weight", "bias"):
+                out[f"{h}{names[ours]}.{kind}"] = src[f"{b}{ours}.{kind}"]
+        for kind in ("weight", "bias") if encoder.cfg.qkv_bias else ("weight",):
+            for j, part in enumerate("qkv"):  # attn.qkv: rows (or entries) q, k, v
+                out[f"{h}{names[part]}.{kind}"] = src[f"{b}attn.qkv.{kind}"][j * D:(j + 1) * D]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_hf_vitmae(encoder, out_dir: str | os.PathLike, *, source: dict | None = None,
+                   encoder_folder: str | os.PathLike | None = None) -> Path:
+    """Write ``out_dir`` as a transformers ViTMAEModel folder of the frame encoder (config.json + model.safetensors,
+    written by transformers itself after a strict load) and a model card README.md."""
+    from transformers import ViTMAEConfig, ViTMAEModel
+
+    from expmae.weights.folder import commit_folder
+
+    out_dir = Path(out_dir)
+    model = ViTMAEModel(ViTMAEConfig(**hf_vitmae_config(encoder.cfg)))
+    prefix = "layers." if any(k.startswith("layers.") for k in model.state_dict()) else "encoder.layer."
+    model.load_state_dict(hf_vitmae_state(encoder, prefix), strict=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    model.save_pretrained(tmp)
+    (tmp / "README.md").write_text(vitmae_model_card(encoder.cfg, source or {}, out_dir, encoder_folder),
+                                   encoding="utf-8")
+    commit_folder(tmp, out_dir, overwrite=True)
+    return out_dir
+
+
+@torch.no_grad()
+def verify_hf_vitmae_folder(folder: str | os.PathLike, encoder, atol: float = 1e-4) -> float:
+    """Max |ViTMAEModel.from_pretrained(folder) - encoder.forward_frames| over random images, all patches kept in
+    token order (mask_ratio=0, noise = the token index); raises above atol."""
+    from transformers import ViTMAEModel
+
+    cfg = encoder.cfg
+    images = torch.randn(2, cfg.in_chans, cfg.img_size, cfg.img_size, generator=torch.Generator().manual_seed(0))
+    hf = ViTMAEModel.from_pretrained(str(folder), mask_ratio=0.0).eval()
+    noise = torch.arange(cfg.num_patches, dtype=torch.float32).expand(len(images), -1)
+    ours = encoder.float().eval().forward_frames(images)
+    diff = (hf(images, noise=noise).last_hidden_state - ours).abs().max().item()
+    if not diff <= atol:
+        raise RuntimeError(f"{folder}: the ViTMAE export differs from the encoder by {diff:.3g} (> {atol})")
+    return diff
+
+
 def model_card(cfg, source: dict, out_dir: Path, encoder_folder) -> str:
     size = f"ViT (embed_dim={cfg.embed_dim}, depth={cfg.depth}, heads={cfg.num_heads}, patch {cfg.patch_size})"
     clip = f"{cfg.num_frames} frames x {cfg.img_size} px, tubelets of {cfg.tubelet_size} frames"
@@ -276,6 +376,54 @@ tokens = model(pixel_values).last_hidden_state            # (B, T/t * N, D)
 clf = VideoMAEForVideoClassification.from_pretrained("{out_dir}", num_labels=6)
 
 import timm   # the frame encoder (a ViT without class token), from the parent folder
+frames = timm.create_model("local-dir:{folder}", pretrained=True)
+
+import expmae  # the clip + frame encoder
+encoder = expmae.load_encoder("{folder}")
+```
+"""
+
+
+def vitmae_model_card(cfg, source: dict, out_dir: Path, encoder_folder) -> str:
+    size = f"ViT (embed_dim={cfg.embed_dim}, depth={cfg.depth}, heads={cfg.num_heads}, patch {cfg.patch_size})"
+    code = ("MAE's fixed 2-D sin-cos code" if cfg.position_code == "separable" else
+            "the first time step's rows of VideoMAE's 1-D sin-cos table")
+    folder = Path(encoder_folder) if encoder_folder else out_dir.parent
+    return f"""---
+library_name: transformers
+tags: [image, vit-mae, expmae, self-supervised, facial-expression]
+---
+# expMAE frame encoder ({cfg.embed_dim}-d)
+
+A {size} with a class token, pretrained with expMAE (a shared encoder trained by an MAE frame branch and a
+VideoMAE clip branch, mode `{cfg.mode}`), its frame path exported as a transformers `ViTMAEModel`:
+{cfg.img_size} px images, position code {code} (stored in `position_embeddings`, class slot zero). The clip
+encoder (tubelets over time) is the parent folder's `encoder.safetensors`.
+
+- Source checkpoint: `{source.get('checkpoint', 'unknown')}` ({source.get('weights', '')})
+- Input: `pixel_values` (batch, channels, height, width), normalised with mean {list(cfg.mean)} and std {list(cfg.std)}.
+- The config keeps the MAE branch's `mask_ratio` ({cfg.mask_ratio}), as ViTMAE checkpoints do: `ViTMAEModel`
+  then encodes a random {1 - cfg.mask_ratio:.0%} of the patches, shuffled. For every patch in order, load it with
+  `mask_ratio=0.0` and pass `noise=torch.arange(N)`: `last_hidden_state` is then the class token followed by the
+  {cfg.num_patches} patch tokens after the final norm, exactly expMAE's `forward_frames`.
+- `ViTMAEForPreTraining.from_pretrained` loads the encoder; its decoder (the MAE branch's shape) starts fresh.
+- expMAE config:
+
+```json
+{json.dumps(cfg.to_dict(), indent=1)}
+```
+
+## Load it
+
+```python
+import torch
+from transformers import ViTMAEModel
+model = ViTMAEModel.from_pretrained("{out_dir}", mask_ratio=0.0)
+noise = torch.arange({cfg.num_patches}).float().expand(len(pixel_values), -1)   # keep every patch, in order
+tokens = model(pixel_values, noise=noise).last_hidden_state   # (B, 1 + N, D): class token first
+feature = tokens[:, 1:].mean(dim=1)                            # expMAE's frame feature (patch tokens pooled)
+
+import timm   # the same frame encoder (class_token=True, global_pool="avg"), from the parent folder
 frames = timm.create_model("local-dir:{folder}", pretrained=True)
 
 import expmae  # the clip + frame encoder

@@ -4,7 +4,8 @@ Each converter (mae.py, videomae.py, hf.py) renames a checkpoint's tensors to ex
 ``decoder.*`` = the MAE frame decoder, ``video_decoder.*`` = the VideoMAE clip decoder) through a
 :class:`Collector`, which also fuses split attention projections and folds layer scale. :func:`fit` then checks
 the result against the target model: the encoder strictly (one-line errors naming the key and both shapes), the
-position code against ``cfg.position_code``, each decoder loaded only when all its shapes match.
+position code against ``cfg.position_code`` and the class token against ``cfg.class_token`` (a mismatch of either is
+a one-line error naming the option to set, never a silent drop), each decoder loaded only when all its shapes match.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ class ImportReport:
     layout: str = ""  # see LAYOUTS
     dtype: str = ""
     position_code: str | None = None  # the code the weights were trained with (None: the weights do not say)
+    class_token: bool = False  # whether the weights have a class token (loaded as encoder.cls_token)
     loaded: list[str] = field(default_factory=list)  # target keys filled from the checkpoint
     dropped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> why it has no place in the model
     missing: list[str] = field(default_factory=list)  # encoder keys the checkpoint did not provide
@@ -48,7 +50,8 @@ class ImportReport:
 
     def as_dict(self) -> dict:
         return {"source": self.source, "layout": self.layout, "dtype": self.dtype,
-                "position_code": self.position_code, "loaded": len(self.loaded), "dropped": self.dropped,
+                "position_code": self.position_code, "class_token": self.class_token, "loaded": len(self.loaded),
+                "dropped": self.dropped,
                 "missing": self.missing, "unexpected": self.unexpected, "decoders": self.decoders,
                 "notes": self.notes}
 
@@ -136,6 +139,10 @@ class Converted:
     position_code: str | None  # what the weights were trained with; None when they do not say
     merged: dict[str, list[str]] = field(default_factory=dict)  # expMAE key -> all checkpoint keys fused into it
 
+    @property
+    def class_token(self) -> bool:
+        return "encoder.cls_token" in self.state
+
 
 def block_key(key: str) -> tuple[str, str] | None:
     """("encoder.blocks.3", "attn.qkv.weight") for "encoder.blocks.3.attn.qkv.weight", else None."""
@@ -172,7 +179,7 @@ def convert(state: Mapping[str, torch.Tensor], source: str = "state dict") -> tu
     collector = Collector(source, report)
     code = converters[report.layout](keys, collector)
     converted = Converted(collector.finish(), collector.origin, code, collector.merged)
-    report.position_code = code
+    report.position_code, report.class_token = code, converted.class_token
     return converted, report
 
 
@@ -229,6 +236,7 @@ def fit(conv: Converted, model: torch.nn.Module, report: ImportReport, source: s
     out: dict[str, torch.Tensor] = {}
     _fit_encoder(state, conv.origin, expected, codes, cfg, report, source, out)
     check_position_code(conv.position_code, cfg, source)
+    check_class_token(conv.class_token, cfg, source)
     for part in PARTS[1:]:
         _fit_decoder(part, state, conv, expected, codes, report, out)
     report.unexpected += [conv.origin.get(k, k) for k in state]  # keys outside encoder and decoders
@@ -249,6 +257,15 @@ def check_position_code(code: str | None, cfg: ExpMAEConfig, source: str) -> Non
         raise ValueError(f"{source}: the weights were trained with position_code={code!r} "
                          f"({POSITION_CODE_HELP[code]}), the model has position_code={cfg.position_code!r}; set "
                          f"model.position_code={code} (ExpMAEConfig.position_code) to import them")
+
+
+def check_class_token(has: bool, cfg: ExpMAEConfig, source: str) -> None:
+    """As check_position_code: the encoder's tokens attended to a class token in training (or never saw one), so
+    running the weights without it (or with a fresh one) would start from a damaged encoder."""
+    if has != cfg.class_token:
+        theirs = "have a class token (cls_token)" if has else "have no class token"
+        raise ValueError(f"{source}: the weights {theirs}, the model has class_token={cfg.class_token}; set "
+                         f"model.class_token={str(has).lower()} (ExpMAEConfig.class_token) to import them")
 
 
 def _position_code(key: str, value: torch.Tensor, codes: dict, expected: dict, out: dict, report: ImportReport,

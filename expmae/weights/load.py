@@ -15,7 +15,7 @@ from expmae.checkpoint import config_from_dict, find_checkpoint, read_model_chec
 from expmae.model import ExpMAEEncoder, get_config
 from expmae.weights.folder import CONFIG_NAME, ENCODER_WEIGHTS, read_encoder_config
 from expmae.weights.hf import config_from_hf, hf_weights_file, read_hf_config
-from expmae.weights.layouts import ImportReport, check_position_code, convert, fit
+from expmae.weights.layouts import ImportReport, check_class_token, check_position_code, convert, fit
 
 
 @dataclass
@@ -71,8 +71,9 @@ def load_pretrained_weights(model: torch.nn.Module, source: str | os.PathLike | 
 
     The encoder is loaded strictly; each decoder of an ExpMAE is loaded when the checkpoint has it in the same
     shapes (VideoMAE's -> the clip decoder, MAE's -> the frame decoder), else it keeps its init. Weights trained
-    with another position code than ``model.cfg.position_code`` are a one-line ValueError naming both. Class
-    tokens and classifier heads are dropped. All of it is listed in the returned report."""
+    with another position code than ``model.cfg.position_code``, or with a class token where ``model.cfg.class_token``
+    is False (or the reverse), are a one-line ValueError naming both. Classifier heads are dropped. All of it is
+    listed in the returned report."""
     target = getattr(model, "module", model)
     return _load(target, read_source(source), strict)
 
@@ -81,7 +82,7 @@ def import_encoder(source: str | os.PathLike, model: str | None = None,
                    overrides: Mapping[str, Any] | None = None) -> tuple[ExpMAEEncoder, ImportReport]:
     """A new ExpMAEEncoder from foreign weights. Its size comes from the source's own config (a transformers or
     expmae folder), else from the registry entry ``model``; ``overrides`` (ExpMAEConfig fields) win over both.
-    The position code is the one the weights were trained with unless an override says otherwise (an error)."""
+    The position code and the class token are the weights' own unless an override says otherwise (an error)."""
     src = read_source(source)
     if src.config is None and model is None:
         raise ValueError(f"{src.name}: a weights file without a config needs model=NAME (the expMAE size to import it "
@@ -91,6 +92,7 @@ def import_encoder(source: str | os.PathLike, model: str | None = None,
     code = converted.position_code or fields.get("position_code")
     if code is not None:
         fields["position_code"] = code
+    fields["class_token"] = converted.class_token
     fields.update(overrides or {})
     cfg = config_from_dict(fields, src.name) if model is None else get_config(model, **fields)
     encoder = ExpMAEEncoder(cfg)
@@ -122,6 +124,7 @@ def init_from(model: torch.nn.Module, source: str | os.PathLike) -> str:
     find_checkpoint(path)
     cfg, state, info = read_model_checkpoint(path)
     check_position_code(cfg.position_code, target.cfg, info["checkpoint"])
+    check_class_token(cfg.class_token, target.cfg, info["checkpoint"])
     try:
         result = target.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatches: one line per tensor, keep the first

@@ -7,7 +7,7 @@ VideoMAE's 1-D sin-cos table over all tubelets (not stored unless learned): posi
 from __future__ import annotations
 
 from expmae.weights.layouts import Collector, block_key
-from expmae.weights.mae import CLASS_TOKENS, fc_norm
+from expmae.weights.mae import fc_norm
 
 _DECODER = {"encoder_to_decoder.": "video_decoder.embed.", "mask_token": "video_decoder.mask_token",
             "decoder.": "video_decoder."}
@@ -16,9 +16,7 @@ _DECODER = {"encoder_to_decoder.": "video_decoder.embed.", "mask_token": "video_
 def convert_videomae(keys: dict, c: Collector) -> str:
     has_norm = any(k in keys for k in ("norm.weight", "encoder.norm.weight"))
     for key, value in keys.items():
-        if key in CLASS_TOKENS:
-            c.drop(key, "class token (the expMAE encoder has none)")
-        elif key.startswith("head."):
+        if key.startswith("head."):
             c.drop(key, "classifier head")
         elif key.startswith("fc_norm."):
             fc_norm(key, value, has_norm, c)
