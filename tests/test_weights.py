@@ -382,3 +382,23 @@ def test_an_expmae_trained_videomae_encoder_exports_to_transformers(tmp_path):
         torch.testing.assert_close(hf(x.transpose(1, 2)).last_hidden_state, model.encoder.forward_clips(x),
                                    atol=1e-4, rtol=0)
     assert summary["verify"]["hf_max_abs_diff"] < 1e-4
+
+
+@pytest.mark.parametrize("code, learn", [("separable", True), ("videomae", False)])
+def test_an_expmae_trained_class_token_encoder_exports_to_vitmae(tmp_path, code, learn):
+    """--hf-vitmae of an ExpMAE pretrained with a class token, under either position code (ViTMAE stores its code,
+    so a learned or VideoMAE-table frame code goes in as it is): transformers reproduces the frame encoder."""
+    from expmae.export import export_encoder, save_encoder
+
+    torch.manual_seed(0)
+    model = perturb_(create_model("tiny", img_size=32, patch_size=8, num_frames=4, embed_dim=48, depth=2,
+                                  num_heads=3, class_token=True, position_code=code, learn_pos_embed=learn),
+                     scale=0.2).eval()
+    save_encoder(model, tmp_path / "trained")
+    summary = export_encoder(tmp_path / "trained", tmp_path / "enc", hf_vitmae=True)
+    assert summary["verify"]["hf_vitmae_max_abs_diff"] < 1e-4
+    hf = transformers.ViTMAEModel.from_pretrained(str(tmp_path / "enc" / "hf_vitmae"), mask_ratio=0.0).eval()
+    images = clips()[:, :, 1]
+    with torch.no_grad():
+        theirs = hf(images, noise=torch.arange(16.0).expand(2, -1)).last_hidden_state
+        torch.testing.assert_close(theirs, model.encoder.forward_frames(images), atol=1e-4, rtol=0)
