@@ -138,6 +138,12 @@ def test_posterior_mean_equals_coqui_synthesize(models, speech, tmp_path):
         np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
     feats = [np.load(out / f"{w.stem}.npy") for w in speech["wavs"]]
     assert np.abs(feats[0] - feats[1]).max() > 1e-3  # different utterances, different embeddings
+    # the folder is a finetuning branch as it stands (expmae-finetune --features tacotron_var=DIR)
+    from expmae.finetune import featureset
+
+    fused = featureset.load_features({"tacotron_var": [out]}, ["u0", "u1", "u2"], progress=False)
+    assert fused.dims == {"tacotron_var": VAE_DIM}
+    np.testing.assert_array_equal(fused.arrays["tacotron_var"][2], feats[2])
 
 
 def test_text_summary_posterior_reads_the_transcript(models, speech, tmp_path, capsys):
@@ -223,6 +229,22 @@ def test_wrong_checkpoint_is_a_one_line_error(coqui, models, speech, tmp_path, c
     (mixed / "config.json").write_text(json.dumps({**cfg, "use_capacitron_vae": False}))
     rc, _, err = run_cli(["tacotron_var", speech["wavs"][0], tmp_path / "out", "--model", mixed], capsys)
     assert rc == 2 and err.count("\n") == 1 and "expected a Capacitron Tacotron 2 config" in err
+
+
+def test_missing_phonemizer_is_a_one_line_error(models, speech, tmp_path, capsys):
+    """The published models phonemise with espeak, a system package: without it, say so."""
+    import shutil
+
+    if shutil.which("espeak") or shutil.which("espeak-ng"):
+        pytest.skip("espeak is installed here: the missing-phonemizer error cannot happen")
+    folder = tmp_path / "phonemes"
+    folder.mkdir()
+    (folder / "model_file.pth").write_bytes((models["audio"] / "model_file.pth").read_bytes())
+    cfg = json.loads((models["audio"] / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "use_phonemes": True, "phonemizer": "espeak"}))
+    rc, _, err = run_cli(["tacotron_var", speech["wavs"][0], tmp_path / "out", "--model", folder,
+                          "--embedding", "reference"], capsys)
+    assert rc == 2 and err.count("\n") == 1 and "apt install espeak-ng" in err and "espeak" in err
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path, capsys):

@@ -39,6 +39,7 @@ from expmae.features.common import feature_dir_name, list_inputs, model_fingerpr
 EMBEDDINGS = ("posterior", "reference")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
 MODEL_EXAMPLE = "tts_models/en/blizzard2013/capacitron-t2-c150_v2"
+CHECKPOINT_NAMES = ("model_file.pth", "model_file.pth.tar", "model.pth", "checkpoint.pth")
 INSTALL_HINT = "pip install 'expmae[tts]' (coqui-tts)"
 
 
@@ -62,8 +63,9 @@ def resolve_checkpoint(model: str | os.PathLike, config: str | os.PathLike | Non
     how = (f"download a Capacitron model once where the hub is reachable (`tts --model_name {MODEL_EXAMPLE} "
            "--text hi --out_path x.wav` stores model_file.pth and config.json) and copy the folder here; "
            "this tool never downloads")
-    if path.is_dir():
-        found = sorted(path.glob("*.pth"))
+    if path.is_dir():  # coqui's own rule (TTS.utils.manage): a known name, else the one checkpoint there
+        named = [path / n for n in CHECKPOINT_NAMES if (path / n).is_file()]
+        found = named[:1] or sorted({*path.glob("*.pth"), *path.glob("*.pth.tar")})
         if len(found) != 1:
             raise FileNotFoundError(f"{path}: {len(found)} .pth files; expected one coqui checkpoint "
                                     f"(model_file.pth), or name the file: {how}")
@@ -122,7 +124,12 @@ class TacotronVarEncoder:
         if cfg.audio.stats_path:
             raise ValueError(f"{self.config_path}: audio.stats_path={cfg.audio.stats_path!r}; coqui loads that file "
                              "with pickle, which we refuse; expected a config without mel statistics")
-        net = Tacotron2(cfg)
+        try:
+            net = Tacotron2(cfg)
+        except OSError as exc:  # the tokenizer's phonemizer is a system program (espeak for the published models)
+            raise FileNotFoundError(f"{self.config_path}: coqui cannot build this model's text tokenizer ({exc}); "
+                                    f"phonemizer {cfg.get('phonemizer')!r} is a system package "
+                                    "(e.g. apt install espeak-ng), needed even for the reference embedding") from None
         try:
             missing, unexpected = net.load_state_dict(load_state_dict(self.checkpoint), strict=False)
         except RuntimeError as exc:  # a tensor of the wrong size
