@@ -200,6 +200,51 @@ def test_sound_track_of_a_video(models, speech, tmp_path):
     np.testing.assert_allclose(from_video, from_wav, rtol=1e-5, atol=1e-6)
 
 
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_mel_statistics_are_read_without_pickle(models, speech, tmp_path):
+    """A config with audio.stats_path (coqui's scale_stats.npy, an np.save'd dict): the same mel scaling as
+    coqui's own AudioProcessor, read by an unpickler that runs no code."""
+    folder = tmp_path / "with-stats"
+    folder.mkdir()
+    (folder / "model_file.pth").write_bytes((models["audio"] / "model_file.pth").read_bytes())
+    cfg = json.loads((models["audio"] / "config.json").read_text())
+    rng = np.random.default_rng(0)
+    n_mels, n_linear = cfg["audio"]["num_mels"], cfg["audio"]["fft_size"] // 2 + 1
+    stats = {"mel_mean": rng.normal(-2, 1, n_mels), "mel_std": rng.uniform(0.5, 2, n_mels),
+             "linear_mean": rng.normal(-2, 1, n_linear), "linear_std": rng.uniform(0.5, 2, n_linear),
+             "audio_config": cfg["audio"]}
+    np.save(folder / "scale_stats.npy", stats, allow_pickle=True)
+    # the config names the file where the downloader kept it; the copy beside config.json is found
+    cfg["audio"]["stats_path"] = "/somewhere/else/scale_stats.npy"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    ours, _ = TacotronVarEncoder(folder, device="cpu")(_wav_samples(speech["wavs"][0]))
+    cfg["audio"]["stats_path"] = str(folder / "scale_stats.npy")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    oracle = load_coqui(folder)  # coqui reads the stats itself (with pickle: this test's own file)
+    np.testing.assert_allclose(ours, coqui_posterior(oracle, speech["wavs"][0]), rtol=1e-4, atol=1e-5)
+    plain = coqui_posterior(load_coqui(models["audio"]), speech["wavs"][0])
+    assert np.abs(ours - plain).max() > 1e-4  # the statistics were used
+
+    marker = tmp_path / "pwned"
+    np.save(folder / "scale_stats.npy", np.array({"mel_mean": _Exploit(marker)}, dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="not a coqui scale_stats.npy of plain arrays"):
+        TacotronVarEncoder(folder, device="cpu")
+    assert not marker.exists()
+
+
+def _wav_samples(wav: Path) -> np.ndarray:
+    from expmae.features.audio import load_audio
+
+    return load_audio(wav, 22050)
+
+
 # ----------------------------------------------------------------------------------------------- failure modes
 def test_text_model_without_transcripts_is_a_one_line_error(models, speech, tmp_path, capsys):
     rc, summary, err = run_cli(["tacotron_var", speech["wavs"][0], tmp_path, "--model", models["text"]], capsys)

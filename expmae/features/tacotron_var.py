@@ -22,6 +22,8 @@ the model's sample rate. Shapes: (1, D) per utterance, D = capacitron_VAE_embedd
 
 Weights: a coqui checkpoint (``model_file.pth``: ``{"model": state_dict, ...}``) and its ``config.json``,
 downloaded once where the model hub is reachable; loaded with ``torch.load(weights_only=True)``, state dict only.
+A mel statistics file (``audio.stats_path``, ``scale_stats.npy``: coqui reads it with pickle) is read by an
+unpickler that admits numpy arrays and plain values only.
 """
 from __future__ import annotations
 
@@ -96,6 +98,42 @@ def load_state_dict(checkpoint: Path) -> dict:
     return state
 
 
+class _StatsUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays, dicts and plain values (a coqui ``scale_stats.npy``), never anything callable."""
+
+    ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not a numpy array part")
+        return super().find_class(module, name)
+
+
+def read_scale_stats(path: Path) -> dict:
+    """A coqui mel statistics file (``np.save`` of a dict, i.e. a pickle) read without running code."""
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            _, _, dtype = (np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0)(f)
+            stats = _StatsUnpickler(f).load() if dtype.hasobject else None
+    except (ValueError, pickle.UnpicklingError, EOFError) as exc:
+        raise ValueError(f"{path}: not a coqui scale_stats.npy of plain arrays ({exc})") from None
+    stats = stats.item() if isinstance(stats, np.ndarray) and stats.shape == () else stats
+    keys = ("mel_mean", "mel_std", "linear_mean", "linear_std")
+    if not isinstance(stats, dict) or not all(isinstance(stats.get(k), np.ndarray) for k in keys):
+        raise ValueError(f"{path}: expected a coqui scale_stats.npy (a dict with {', '.join(keys)})")
+    return stats
+
+
+def find_stats(stats_path: str, config_path: Path) -> Path:
+    """The config's ``audio.stats_path``, or a file of that name beside config.json (a copied model folder)."""
+    for path in (Path(stats_path).expanduser(), config_path.parent / Path(stats_path).name):
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{config_path}: audio.stats_path {stats_path} not found, nor beside the config")
+
+
 # ----------------------------------------------------------------------------------------------- the model
 class TacotronVarEncoder:
     """A coqui Capacitron Tacotron 2 as ``waveform (S,) at sample_rate [, transcript] -> (embedding (1, D), info)``."""
@@ -121,9 +159,10 @@ class TacotronVarEncoder:
         if vae.capacitron_use_speaker_embedding:
             raise ValueError(f"{self.config_path}: capacitron_use_speaker_embedding is set; multi-speaker Capacitron "
                              "models are not supported (coqui marks them untested)")
-        if cfg.audio.stats_path:
-            raise ValueError(f"{self.config_path}: audio.stats_path={cfg.audio.stats_path!r}; coqui loads that file "
-                             "with pickle, which we refuse; expected a config without mel statistics")
+        stats = None
+        if cfg.audio.stats_path and cfg.audio.signal_norm:
+            stats = read_scale_stats(find_stats(cfg.audio.stats_path, self.config_path))
+        cfg.audio.stats_path = None  # coqui would read it with pickle: read above, without running code
         try:
             net = Tacotron2(cfg)
         except OSError as exc:  # the tokenizer's phonemizer is a system program (espeak for the published models)
@@ -142,6 +181,9 @@ class TacotronVarEncoder:
         self.vae = net.capacitron_vae_layer.to(self.device).eval()
         self.text_embedding = net.embedding.to(self.device).eval()  # the character/phoneme table the text summary reads
         self.ap, self.tokenizer = net.ap, net.tokenizer
+        if stats is not None:  # what coqui's AudioProcessor does with a stats file: mean-std scaling, no clipping
+            self.ap.setup_scaler(stats["mel_mean"], stats["mel_std"], stats["linear_mean"], stats["linear_std"])
+            self.ap.max_norm = self.ap.clip_norm = self.ap.symmetric_norm = None
         self.sample_rate = int(self.ap.sample_rate)
         self.needs_text = embedding == "posterior" and bool(vae.capacitron_use_text_summary_embeddings)
         self.dim = int(vae.capacitron_VAE_embedding_dim if embedding == "posterior" else self.vae.encoder.recurrence.hidden_size)
