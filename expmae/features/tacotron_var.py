@@ -134,6 +134,46 @@ def find_stats(stats_path: str, config_path: Path) -> Path:
     raise FileNotFoundError(f"{config_path}: audio.stats_path {stats_path} not found, nor beside the config")
 
 
+def load_capacitron_config(config_path: Path):
+    """(coqui config, mel statistics or None) of a Capacitron Tacotron 2; ``audio.stats_path`` is read here, safely,
+    and cleared, so coqui never unpickles it."""
+    from TTS.config import load_config
+
+    cfg = load_config(str(config_path))
+    if cfg.get("model") != "tacotron2" or not cfg.get("use_capacitron_vae") or cfg.get("capacitron_vae") is None:
+        raise ValueError(f"{config_path}: model={cfg.get('model')!r}, use_capacitron_vae="
+                         f"{cfg.get('use_capacitron_vae')!r}; expected a Capacitron Tacotron 2 config")
+    if cfg.capacitron_vae.capacitron_use_speaker_embedding:
+        raise ValueError(f"{config_path}: capacitron_use_speaker_embedding is set; multi-speaker Capacitron "
+                         "models are not supported (coqui marks them untested)")
+    stats = None
+    if cfg.audio.stats_path and cfg.audio.signal_norm:
+        stats = read_scale_stats(find_stats(cfg.audio.stats_path, config_path))
+    cfg.audio.stats_path = None
+    return cfg, stats
+
+
+def build_capacitron(cfg, checkpoint: Path, config_path: Path):
+    """coqui's Tacotron2 from ``cfg`` with the checkpoint's weights (which must fit it exactly)."""
+    from TTS.tts.models.tacotron2 import Tacotron2
+
+    try:
+        net = Tacotron2(cfg)
+    except OSError as exc:  # the tokenizer's phonemizer is a system program (espeak for the published models)
+        raise FileNotFoundError(f"{config_path}: coqui cannot build this model's text tokenizer ({exc}); "
+                                f"phonemizer {cfg.get('phonemizer')!r} is a system package "
+                                "(e.g. apt install espeak-ng), needed even for the reference embedding") from None
+    try:
+        missing, unexpected = net.load_state_dict(load_state_dict(checkpoint), strict=False)
+    except RuntimeError as exc:  # a tensor of the wrong size
+        raise ValueError(f"{checkpoint}: does not fit {config_path.name} "
+                         f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
+    if missing or unexpected:
+        raise ValueError(f"{checkpoint}: does not fit {config_path.name} (missing {missing[:2]}, "
+                         f"unexpected {unexpected[:2]}); expected the checkpoint saved with this config")
+    return net
+
+
 # ----------------------------------------------------------------------------------------------- the model
 class TacotronVarEncoder:
     """A coqui Capacitron Tacotron 2 as ``waveform (S,) at sample_rate [, transcript] -> (embedding (1, D), info)``."""
@@ -146,37 +186,12 @@ class TacotronVarEncoder:
         self.checkpoint, self.config_path = resolve_checkpoint(model, config)
         try:
             import torch
-            from TTS.config import load_config
-            from TTS.tts.models.tacotron2 import Tacotron2
+            import TTS  # noqa: F401 - the optional extra; its absence is the one-line error below
         except ImportError as exc:
             raise ImportError(f"tacotron_var needs the optional coqui-tts stack ({exc}): {INSTALL_HINT}") from None
 
-        cfg = load_config(str(self.config_path))
-        vae = cfg.get("capacitron_vae") if cfg.get("use_capacitron_vae") else None
-        if cfg.get("model") != "tacotron2" or vae is None:
-            raise ValueError(f"{self.config_path}: model={cfg.get('model')!r}, use_capacitron_vae="
-                             f"{cfg.get('use_capacitron_vae')!r}; expected a Capacitron Tacotron 2 config")
-        if vae.capacitron_use_speaker_embedding:
-            raise ValueError(f"{self.config_path}: capacitron_use_speaker_embedding is set; multi-speaker Capacitron "
-                             "models are not supported (coqui marks them untested)")
-        stats = None
-        if cfg.audio.stats_path and cfg.audio.signal_norm:
-            stats = read_scale_stats(find_stats(cfg.audio.stats_path, self.config_path))
-        cfg.audio.stats_path = None  # coqui would read it with pickle: read above, without running code
-        try:
-            net = Tacotron2(cfg)
-        except OSError as exc:  # the tokenizer's phonemizer is a system program (espeak for the published models)
-            raise FileNotFoundError(f"{self.config_path}: coqui cannot build this model's text tokenizer ({exc}); "
-                                    f"phonemizer {cfg.get('phonemizer')!r} is a system package "
-                                    "(e.g. apt install espeak-ng), needed even for the reference embedding") from None
-        try:
-            missing, unexpected = net.load_state_dict(load_state_dict(self.checkpoint), strict=False)
-        except RuntimeError as exc:  # a tensor of the wrong size
-            raise ValueError(f"{self.checkpoint}: does not fit {self.config_path.name} "
-                             f"({str(exc).strip().splitlines()[-1].strip()[:200]})") from None
-        if missing or unexpected:
-            raise ValueError(f"{self.checkpoint}: does not fit {self.config_path.name} (missing {missing[:2]}, "
-                             f"unexpected {unexpected[:2]}); expected the checkpoint saved with this config")
+        cfg, stats = load_capacitron_config(self.config_path)
+        net = build_capacitron(cfg, self.checkpoint, self.config_path)
         self.device, self.embedding = resolve_device(device), embedding
         self.vae = net.capacitron_vae_layer.to(self.device).eval()
         self.text_embedding = net.embedding.to(self.device).eval()  # the character/phoneme table the text summary reads
@@ -185,8 +200,7 @@ class TacotronVarEncoder:
             self.ap.setup_scaler(stats["mel_mean"], stats["mel_std"], stats["linear_mean"], stats["linear_std"])
             self.ap.max_norm = self.ap.clip_norm = self.ap.symmetric_norm = None
         self.sample_rate = int(self.ap.sample_rate)
-        self.needs_text = embedding == "posterior" and bool(vae.capacitron_use_text_summary_embeddings)
-        self.dim = int(vae.capacitron_VAE_embedding_dim if embedding == "posterior" else self.vae.encoder.recurrence.hidden_size)
+        self.needs_text = embedding == "posterior" and bool(cfg.capacitron_vae.capacitron_use_text_summary_embeddings)
         self._torch = torch
 
     def mel(self, waveform: np.ndarray) -> np.ndarray:
