@@ -2,7 +2,7 @@
 
 Modalities (each in its own module, heavy libraries imported only there): ``audio`` (HuBERT/wav2vec2 on
 the sound track), ``text`` (BERT-family on MER2023 transcripts), ``clip`` (CLIP image features of face
-frames), ``video`` / ``frame`` (our expMAE encoder: expmae.features.visual); console script
+frames), ``tacotron_var`` (a Capacitron Tacotron 2's variational prosody embedding; optional coqui-tts), ``video`` / ``frame`` (our expMAE encoder: expmae.features.visual); console script
 ``expmae-features`` (expmae.features.cli). Shared mechanics: expmae.features.common.
 
 For notebooks: ``expmae.features.extract(video_or_frames, encoder_dir)`` -> (D,) expMAE features.
@@ -15,6 +15,7 @@ _LAZY = {
     "extract_audio_features": "expmae.features.audio",
     "extract_text_features": "expmae.features.text",
     "extract_clip_features": "expmae.features.clip",
+    "extract_tacotron_var_features": "expmae.features.tacotron_var",
     "extract": "expmae.features.visual",
     "extract_visual_features": "expmae.features.visual",
     "VisualFeatureExtractor": "expmae.features.visual",

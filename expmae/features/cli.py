@@ -5,6 +5,7 @@
     expmae-features clip  FACES  FEATURES --model /models/clip-vit-large-patch14
     expmae-features video FACES  FEATURES --model /models/expmae-base    (an expmae-export encoder folder)
     expmae-features frame VIDEOS FEATURES --model /models/expmae-base --crop   (raw videos: faces cropped first)
+    expmae-features tacotron_var VIDEOS FEATURES --model /models/capacitron-t2-c150_v2   (a coqui checkpoint folder)
 
 Each run writes ``FEATURES/<extractor>/<sample>.npy``, the folder named as in the MER2023 baseline
 (``chinese-hubert-large-UTT``; ``--name`` overrides). Rerunning resumes; failures go to failures.jsonl.
@@ -28,13 +29,16 @@ MODALITIES = {
     "clip": ("expmae.features.clip", "CLIP image features of face frames, from face-cropped videos"),
     "video": ("expmae.features.visual", "expMAE clip features (sliding windows of T frames) of face videos"),
     "frame": ("expmae.features.visual", "expMAE frame features (evenly spaced frames) of face videos"),
+    "tacotron_var": ("expmae.features.tacotron_var",
+                     "Tacotron-Var: a Capacitron Tacotron 2's variational prosody embedding of each sound track "
+                     "(coqui-tts: pip install 'expmae[tts]')"),
 }
 
 
 def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="a folder of videos, a .txt list of video paths (text: or the transcript CSV)")
     parser.add_argument("output", type=Path, help="features root: the extractor's folder is created inside")
-    parser.add_argument("--model", required=True, help="local Hugging Face model folder (never downloaded)")
+    parser.add_argument("--model", required=True, help="local model folder (Hugging Face; tacotron_var: a coqui checkpoint or its folder); never downloaded")
     parser.add_argument("--name", default=None, help="the extractor folder's name (default: <model>[-<layers>]-UTT|FRA)")
     parser.add_argument("--pooling", choices=("mean", "none"), default="mean",
                         help="mean: one (D,) vector per sample; none: frame/token level (N, D)")

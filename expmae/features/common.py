@@ -85,9 +85,11 @@ def check_model_dir(path: str | os.PathLike, *, what: str, example: str) -> Path
     return path
 
 
-def model_fingerprint(model_dir: Path) -> str:
-    """A short hash of the model's config.json: the same model still matches after its folder moves."""
-    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()[:16]
+def model_fingerprint(model: Path) -> str:
+    """A short hash of the model's config (``config.json`` in a model folder, or the config file given): the same
+    model still matches after its folder moves."""
+    path = Path(model)
+    return hashlib.sha256((path / "config.json" if path.is_dir() else path).read_bytes()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------- layers / pooling
