@@ -61,8 +61,8 @@ class DataConfig:
     timeout: float = _f(600.0, "seconds a rank waits for a batch from its DataLoader workers before the run stops "
                                "(checkpointed, naming the clip being decoded); 0 waits forever; needs num_workers > 0",
                         min=0)
-    repeated_samples: int = _f(1, "training samples per decoded clip (own window, crop, flip, masks); "
-                                  "train.batch_size must be a multiple", min=1)
+    repeated_samples: int = _f(1, "training samples per decoded clip (own window, crop, flip, masks), each in "
+                                  "its own batch", min=1)
     augment_on: str = _f("auto", "where the crop/resize/flip runs: cpu (DataLoader workers), device (batched on "
                                  "the training device, same bytes), auto (device on a GPU)",
                          choices=("auto", "cpu", "device"))
@@ -291,9 +291,6 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         get_config(cfg.model.name, **cfg.model.overrides())
     except ValueError as exc:
         raise ConfigError(str(exc).replace("ExpMAEConfig.", "model.")) from None
-    if cfg.train.batch_size % cfg.data.repeated_samples:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be a multiple of "
-                          f"data.repeated_samples={cfg.data.repeated_samples} (a batch holds whole clips' samples)")
     if cfg.data.source is None:
         raise ConfigError("data.source is not set; expected an expmae-crop output folder or a folder of videos")
     return cfg

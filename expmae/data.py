@@ -9,19 +9,22 @@ in the same epoch gets the same frames and crop whatever the worker, the call or
 that fails to load is logged, counted and replaced by a deterministic other one; an epoch never dies on it.
 
 Feeding a GPU (README, "Throughput"): ``repeated_samples=k`` decodes a clip once and makes k training samples
-of it (MAE-ST's repeated sampling, VideoMAE V2's ``--num_sample``), each with its own window and crop/flip; an
-item is then (k, 3, T, S, S). ``augment_on="device"`` leaves the crop, resize and flip to
-:func:`augment_on_device` on the training device: an item is then the decoded frames of the clip (once, however
-many samples use them) and each sample's frame indices, crop box and flip. :func:`collate_samples` makes both
-into batches of samples, :class:`EpochBatchSampler` picks batch_size / k clips per batch, and
-:func:`batch_to_device` turns any batch into uint8 (B, 3, T, S, S) on the device, ready for normalize_clips.
+of it (MAE-ST's repeated sampling, VideoMAE V2's ``--num_sample``), each with its own window and crop/flip:
+``dataset[i]`` is then (k, 3, T, S, S) and ``dataset[i, r]`` sample r alone, from a decode the process keeps.
+Training puts a clip's k samples in k different batches of one DataLoader worker (:class:`EpochBatchSampler`),
+so every batch holds batch_size different clips. ``augment_on="device"`` leaves the crop, resize and flip to
+:func:`augment_on_device` on the training device: an item is then the decoded frames it uses and each
+sample's frame indices, crop box and flip. :func:`collate_samples` makes every kind of item into a batch of
+samples, and :func:`batch_to_device` turns any batch into uint8 (B, 3, T, S, S) on the device, ready for
+normalize_clips.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -144,6 +147,13 @@ def _resolve_source(source) -> tuple[list[str], list[str]]:
     return [str(p) for p in paths], [p.stem for p in paths]
 
 
+class DecodedClip(NamedTuple):
+    """The k samples of one decode, before augmentation."""
+    frames: np.ndarray  # (U, H, W, 3) uint8: the union of the k windows' frames, in clip order
+    where: np.ndarray  # (k, T): each sample's rows of ``frames``
+    params: list  # k x ((top, left, h, w), flip): each sample's crop box and flip
+
+
 class VideoClipDataset(torch.utils.data.Dataset):
     """Map-style dataset of T-frame clips for pretraining (works with any sampler, DistributedSampler included).
 
@@ -190,6 +200,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.repeated_samples, self.augment_on = int(repeated_samples), augment_on
         self.failure_log = Path(failure_log) if failure_log else None
         self.epoch = 0
+        self.keep_decoded, self._cache = 0, OrderedDict()  # decoded clips kept for their other samples (dataset[i, r])
         self.num_failed = 0  # in this process (each DataLoader worker counts its own; failure_log has them all)
 
     def __len__(self) -> int:
@@ -244,23 +255,49 @@ class VideoClipDataset(torch.utils.data.Dataset):
         box, flip = self.crop_params(*frames.shape[1:3], rng)
         return crop_resize_frames(frames, box, self.input_size, flip)
 
-    def _get(self, index: int, attempt: int):
-        """k = repeated_samples samples of one decode. The draws, in order: k windows, then (crop, flip) per
-        sample; with k = 1 that is the order of load_frames + transform, so k = 1 gives the same clips."""
+    def _decode(self, index: int, attempt: int) -> DecodedClip:
+        """The k = repeated_samples samples of one decode, before augmentation. The draws, in order: k windows,
+        then (crop, flip) per sample; with k = 1 that is the order of load_frames + transform."""
         rng = self._rng(index, attempt) if self.train else None
         source = self._open(index)
         windows = np.stack([self._window(len(source), rng) for _ in range(self.repeated_samples)])  # (k, T)
         union, where = np.unique(windows, return_inverse=True)  # each needed frame decoded once, in order
         frames = self._read(source, index, union)  # (U, H, W, 3)
-        where = where.reshape(windows.shape)  # (k, T) indices into frames
         params = [self.crop_params(*frames.shape[1:3], rng) for _ in range(self.repeated_samples)]
+        return DecodedClip(frames, where.reshape(windows.shape), params)  # where: (k, T) rows of frames
+
+    def _decoded(self, index: int, attempt: int) -> DecodedClip:
+        """:meth:`_decode`, through this process's cache of the last ``keep_decoded`` clips."""
+        key = (self.epoch, index, attempt)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        clip = self._cache[key] = self._decode(index, attempt)
+        while len(self._cache) > self.keep_decoded:
+            self._cache.popitem(last=False)
+        return clip
+
+    def _get(self, index: int, attempt: int, rep: int | None = None):
+        """All k samples of clip ``index`` (an item as the class docstring says), or only sample ``rep``."""
+        if rep is None:
+            return self._augment(self._decode(index, attempt), range(self.repeated_samples), stacked=self.repeated_samples > 1)
+        return self._augment(self._decoded(index, attempt), [rep], stacked=False)
+
+    def _augment(self, clip: DecodedClip, reps: Sequence[int], stacked: bool):
+        """Samples ``reps`` of a decoded clip: device-augmentation inputs, or CPU-augmented uint8 clips,
+        (3, T, S, S) for one sample or (len(reps), 3, T, S, S) when ``stacked``."""
+        frames, where = clip.frames, clip.where[list(reps)]  # where: (n, T)
+        if len(reps) < self.repeated_samples:  # ship only the frames these samples use
+            used, where = np.unique(where, return_inverse=True)
+            frames, where = frames[used], where.reshape(len(reps), -1)
+        params = [clip.params[r] for r in reps]
         if self.augment_on == "device":
             return {"frames": torch.from_numpy(frames), "frame_index": torch.from_numpy(where.astype(np.int64)),
                     "box": torch.tensor([box for box, _ in params], dtype=torch.int64),
                     "flip": torch.tensor([flip for _, flip in params], dtype=torch.bool)}
         clips = [crop_resize_frames(frames[w], box, self.input_size, flip) for w, (box, flip) in zip(where, params)]
-        clip = clips[0] if self.repeated_samples == 1 else torch.stack(clips)  # (3, T, S, S) or (k, 3, T, S, S)
-        return normalize_clips(clip) if self.normalize else clip
+        out = torch.stack(clips) if stacked else clips[0]  # (n, 3, T, S, S) or (3, T, S, S)
+        return normalize_clips(out) if self.normalize else out
 
     def reference_clips(self, n: int) -> torch.Tensor:
         """uint8 (n, 3, T, S, S): the first sample of items 0..n-1 in the current epoch, the same bytes whatever
@@ -268,12 +305,16 @@ class VideoClipDataset(torch.utils.data.Dataset):
         items = [self[i] for i in range(min(n, len(self)))]
         return torch.stack([first_sample(item, self.input_size) for item in items])
 
-    def __getitem__(self, index: int):
-        index = int(index)
+    def __getitem__(self, key):
+        """``dataset[i]``: the item of clip i; ``dataset[i, r]``: its sample r alone (0 <= r < repeated_samples),
+        one sample of the same decode, which this process keeps for the next ``keep_decoded`` clips' samples."""
+        index, rep = (int(key), None) if np.ndim(key) == 0 else (int(key[0]), int(key[1]))
+        if rep is not None and not 0 <= rep < self.repeated_samples:
+            raise IndexError(f"sample {rep} of clip {index}: expected 0 <= sample < repeated_samples={self.repeated_samples}")
         tried = index
         for attempt in range(self.max_retries + 1):
             try:
-                clip = self._get(tried, attempt)
+                clip = self._get(tried, attempt, rep)
                 return clip if self.labels is None else (clip, self.labels[tried])
             except Exception as exc:  # noqa: BLE001 - one bad clip must not end the epoch
                 self._record_failure(tried, exc)
@@ -418,41 +459,67 @@ def resolve_augment_on(setting: str, device) -> str:
     return setting
 
 
+def spread_samples(groups: Sequence[Sequence[tuple]], k: int, workers: int) -> list[list[tuple]]:
+    """Groups of item keys -> batches of sample keys ``(*key, r)``: each group makes k batches, one per sample r,
+    and the batches of ``workers`` groups interleave, so group g's batches sit at positions congruent to g mod
+    workers, which a DataLoader hands to one worker (its workers take batches in turn)."""
+    return [[(*key, r) for key in group]
+            for start in range(0, len(groups), workers)  # one group per worker
+            for r in range(k) for group in groups[start:start + workers]]
+
+
 class EpochBatchSampler:
-    """This rank's batches of ``(epoch, index)`` pairs, epoch after epoch, starting at (epoch, batch).
+    """This rank's batches of DataLoader keys, epoch after epoch, starting at (epoch, batch).
 
     An epoch's order is DistributedSampler's shuffle for (seed, epoch), cut to ``batches_per_epoch`` full
-    batches. Addressing items by (epoch, index) lets one DataLoader, with workers started once, serve the
-    whole run, while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
+    batches. Keys are ``(epoch, index)``: the item of ``index`` as augmented in ``epoch``
+    (expmae.pretrain.loader.EpochItems), so one DataLoader, with workers started once, serves the whole run,
+    while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
 
-    With ``repeated_samples = k`` a batch holds batch_size / k clips (k samples each) and an epoch still
-    counts batch_size x batches_per_epoch samples: a pass over the clips (shuffled for (seed, pass)) is spread
-    over k epochs, epoch e taking its (e mod k)-th part, so every clip is decoded once per k epochs. k = 1 is
-    the plain per-epoch shuffle. Everything stays a function of (seed, epoch, batch): resume is exact.
+    With ``repeated_samples = k`` keys are ``(epoch, index, r)``: sample r of clip index's decode. A pass over
+    the clips (shuffled for (seed, pass)) spans k epochs and cuts into groups of batch_size clips; each group
+    makes k batches, one per sample r, so every batch holds batch_size different clips (k samples of one clip
+    in one batch would be nearly k copies, and train like a k times smaller batch). For the decode to be
+    shared, a group's k batches must reach the DataLoader worker that holds it: the DataLoader hands batches
+    to its ``workers`` in turn, so the batches of ``workers`` groups interleave, group g's batches at positions
+    congruent to g mod workers (wherever the loader starts), and each worker keeps batch_size decoded clips
+    (``keep_decoded``). Everything stays a function of (seed, epoch, batch): resume is exact.
     """
 
     def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
-                 seed: int, start_epoch: int = 0, start_batch: int = 0, repeated_samples: int = 1):
-        if batch_size % repeated_samples:
-            raise ValueError(f"batch_size={batch_size} is not a multiple of repeated_samples={repeated_samples}")
-        clips_per_epoch = batches_per_epoch * batch_size // repeated_samples
-        if clips_per_epoch * repeated_samples > num_items // world:
-            raise ValueError(f"{batches_per_epoch} batches of {batch_size} samples need {clips_per_epoch * repeated_samples} "
-                             f"clips per rank and pass, but {world} ranks share {num_items} clips")
+                 seed: int, start_epoch: int = 0, start_batch: int = 0, repeated_samples: int = 1, workers: int = 0):
+        clips_per_pass = batches_per_epoch * batch_size  # k epochs of samples = k samples of each
+        if clips_per_pass > num_items // world:
+            raise ValueError(f"{batches_per_epoch} batches of {batch_size} samples need {clips_per_pass} clips per "
+                             f"rank and epoch, but {world} ranks share {num_items} clips")
         self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
         self.rank, self.world, self.seed, self.k = rank, world, seed, repeated_samples
-        self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.start_epoch, self.start_batch, self.workers = start_epoch, start_batch, max(1, workers)
+        self.keep_decoded = batch_size if repeated_samples > 1 else 0  # decoded clips per worker
 
-    def __iter__(self):
+    def _order(self, shuffle: int) -> list[int]:
         from torch.utils.data import DistributedSampler
 
+        sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
+                                     shuffle=True, seed=self.seed, drop_last=True)
+        sampler.set_epoch(shuffle)
+        return list(sampler)
+
+    def _pass_batches(self, first_epoch: int) -> list[list[tuple[int, int, int]]]:
+        """The k * batches_per_epoch batches of the pass that starts at ``first_epoch``."""
+        order, b = self._order(first_epoch // self.k), self.batch_size
+        groups = [[(first_epoch, i) for i in order[g * b:(g + 1) * b]] for g in range(self.batches_per_epoch)]
+        return spread_samples(groups, self.k, self.workers)
+
+    def __iter__(self):
         epoch, skip = self.start_epoch, self.start_batch
-        clips_per_batch, clips_per_epoch = self.batch_size // self.k, self.batches_per_epoch * self.batch_size // self.k
+        if self.k == 1:
+            while True:
+                order = self._order(epoch)
+                for b in range(skip, self.batches_per_epoch):
+                    yield [(epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+                epoch, skip = epoch + 1, 0
+        first, skip = epoch - epoch % self.k, (epoch % self.k) * self.batches_per_epoch + skip
         while True:
-            sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
-                                         shuffle=True, seed=self.seed, drop_last=True)
-            sampler.set_epoch(epoch // self.k)  # the pass; k = 1: the epoch
-            order = list(sampler)[(epoch % self.k) * clips_per_epoch:]
-            for b in range(skip, self.batches_per_epoch):
-                yield [(epoch, i) for i in order[b * clips_per_batch : (b + 1) * clips_per_batch]]
-            epoch, skip = epoch + 1, 0
+            yield from self._pass_batches(first)[skip:]
+            first, skip = first + self.k, 0

@@ -95,8 +95,8 @@ def test_quick_run_of_all_parts(bench, single_thread, capsys):
         if r["stored_form"] != "raw":
             k = r["repeated_samples"]
             assert r["input_size"] == 64 and r["decode_clips_per_s_per_core"] > 0
-            # --samples 8 in batches of 4 samples (4 / k clips), at least 3 batches: 12
-            assert r["samples"] == 12 and r["batch_size"] == 4
+            # --samples 8 in batches of 4 samples, each of a different clip: at least 3 groups of 4 clips, k samples each
+            assert r["samples"] == 3 * 4 * k and r["batch_size"] == 4
             assert (r["device_augment_ms_per_sample"] is None) is (r["augment_on"] == "cpu")
     # .npy stores raw uint8 frames: 64 * 64 * 3 bytes each, plus a 128-byte header per file
     assert 64 * 64 * 3 <= by_form["npy 64"]["bytes_per_stored_frame"] <= 64 * 64 * 3 + 128
@@ -140,7 +140,7 @@ def test_box_error_hand_computed_case(bench):
     (["--img-size", "36"], "ExpMAEConfig.img_size=36: expected a multiple of patch_size=8"),
     (["--steps", "0"], "--steps 0: expected an integer >= 1"),
     (["--samples", "2"], "--samples 2: the loader part needs more than one batch (--loader-batch-size 4)"),
-    (["--repeated-samples", "3"], "--repeated-samples 3: expected a divisor of --batch-size 2"),
+    (["--repeated-samples", "0"], "--repeated-samples 0: expected an integer >= 1"),
     (["--mfu", "1.5"], "--mfu 1.5 --peak-tflops 989.0: expected 0 < mfu <= 1"),
     (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--batch-size", "0"], ""),
 ])

@@ -331,27 +331,101 @@ def test_device_augmentation_on_real_face_clips(shared_data):
         collate_samples([mixed[0], mixed[1]])
 
 
-def test_epoch_batch_sampler_with_repeated_samples_counts_samples_and_resumes():
+def test_epoch_batch_sampler_spreads_a_clips_samples_over_batches_of_one_worker_and_resumes():
+    from collections import Counter
     from itertools import islice
 
-    def batches(k, rank=0, start_epoch=0, start_batch=0, n=12):
-        sampler = EpochBatchSampler(24, batch_size=4, batches_per_epoch=3, rank=rank, world=2, seed=7,
-                                    start_epoch=start_epoch, start_batch=start_batch, repeated_samples=k)
+    def batches(k, rank=0, start_epoch=0, start_batch=0, n=24, workers=2, batch_size=2):
+        sampler = EpochBatchSampler(24, batch_size=batch_size, batches_per_epoch=3, rank=rank, world=2, seed=7,
+                                    start_epoch=start_epoch, start_batch=start_batch, repeated_samples=k, workers=workers)
         return list(islice(iter(sampler), n))
 
-    one, two = batches(1), batches(2)
-    assert all(len(b) == 4 for b in one) and all(len(b) == 2 for b in two)  # clips per batch = batch_size / k
-    assert [b[0][0] for b in two] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]  # epochs: 3 batches of 4 samples
-    clips = lambda bs: [i for b in bs for _, i in b]  # noqa: E731
-    # a pass over this rank's 12 clips spans k = 2 epochs, each clip once; the next pass is reshuffled
-    assert len(set(clips(two[:6]))) == len(clips(two[:6])) == 12
-    assert clips(two[:6]) == clips(one[:3])  # the rank's share of the (seed, pass 0) shuffle, in order
-    assert clips(two[6:12]) != clips(two[:6])
-    other = batches(2, rank=1)
-    assert not set(clips(two[:6])) & set(clips(other[:6]))  # ranks stay disjoint
-    assert batches(2, start_epoch=1, start_batch=2, n=7) == two[5:]  # resume mid-epoch, mid-pass
-    with pytest.raises(ValueError, match="multiple"):
-        EpochBatchSampler(24, batch_size=3, batches_per_epoch=1, rank=0, world=1, seed=0, repeated_samples=2)
+    one, four = batches(1), batches(4)
+    assert all(len(b) == 2 for b in one + four)  # batch_size samples, each of a different clip
+    assert all(len({i for _, i, _ in b}) == 2 for b in four)
+    first = four[:12]  # a pass over this rank's 6 clips: k = 4 epochs of 3 batches
+    assert [b[0][0] for b in four] == [0] * 12 + [4] * 12  # keys carry the pass's first epoch: one decode's samples
+    assert Counter((i, r) for b in first for _, i, r in b) == {(i, r): 1 for i in {i for _, i in one[0] + one[1] + one[2]}
+                                                                for r in range(4)}  # each clip's k samples once
+    assert [i for b in first for _, i, r in b if r == 0] == [i for b in one[:3] for _, i in b]  # the (seed, pass) shuffle
+    assert four[12:] != first  # the next pass is reshuffled
+    # all k batches of a clip sit at positions congruent mod workers: the DataLoader hands them to one worker
+    # (workers take batches in turn), also when a resumed loader starts anywhere; the last partial block aside
+    for start in range(len(first)):
+        tail = batches(4, start_epoch=start // 3, start_batch=start % 3, n=12 - start)
+        assert tail == first[start:]  # resume = the same continuation
+        owner = {}
+        for pos, b in enumerate(tail[:8 - start] if start < 8 else []):  # 8 = 2 workers x 4 samples: full blocks
+            for _, i, _ in b:
+                assert owner.setdefault(i, pos % 2) == pos % 2
+    assert not {i for b in first for _, i, _ in b} & {i for b in batches(4, rank=1)[:12] for _, i, _ in b}  # ranks disjoint
+    assert batches(3, batch_size=4, n=1)[0]  # any batch size: no longer a multiple of k
+    with pytest.raises(ValueError, match="need 8 clips per rank"):
+        EpochBatchSampler(12, batch_size=4, batches_per_epoch=2, rank=0, world=2, seed=0, repeated_samples=2)
+
+
+def test_a_clips_samples_are_decoded_once_per_worker_and_equal_the_whole_item(tmp_path, grey_sources):
+    """dataset[i, r] is sample r of dataset[i] (CPU and device paths), and through a 2-worker DataLoader over
+    EpochBatchSampler every clip is decoded once for its k samples."""
+    from expmae.pretrain.loader import EpochItems
+
+    for augment_on in ("cpu", "device"):
+        ds = VideoClipDataset(grey_sources, num_frames=8, sample_stride=2, input_size=32, seed=0, repeated_samples=3,
+                              augment_on=augment_on)
+        ds.set_epoch(1)
+        whole = batch_to_device(collate_samples([ds[2]]), "cpu", 32)
+        ones = batch_to_device(collate_samples([ds[2, r] for r in range(3)]), "cpu", 32)
+        assert torch.equal(ones, whole)
+        if augment_on == "device":  # ships only the frames its sample uses
+            assert len(ds[2, 0]["frames"]) == 8 < len(ds[2]["frames"])
+    with pytest.raises(IndexError, match="sample 3 of clip 0: expected 0 <= sample < repeated_samples=3"):
+        ds[0, 3]
+
+    class Counting(VideoClipDataset):
+        def _decode(self, index, attempt):
+            info = torch.utils.data.get_worker_info()
+            if self.epoch == 0:  # the first pass (the loader prefetches into the next)
+                self.decodes[info.id if info else 0, index] += 1
+            return super()._decode(index, attempt)
+
+    paths = [np.save(tmp_path / f"c{i}.npy", np.full((20, 8, 8, 3), i, np.uint8)) or tmp_path / f"c{i}.npy" for i in range(8)]
+    ds = Counting(paths, num_frames=4, sample_stride=2, input_size=8, repeated_samples=4)
+    ds.decodes = torch.zeros(2, 8, dtype=torch.int64).share_memory_()
+    sampler = EpochBatchSampler(8, batch_size=2, batches_per_epoch=4, rank=0, world=1, seed=0, repeated_samples=4,
+                                workers=2)
+    ds.keep_decoded = sampler.keep_decoded
+    loader = torch.utils.data.DataLoader(EpochItems(ds, 2), batch_sampler=sampler, num_workers=2, collate_fn=collate_samples)
+    seen = []
+    for batch, _ in zip(loader, range(16)):  # one pass: 4 epochs of 4 batches, 8 clips x 4 samples
+        assert batch.shape == (2, 3, 4, 8, 8)
+        seen += batch[:, 0, 0, 0, 0].tolist()  # the clip's grey value = its index
+    assert sorted(seen) == sorted(list(range(8)) * 4)
+    assert ds.decodes.sum(0).tolist() == [1] * 8 and ds.decodes.sum(1).tolist() == [4, 4]  # once each, split evenly
+
+
+def test_the_training_loader_with_repeated_samples_resumes_at_any_batch_with_the_same_bytes(tmp_path):
+    """make_loader, k = 3, 2 workers, device augmentation: a loader started at any (epoch, batch) delivers the
+    straight run's batches from there on, byte for byte (the decode cache changes the cost, never the data)."""
+    from expmae.pretrain.loader import make_loader
+    from expmae.pretrain.state import Plan, TrainState
+
+    rng = np.random.default_rng(0)
+    paths = [tmp_path / f"t{i}.npy" for i in range(8)]
+    for p in paths:
+        np.save(p, rng.integers(0, 256, (24, 20, 20, 3), dtype=np.uint8))
+    ds = VideoClipDataset(paths, num_frames=4, sample_stride=2, input_size=16, seed=2, repeated_samples=3,
+                          augment_on="device")
+    plan = Plan(world=1, batch_size=2, grad_accum_steps=1, steps_per_epoch=3, total_steps=18, warmup_steps=0, peak_lr=1.0)
+
+    def batches(epoch, batch, n):
+        loader = make_loader(ds, plan=plan, state=TrainState(epoch=epoch, batch_in_epoch=batch), rank=0, seed=4,
+                             num_workers=2, timeout=0, pin_memory=False, repeated_samples=3)
+        return [batch_to_device(b, "cpu", 16) for b, _ in zip(loader, range(n))]
+
+    straight = batches(0, 0, 12)
+    assert all(b.shape == (2, 3, 4, 16, 16) for b in straight)
+    for start in (1, 4, 8):
+        assert all(torch.equal(a, b) for a, b in zip(batches(start // 3, start % 3, 12 - start), straight[start:]))
 
 
 # ------------------------------------------------------------------------------------------- video reading

@@ -305,11 +305,16 @@ class PlainDecord:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i):
+    def set_epoch(self, epoch: int) -> None:  # one window per video: the baseline needs no epochs
+        pass
+
+    def __getitem__(self, key):
         import numpy as np
         import torch
 
         from expmae.data import sample_frame_indices
+
+        i = key[0]  # (index, sample): one sample per decode
         from expmae.video import open_video, read_frames
 
         reader = open_video(self.paths[i])
@@ -350,20 +355,27 @@ def num_samples(batch) -> int:
     return len(batch["box"]) if isinstance(batch, dict) else len(batch)
 
 
-def clip_batches(num_clips: int, clips_per_batch: int, dataset_len: int) -> list[list[int]]:
-    """Batches of clip indices that cycle through the dataset: ``num_clips`` in all."""
-    return [[i % dataset_len for i in range(b, min(b + clips_per_batch, num_clips))]
-            for b in range(0, num_clips, clips_per_batch)]
+def sample_batches(num_groups: int, batch_size: int, dataset_len: int, k: int, workers: int) -> list[list[tuple]]:
+    """The training loader's batches (expmae.data.EpochBatchSampler): ``num_groups`` groups of ``batch_size``
+    clips, each group making k batches (one per sample) that reach one worker. Clips cycle through the
+    dataset, a new epoch on each round, so a clip's next round is a new decode, as in training."""
+    from expmae.data import spread_samples
+
+    clips = [(c // dataset_len, c % dataset_len) for c in range(num_groups * batch_size)]  # (epoch, index) keys
+    return spread_samples([clips[g * batch_size:(g + 1) * batch_size] for g in range(num_groups)], k, max(1, workers))
 
 
-def run_loader(dataset, batches: list[list[int]], workers: int) -> tuple[int, float, float]:
+def run_loader(dataset, batches: list[list[tuple]], workers: int) -> tuple[int, float, float]:
     """(samples, wall seconds after the first batch, CPU seconds of this process and its workers) of one
-    DataLoader pass over ``batches``; worker CPU is read from /proc after the last batch, before they exit."""
+    DataLoader pass over ``batches`` of (epoch, index, sample) keys, through the training loader's
+    EpochItems; worker CPU is read from /proc after the last batch, before they exit."""
     import torch
 
     from expmae.data import collate_samples
+    from expmae.pretrain.loader import EpochItems
 
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+    dataset.keep_decoded = len(batches[0]) if dataset.repeated_samples > 1 else 0  # as make_loader sets it
+    loader = torch.utils.data.DataLoader(EpochItems(dataset, workers), batch_sampler=batches, num_workers=workers,
                                          collate_fn=getattr(dataset, "collate", collate_samples),
                                          persistent_workers=False)
     cpu0 = time.process_time()
@@ -379,28 +391,24 @@ def run_loader(dataset, batches: list[list[int]], workers: int) -> tuple[int, fl
 
 
 def loader_rates(dataset, samples: int, batch_size: int, workers: int) -> tuple[float, float, int]:
-    """(samples/s of wall time, samples per CPU core-second, samples delivered) of a DataLoader over
-    ``dataset`` with batches of ``batch_size`` samples (batch_size / k clips of k samples each).
+    """(samples/s of wall time, samples per CPU core-second, samples delivered) of the training loader over
+    ``dataset`` with batches of ``batch_size`` samples, each of a different clip (k samples of a clip in k
+    batches of one worker, decoded once).
 
     Both are steady-state rates, as in a training run, whose workers start once: wall time leaves out the first
-    batch; CPU time is the difference between the full pass and a pass of one batch per worker (which holds
-    the workers' start-up and first-batch costs), in CPU time per process, not wall time: other jobs sharing
-    the cores do not count against the loader.
+    batch; CPU time is the difference between the full pass and a pass of one group per worker (its k batches;
+    it holds the workers' start-up and first-batch costs), in CPU time per process, not wall time: other jobs
+    sharing the cores do not count against the loader.
     """
     import math
 
-    k = dataset.repeated_samples
-    per = max(1, batch_size // k)
-    first = max(1, workers)  # one batch per worker
-    batches = clip_batches(max(math.ceil(samples / k), 3 * first * per), per, len(dataset))
-    start_samples, _, start_cpu = run_loader(dataset, batches[:first], workers)
+    k, w = dataset.repeated_samples, max(1, workers)
+    groups = w * max(3, math.ceil(samples / (k * batch_size * w)))  # whole rounds of one group per worker
+    batches = sample_batches(groups, batch_size, len(dataset), k, workers)
+    start_samples, _, start_cpu = run_loader(dataset, batches[:k * w], workers)
     total, wall, cpu = run_loader(dataset, batches, workers)
-    timed = total - num_samples_of(batches[:1], k)
+    timed = total - len(batches[0])
     return timed / wall, (total - start_samples) / (cpu - start_cpu), total
-
-
-def num_samples_of(batches: list[list[int]], k: int) -> int:
-    return k * sum(len(b) for b in batches)
 
 
 def decode_rate(dataset, samples: int) -> float:
@@ -421,8 +429,8 @@ def device_augment_ms(dataset, batch_size: int, device) -> float:
     from expmae.data import collate_samples, augment_on_device
 
     bp = load_bench_pretrain()
-    clips = max(1, batch_size // dataset.repeated_samples)
-    batch = {k: v.to(device) for k, v in collate_samples([dataset[i % len(dataset)] for i in range(clips)]).items()}
+    samples = [dataset[i % len(dataset), 0] for i in range(batch_size)]  # a training batch: one sample per clip
+    batch = {k: v.to(device) for k, v in collate_samples(samples).items()}
     times = []
     for _ in range(4):
         bp.synchronize(device)
@@ -525,14 +533,20 @@ def bench_demand(loader: list[dict], default_form: str, args, emitter: Emitter) 
 # pipeline
 # ---------------------------------------------------------------------------------------------------------------
 def training_loader(dataset, batch_size: int, batches: int, workers: int, device, seed: int):
-    """pretrain/train.py's DataLoader: batches of ``batch_size`` samples (batch_size / k clips), collate_samples,
-    pinned on CUDA, its own worker seeds; ``batches`` batches that cycle through the dataset."""
+    """pretrain/train.py's DataLoader: batches of ``batch_size`` samples of different clips (a clip's k samples
+    in k batches of one worker), collate_samples, pinned on CUDA, its own worker seeds; at least ``batches``
+    batches that cycle through the dataset."""
+    import math
+
     import torch
 
     from expmae.data import collate_samples
+    from expmae.pretrain.loader import EpochItems
 
-    per = batch_size // dataset.repeated_samples
-    return torch.utils.data.DataLoader(dataset, batch_sampler=clip_batches(batches * per, per, len(dataset)),
+    k, w = dataset.repeated_samples, max(1, workers)
+    keys = sample_batches(w * math.ceil(batches / (k * w)), batch_size, len(dataset), k, workers)
+    dataset.keep_decoded = batch_size if k > 1 else 0  # as make_loader sets it
+    return torch.utils.data.DataLoader(EpochItems(dataset, workers), batch_sampler=keys,
                                        num_workers=workers, collate_fn=collate_samples,
                                        pin_memory=device.type == "cuda", persistent_workers=False,
                                        generator=torch.Generator().manual_seed(seed))
@@ -720,8 +734,8 @@ def resolve_args(args: argparse.Namespace):
                          f"(--loader-batch-size {args.loader_batch_size}); the first batch is not timed")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads {args.threads}: expected an integer >= 1")
-    if args.repeated_samples < 1 or args.batch_size % args.repeated_samples:
-        raise SystemExit(f"--repeated-samples {args.repeated_samples}: expected a divisor of --batch-size {args.batch_size}")
+    if args.repeated_samples < 1:
+        raise SystemExit(f"--repeated-samples {args.repeated_samples}: expected an integer >= 1")
     if not (0 < args.mfu <= 1 and args.peak_tflops > 0):
         raise SystemExit(f"--mfu {args.mfu} --peak-tflops {args.peak_tflops}: expected 0 < mfu <= 1 and a peak > 0")
     from expmae.data import resolve_augment_on

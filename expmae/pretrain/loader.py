@@ -14,7 +14,8 @@ class DataStall(RuntimeError):
 
 
 class EpochItems:
-    """``dataset[(epoch, index)]``: the item of ``index`` as augmented in ``epoch`` (see expmae.data.EpochBatchSampler).
+    """``items[epoch, index]``: the item of ``index`` as augmented in ``epoch``; ``items[epoch, index, r]``: its
+    sample r alone (repeated sampling; see expmae.data.EpochBatchSampler for both keys).
 
     Each DataLoader worker notes in shared memory which clip it is decoding and since when, so a stall can
     be blamed on a clip. ``hang=(index, epoch)`` (debug.hang_clip) makes decoding that clip hang from that
@@ -33,14 +34,14 @@ class EpochItems:
     def __getitem__(self, key):
         from torch.utils.data import get_worker_info
 
-        epoch, index = key
+        epoch, index, *sample = key
         worker = get_worker_info()
         slot = self.decoding[worker.id if worker is not None else 0]
         slot[0], slot[1] = index, time.time()
         if self.hang is not None and worker is not None and index == self.hang[0] and epoch >= self.hang[1]:
             time.sleep(10**6)
         self.dataset.set_epoch(epoch)
-        item = self.dataset[index]
+        item = self.dataset[(index, *sample)]
         slot[0] = -1
         return item
 
@@ -55,8 +56,8 @@ class EpochItems:
 
 def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int, timeout: float,
                 pin_memory: bool, repeated_samples: int = 1, hang: tuple[int, int] | None = None):
-    """One DataLoader for the whole run, starting at the state's data position; ``repeated_samples`` = k: a batch
-    of plan.batch_size samples holds batch_size / k clips, k samples each (expmae.data.EpochBatchSampler)."""
+    """One DataLoader for the whole run, starting at the state's data position; ``repeated_samples`` = k: each
+    worker decodes a clip once for its k samples, which go to k different batches (expmae.data.EpochBatchSampler)."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -64,7 +65,8 @@ def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int,
 
     sampler = EpochBatchSampler(len(dataset), batch_size=plan.batch_size, batches_per_epoch=plan.batches_per_epoch,
                                 rank=rank, world=plan.world, seed=seed, start_epoch=state.epoch,
-                                start_batch=state.batch_in_epoch, repeated_samples=repeated_samples)
+                                start_batch=state.batch_in_epoch, repeated_samples=repeated_samples, workers=num_workers)
+    dataset.keep_decoded = sampler.keep_decoded  # set before the workers fork: each keeps its own
     # Worker seeds come from the loader's own generator: the global RNG (masking) stays untouched.
     return DataLoader(EpochItems(dataset, num_workers, hang), batch_sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_samples,
