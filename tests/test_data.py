@@ -403,9 +403,11 @@ def test_a_clips_samples_are_decoded_once_per_worker_and_equal_the_whole_item(tm
     assert ds.decodes.sum(0).tolist() == [1] * 8 and ds.decodes.sum(1).tolist() == [4, 4]  # once each, split evenly
 
 
-def test_the_training_loader_with_repeated_samples_resumes_at_any_batch_with_the_same_bytes(tmp_path):
-    """make_loader, k = 3, 2 workers, device augmentation: a loader started at any (epoch, batch) delivers the
-    straight run's batches from there on, byte for byte (the decode cache changes the cost, never the data)."""
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_training_loader_resumes_at_any_batch_with_the_same_bytes(tmp_path, k):
+    """make_loader, k samples per decode, 2 workers, device augmentation: a loader started at any (epoch, batch)
+    delivers the straight run's batches from there on, byte for byte (the decode cache changes the cost, never
+    the data); k = 1 gives the clips the dataset gives."""
     from expmae.pretrain.loader import make_loader
     from expmae.pretrain.state import Plan, TrainState
 
@@ -413,17 +415,21 @@ def test_the_training_loader_with_repeated_samples_resumes_at_any_batch_with_the
     paths = [tmp_path / f"t{i}.npy" for i in range(8)]
     for p in paths:
         np.save(p, rng.integers(0, 256, (24, 20, 20, 3), dtype=np.uint8))
-    ds = VideoClipDataset(paths, num_frames=4, sample_stride=2, input_size=16, seed=2, repeated_samples=3,
+    ds = VideoClipDataset(paths, num_frames=4, sample_stride=2, input_size=16, seed=2, repeated_samples=k,
                           augment_on="device")
     plan = Plan(world=1, batch_size=2, grad_accum_steps=1, steps_per_epoch=3, total_steps=18, warmup_steps=0, peak_lr=1.0)
 
     def batches(epoch, batch, n):
         loader = make_loader(ds, plan=plan, state=TrainState(epoch=epoch, batch_in_epoch=batch), rank=0, seed=4,
-                             num_workers=2, timeout=0, pin_memory=False, repeated_samples=3)
+                             num_workers=2, timeout=0, pin_memory=False, repeated_samples=k)
         return [batch_to_device(b, "cpu", 16) for b, _ in zip(loader, range(n))]
 
     straight = batches(0, 0, 12)
     assert all(b.shape == (2, 3, 4, 16, 16) for b in straight)
+    if k == 1:  # epoch 0's first batch: the first two clips of the (seed, epoch 0) shuffle, as the dataset makes them
+        ds.set_epoch(0)
+        first = [i for _, i in next(iter(EpochBatchSampler(8, batch_size=2, batches_per_epoch=3, rank=0, world=1, seed=4)))]
+        assert torch.equal(straight[0], batch_to_device(collate_samples([ds[i] for i in first]), "cpu", 16))
     for start in (1, 4, 8):
         assert all(torch.equal(a, b) for a, b in zip(batches(start // 3, start % 3, 12 - start), straight[start:]))
 

@@ -41,7 +41,7 @@ class EpochItems:
         if self.hang is not None and worker is not None and index == self.hang[0] and epoch >= self.hang[1]:
             time.sleep(10**6)
         self.dataset.set_epoch(epoch)
-        item = self.dataset[(index, *sample)]
+        item = self.dataset[index, sample[0]] if sample else self.dataset[index]
         slot[0] = -1
         return item
 
