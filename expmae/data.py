@@ -138,7 +138,10 @@ def _resolve_source(source) -> tuple[list[str], list[str]]:
             if any("path" not in r or "key" not in r for r in records):
                 raise ValueError(f"{manifest}: every record needs 'key' and 'path' (an expmae-crop manifest)")
             seen: dict[str, dict] = {r["key"]: r for r in records}  # a repeated key (should not happen): last wins
-            return [str(manifest.parent / r["path"]) for r in seen.values()], list(seen)
+            # Sorted by key, not in the manifest's order, which is the order parallel crop workers finished in:
+            # the same clips must give the same dataset (index -> clip), and so the same run, however they were cropped.
+            keys = sorted(seen)
+            return [str(manifest.parent / seen[k]["path"]) for k in keys], keys
         if source.is_dir():
             files = list_videos(source) + sorted(p for p in source.rglob("*.npy") if not p.name.startswith("."))
             return [str(p) for p in files], [p.relative_to(source).with_suffix("").as_posix() for p in files]

@@ -104,6 +104,9 @@ def evaluate(encoder_dirs: dict[str, Path], benchmark: dict[str, Path], crops_di
     from expmae.benchmark import evaluate_encoder
 
     t0 = time.perf_counter()
+    # Always from scratch, as the run: features are resumable per file and keyed by the encoder's config, not its
+    # weights, so a rerun would otherwise score the new encoder on the last run's features.
+    shutil.rmtree(out / "eval", ignore_errors=True)
     results = {}
     for name, encoder_dir in encoder_dirs.items():
         results[name] = evaluate_encoder(encoder_dir, benchmark, out / "eval" / name,

@@ -197,11 +197,12 @@ def test_dataset_sources_manifest_folder_and_labels(tmp_path):
     (clips / "clips").mkdir(parents=True)
     for i, name in enumerate(["sample_a", "sample_b", "sample_c"]):
         np.save(clips / "clips" / f"{name}.npy", grey_clip(10, 32, offset=i))
-    with open(clips / "manifest.jsonl", "w") as f:
-        for name in ["sample_a", "sample_b", "sample_c"]:
+    with open(clips / "manifest.jsonl", "w") as f:  # in the order parallel crop workers happened to finish
+        for name in ["sample_c", "sample_a", "sample_b"]:
             f.write(json.dumps({"key": name, "path": f"clips/{name}.npy", "frames": 10}) + "\n")
     ds = VideoClipDataset(clips, num_frames=4, sample_stride=2, input_size=32)
-    assert ds.names == ["sample_a", "sample_b", "sample_c"] and len(ds) == 3
+    assert ds.names == ["sample_a", "sample_b", "sample_c"] and len(ds) == 3  # sorted: the same clips, the same run
+    assert ds.paths[0].endswith("sample_a.npy")
     # a folder without a manifest: its videos and .npy clips, named by path
     assert VideoClipDataset(clips / "clips", num_frames=4).names == ["sample_a", "sample_b", "sample_c"]
     # MER2023 layout: a label CSV keeps the labelled clips and returns (clip, label)

@@ -367,6 +367,26 @@ def test_demo_rejects_a_bad_override_before_doing_any_work(tmp_path, capsys):
     assert not (tmp_path / "demo").exists()
 
 
+def test_demo_scores_every_run_on_fresh_features(tmp_path, monkeypatch):
+    """Features are resumable per file and keyed by the encoder's config, not its weights: a rerun of the demo
+    (a new pretrained encoder, same config) must not be scored on the last run's features."""
+    import expmae.benchmark
+    from expmae.demo import evaluate
+
+    stale = tmp_path / "eval" / "pretrained" / "features" / "clip_0.npy"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"last run")
+    leftovers = []
+
+    def evaluate_encoder(encoder_dir, benchmark, out_dir, **kw):
+        leftovers.extend(Path(out_dir).rglob("*"))
+        return {"probe": {}, "finetune": {}}
+
+    monkeypatch.setattr(expmae.benchmark, "evaluate_encoder", evaluate_encoder)
+    evaluate({"pretrained": tmp_path / "encoder"}, {}, tmp_path / "crops", tmp_path)
+    assert leftovers == [] and not stale.exists()
+
+
 def test_check_prints_the_resolved_config_and_it_loads_back(tmp_path, capsys):
     from expmae.config import load_config
     from expmae.pretrain.cli import main
