@@ -177,6 +177,18 @@ def test_video_folder_one_file_per_video_resume_failures_determinism(encoder_dir
 
     with pytest.raises(ValueError, match="sample_stride=2, not 3"):  # one folder never mixes settings
         extract_visual_features(video_folder, out, encoder_dir, pooling="none", sample_stride=3, progress=False)
+    # nor encoders: a retrained encoder exported to the same place (same config, new weights) is refused, not
+    # silently resumed on the old one's features
+    import shutil
+
+    retrained = tmp_path / encoder_dir.name
+    shutil.copytree(encoder_dir, retrained)
+    extract_visual_features(video_folder, out, retrained, pooling="none", progress=False)  # a copy: still the same
+    model = create_model("tiny", **TINY)
+    save_encoder(model, retrained, sample_stride=2, model_name="tiny", overwrite=True)
+    shutil.copy(encoder_dir / "config.json", retrained / "config.json")  # as a re-export of the same run writes it
+    with pytest.raises(ValueError, match="made with encoder_weights="):
+        extract_visual_features(video_folder, out, retrained, pooling="none", progress=False)
 
 
 def test_cli_video_and_frame(encoder_dir, video_folder, tmp_path, capsys):

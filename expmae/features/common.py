@@ -92,6 +92,18 @@ def model_fingerprint(model: Path) -> str:
     return hashlib.sha256((path / "config.json" if path.is_dir() else path).read_bytes()).hexdigest()[:16]
 
 
+def weights_fingerprint(model_dir: Path) -> str:
+    """A short hash of the ``*.safetensors`` files of a model folder: a retrained model exported to the same folder
+    (same config, new weights) no longer matches features made with the old one."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------- layers / pooling
 def parse_layers(spec: str | int | Sequence[int]) -> tuple[int, ...]:
     """``"-4,-3,-2,-1"`` -> (-4, -3, -2, -1). Indices are into ``hidden_states`` (0 = embeddings, -1 = last)."""

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from expmae.features.clip import frame_indices
-from expmae.features.common import list_inputs, model_fingerprint, pool, resolve_device, resolve_dtype, run_extraction
+from expmae.features.common import (list_inputs, model_fingerprint, pool, resolve_device, resolve_dtype, run_extraction,
+                                    weights_fingerprint)
 
 MODALITIES = ("video", "frame")
 DEFAULT_SAMPLE_STRIDE = 4  # expmae.config's data.sample_stride default, for encoders that do not record theirs
@@ -147,7 +148,8 @@ class VisualFeatureExtractor:
         if self.modality == "video":
             out.update(sample_stride=self.sample_stride, clip_stride=self.clip_stride, max_clips=self.max_clips)
         if self.encoder_dir is not None:
-            out.update(encoder=self.encoder_dir.resolve().name, encoder_config=model_fingerprint(self.encoder_dir))
+            out.update(encoder=self.encoder_dir.resolve().name, encoder_config=model_fingerprint(self.encoder_dir),
+                       encoder_weights=weights_fingerprint(self.encoder_dir))  # expmae encoders get retrained
         return out
 
     def load(self, source) -> dict:
