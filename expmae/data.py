@@ -462,6 +462,11 @@ def resolve_augment_on(setting: str, device) -> str:
     return setting
 
 
+def decoded_per_worker(batch_size: int, repeated_samples: int) -> int:
+    """Decoded clips a DataLoader worker keeps under :func:`spread_samples`' layout: the group it is serving."""
+    return batch_size if repeated_samples > 1 else 0
+
+
 def spread_samples(groups: Sequence[Sequence[tuple]], k: int, workers: int) -> list[list[tuple]]:
     """Groups of item keys -> batches of sample keys ``(*key, r)``: each group makes k batches, one per sample r,
     and the batches of ``workers`` groups interleave, so group g's batches sit at positions congruent to g mod
@@ -498,7 +503,7 @@ class EpochBatchSampler:
         self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
         self.rank, self.world, self.seed, self.k = rank, world, seed, repeated_samples
         self.start_epoch, self.start_batch, self.workers = start_epoch, start_batch, max(1, workers)
-        self.keep_decoded = batch_size if repeated_samples > 1 else 0  # decoded clips per worker
+        self.keep_decoded = decoded_per_worker(batch_size, repeated_samples)
 
     def _order(self, shuffle: int) -> list[int]:
         from torch.utils.data import DistributedSampler

@@ -360,7 +360,7 @@ def test_epoch_batch_sampler_spreads_a_clips_samples_over_batches_of_one_worker_
             for _, i, _ in b:
                 assert owner.setdefault(i, pos % 2) == pos % 2
     assert not {i for b in first for _, i, _ in b} & {i for b in batches(4, rank=1)[:12] for _, i, _ in b}  # ranks disjoint
-    assert batches(3, batch_size=4, n=1)[0]  # any batch size: no longer a multiple of k
+    assert len(batches(3, batch_size=4, n=1)[0]) == 4  # any batch size: no longer a multiple of k
     with pytest.raises(ValueError, match="need 8 clips per rank"):
         EpochBatchSampler(12, batch_size=4, batches_per_epoch=2, rank=0, world=2, seed=0, repeated_samples=2)
 

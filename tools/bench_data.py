@@ -313,9 +313,9 @@ class PlainDecord:
         import torch
 
         from expmae.data import sample_frame_indices
+        from expmae.video import open_video, read_frames
 
         i = key[0]  # (index, sample): one sample per decode
-        from expmae.video import open_video, read_frames
 
         reader = open_video(self.paths[i])
         rng = np.random.default_rng((self.seed, 0, i, 0))  # VideoClipDataset's (seed, epoch, index, attempt)
@@ -365,19 +365,25 @@ def sample_batches(num_groups: int, batch_size: int, dataset_len: int, k: int, w
     return spread_samples([clips[g * batch_size:(g + 1) * batch_size] for g in range(num_groups)], k, max(1, workers))
 
 
-def run_loader(dataset, batches: list[list[tuple]], workers: int) -> tuple[int, float, float]:
-    """(samples, wall seconds after the first batch, CPU seconds of this process and its workers) of one
-    DataLoader pass over ``batches`` of (epoch, index, sample) keys, through the training loader's
-    EpochItems; worker CPU is read from /proc after the last batch, before they exit."""
+def layout_loader(dataset, batches: list[list[tuple]], workers: int, **kwargs):
+    """A DataLoader over ``batches`` of (epoch, index, sample) keys through the training loader's EpochItems, its
+    workers keeping decoded clips as expmae.pretrain.loader.make_loader has them do."""
     import torch
 
-    from expmae.data import collate_samples
+    from expmae.data import collate_samples, decoded_per_worker
     from expmae.pretrain.loader import EpochItems
 
-    dataset.keep_decoded = len(batches[0]) if dataset.repeated_samples > 1 else 0  # as make_loader sets it
-    loader = torch.utils.data.DataLoader(EpochItems(dataset, workers), batch_sampler=batches, num_workers=workers,
-                                         collate_fn=getattr(dataset, "collate", collate_samples),
-                                         persistent_workers=False)
+    dataset.keep_decoded = decoded_per_worker(len(batches[0]), dataset.repeated_samples)
+    return torch.utils.data.DataLoader(EpochItems(dataset, workers), batch_sampler=batches, num_workers=workers,
+                                       collate_fn=getattr(dataset, "collate", collate_samples),
+                                       persistent_workers=False, **kwargs)
+
+
+def run_loader(dataset, batches: list[list[tuple]], workers: int) -> tuple[int, float, float]:
+    """(samples, wall seconds after the first batch, CPU seconds of this process and its workers) of one
+    :func:`layout_loader` pass over ``batches``; worker CPU is read from /proc after the last batch, before they
+    exit."""
+    loader = layout_loader(dataset, batches, workers)
     cpu0 = time.process_time()
     it = iter(loader)
     samples = num_samples(next(it))
@@ -540,16 +546,10 @@ def training_loader(dataset, batch_size: int, batches: int, workers: int, device
 
     import torch
 
-    from expmae.data import collate_samples
-    from expmae.pretrain.loader import EpochItems
-
     k, w = dataset.repeated_samples, max(1, workers)
     keys = sample_batches(w * math.ceil(batches / (k * w)), batch_size, len(dataset), k, workers)
-    dataset.keep_decoded = batch_size if k > 1 else 0  # as make_loader sets it
-    return torch.utils.data.DataLoader(EpochItems(dataset, workers), batch_sampler=keys,
-                                       num_workers=workers, collate_fn=collate_samples,
-                                       pin_memory=device.type == "cuda", persistent_workers=False,
-                                       generator=torch.Generator().manual_seed(seed))
+    return layout_loader(dataset, keys, workers, pin_memory=device.type == "cuda",
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def train_step(run, batch, device, cfg):
