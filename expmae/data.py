@@ -462,18 +462,36 @@ def resolve_augment_on(setting: str, device) -> str:
     return setting
 
 
-def decoded_per_worker(batch_size: int, repeated_samples: int) -> int:
-    """Decoded clips a DataLoader worker keeps under :func:`spread_samples`' layout: the group it is serving."""
-    return batch_size if repeated_samples > 1 else 0
+def decoded_per_worker(batch_size: int, repeated_samples: int, spread: int = 1) -> int:
+    """Decoded clips a DataLoader worker keeps under :func:`spread_samples`' layout: the pool it is serving."""
+    return spread * batch_size if repeated_samples > 1 else 0
 
 
-def spread_samples(groups: Sequence[Sequence[tuple]], k: int, workers: int) -> list[list[tuple]]:
-    """Groups of item keys -> batches of sample keys ``(*key, r)``: each group makes k batches, one per sample r,
-    and the batches of ``workers`` groups interleave, so group g's batches sit at positions congruent to g mod
-    workers, which a DataLoader hands to one worker (its workers take batches in turn)."""
-    return [[(*key, r) for key in group]
-            for start in range(0, len(groups), workers)  # one group per worker
-            for r in range(k) for group in groups[start:start + workers]]
+def _pool_batches(pool: Sequence[Sequence[tuple]], k: int, rng: np.random.Generator | None) -> list[list[tuple]]:
+    """One worker's pool of groups (clips it decodes once) -> its k * len(pool) batches of sample keys: in round r
+    every clip of the pool gives sample r, in an order drawn afresh per round when the pool holds several groups,
+    so a clip's k samples sit ~len(pool) of the worker's batches apart and meet different batch-mates each time."""
+    keys, size = [key for group in pool for key in group], len(pool[0])
+    batches = []
+    for r in range(k):
+        order = rng.permutation(len(keys)) if rng is not None and len(pool) > 1 else range(len(keys))
+        round_keys = [(*keys[j], r) for j in order]
+        batches += [round_keys[b:b + size] for b in range(0, len(round_keys), size)]
+    return batches
+
+
+def spread_samples(groups: Sequence[Sequence[tuple]], k: int, workers: int, spread: int = 1,
+                   rng: np.random.Generator | None = None) -> list[list[tuple]]:
+    """Groups of item keys -> batches of sample keys ``(*key, r)``. Blocks of ``workers * spread`` groups: worker w
+    of a block serves a pool of ``spread`` groups (:func:`_pool_batches`: k * spread batches), and the pools'
+    batches interleave, the w-th pool's at positions congruent to w mod workers, which a DataLoader hands to one
+    worker (its workers take batches in turn). A pass's last, partial block interleaves what it has."""
+    batches = []
+    for start in range(0, len(groups), workers * spread):
+        block = groups[start:start + workers * spread]
+        pools = [_pool_batches(block[w:w + spread], k, rng) for w in range(0, len(block), spread)]
+        batches += [pool[j] for j in range(max(map(len, pools))) for pool in pools if j < len(pool)]
+    return batches
 
 
 class EpochBatchSampler:
@@ -491,11 +509,15 @@ class EpochBatchSampler:
     shared, a group's k batches must reach the DataLoader worker that holds it: the DataLoader hands batches
     to its ``workers`` in turn, so the batches of ``workers`` groups interleave, group g's batches at positions
     congruent to g mod workers (wherever the loader starts), and each worker keeps batch_size decoded clips
-    (``keep_decoded``). Everything stays a function of (seed, epoch, batch): resume is exact.
+    (``keep_decoded``). With ``spread = s`` a worker serves a pool of s groups instead of one (s * batch_size
+    decoded clips): round r of the pool gives every clip's sample r in a fresh order, so a clip's samples come
+    ~s of the worker's batches apart, with different batch-mates (:func:`spread_samples`). Everything stays a
+    function of (seed, epoch, batch): resume is exact.
     """
 
     def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
-                 seed: int, start_epoch: int = 0, start_batch: int = 0, repeated_samples: int = 1, workers: int = 0):
+                 seed: int, start_epoch: int = 0, start_batch: int = 0, repeated_samples: int = 1, workers: int = 0,
+                 spread: int = 1):
         clips_per_pass = batches_per_epoch * batch_size  # k epochs of samples = k samples of each
         if clips_per_pass > num_items // world:
             raise ValueError(f"{batches_per_epoch} batches of {batch_size} samples need {clips_per_pass} clips per "
@@ -503,7 +525,9 @@ class EpochBatchSampler:
         self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
         self.rank, self.world, self.seed, self.k = rank, world, seed, repeated_samples
         self.start_epoch, self.start_batch, self.workers = start_epoch, start_batch, max(1, workers)
-        self.keep_decoded = decoded_per_worker(batch_size, repeated_samples)
+        if spread < 1:
+            raise ValueError(f"spread={spread}: expected an integer >= 1")
+        self.spread, self.keep_decoded = spread, decoded_per_worker(batch_size, repeated_samples, spread)
 
     def _order(self, shuffle: int) -> list[int]:
         from torch.utils.data import DistributedSampler
@@ -517,7 +541,8 @@ class EpochBatchSampler:
         """The k * batches_per_epoch batches of the pass that starts at ``first_epoch``."""
         order, b = self._order(first_epoch // self.k), self.batch_size
         groups = [[(first_epoch, i) for i in order[g * b:(g + 1) * b]] for g in range(self.batches_per_epoch)]
-        return spread_samples(groups, self.k, self.workers)
+        rng = np.random.default_rng((self.seed, self.rank, first_epoch))  # the pools' rounds: a function of the pass
+        return spread_samples(groups, self.k, self.workers, self.spread, rng)
 
     def __iter__(self):
         epoch, skip = self.start_epoch, self.start_batch

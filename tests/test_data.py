@@ -365,6 +365,42 @@ def test_epoch_batch_sampler_spreads_a_clips_samples_over_batches_of_one_worker_
         EpochBatchSampler(12, batch_size=4, batches_per_epoch=2, rank=0, world=2, seed=0, repeated_samples=2)
 
 
+def test_repeat_spread_pools_groups_per_worker_mixes_batch_mates_and_resumes():
+    """spread = 2: a worker's pool of 2 groups gives each clip's 4 samples once, in 4 rounds with fresh orders
+    (batch-mates change), all on one worker (positions congruent mod workers), ~2 of its batches apart."""
+    from collections import Counter, defaultdict
+    from itertools import islice
+
+    def batches(start_epoch=0, start_batch=0, n=32, spread=2):
+        sampler = EpochBatchSampler(16, batch_size=2, batches_per_epoch=8, rank=0, world=1, seed=3, start_epoch=start_epoch,
+                                    start_batch=start_batch, repeated_samples=4, workers=2, spread=spread)
+        assert sampler.keep_decoded == 2 * spread
+        return list(islice(iter(sampler), n))
+
+    first = batches()  # one pass: 16 clips x 4 samples in 32 batches of 2
+    assert Counter((i, r) for b in first for _, i, r in b) == {(i, r): 1 for i in range(16) for r in range(4)}
+    assert all(len({i for _, i, _ in b}) == 2 for b in first)
+    positions, mates = defaultdict(list), defaultdict(set)
+    for pos, b in enumerate(first):
+        for _, i, r in b:
+            positions[i].append(pos)
+            mates[i].add(frozenset(j for _, j, _ in b) - {i})
+    assert all(len({p % 2 for p in ps}) == 1 for ps in positions.values())  # one worker per clip
+    gaps = [b - a for ps in positions.values() for a, b in zip(ps, ps[1:])]  # in batches; 2 = the worker's next one
+    assert min(gaps) >= 2 and np.mean(gaps) == pytest.approx(4, abs=1)  # ~spread of the worker's batches apart
+    one = defaultdict(list)
+    for pos, b in enumerate(batches(spread=1)):
+        for _, i, _ in b:
+            one[i].append(pos)
+    assert {b - a for ps in one.values() for a, b in zip(ps, ps[1:])} == {2}  # spread 1: the worker's next batch
+    assert sum(len(m) > 1 for m in mates.values()) >= 8  # rounds are reshuffled: most clips change batch-mates
+    assert batches(n=32, spread=1) != first and sorted(map(sorted, batches(spread=1))) != sorted(map(sorted, first))
+    for start in (1, 7, 13, 30):
+        assert batches(start_epoch=start // 8, start_batch=start % 8, n=32 - start) == first[start:]  # exact resume
+    with pytest.raises(ValueError, match="spread=0: expected an integer >= 1"):
+        batches(spread=0)
+
+
 def test_a_clips_samples_are_decoded_once_per_worker_and_equal_the_whole_item(tmp_path, grey_sources):
     """dataset[i, r] is sample r of dataset[i] (CPU and device paths), and through a 2-worker DataLoader over
     EpochBatchSampler every clip is decoded once for its k samples."""
@@ -390,18 +426,20 @@ def test_a_clips_samples_are_decoded_once_per_worker_and_equal_the_whole_item(tm
             return super()._decode(index, attempt)
 
     paths = [np.save(tmp_path / f"c{i}.npy", np.full((20, 8, 8, 3), i, np.uint8)) or tmp_path / f"c{i}.npy" for i in range(8)]
-    ds = Counting(paths, num_frames=4, sample_stride=2, input_size=8, repeated_samples=4)
-    ds.decodes = torch.zeros(2, 8, dtype=torch.int64).share_memory_()
-    sampler = EpochBatchSampler(8, batch_size=2, batches_per_epoch=4, rank=0, world=1, seed=0, repeated_samples=4,
-                                workers=2)
-    ds.keep_decoded = sampler.keep_decoded
-    loader = torch.utils.data.DataLoader(EpochItems(ds, 2), batch_sampler=sampler, num_workers=2, collate_fn=collate_samples)
-    seen = []
-    for batch, _ in zip(loader, range(16)):  # one pass: 4 epochs of 4 batches, 8 clips x 4 samples
-        assert batch.shape == (2, 3, 4, 8, 8)
-        seen += batch[:, 0, 0, 0, 0].tolist()  # the clip's grey value = its index
-    assert sorted(seen) == sorted(list(range(8)) * 4)
-    assert ds.decodes.sum(0).tolist() == [1] * 8 and ds.decodes.sum(1).tolist() == [4, 4]  # once each, split evenly
+    for spread in (1, 2):  # a worker's pool: one group of 2 clips, or two
+        ds = Counting(paths, num_frames=4, sample_stride=2, input_size=8, repeated_samples=4)
+        ds.decodes = torch.zeros(2, 8, dtype=torch.int64).share_memory_()
+        sampler = EpochBatchSampler(8, batch_size=2, batches_per_epoch=4, rank=0, world=1, seed=0, repeated_samples=4,
+                                    workers=2, spread=spread)
+        ds.keep_decoded = sampler.keep_decoded
+        loader = torch.utils.data.DataLoader(EpochItems(ds, 2), batch_sampler=sampler, num_workers=2,
+                                             collate_fn=collate_samples)
+        seen = []
+        for batch, _ in zip(loader, range(16)):  # one pass: 4 epochs of 4 batches, 8 clips x 4 samples
+            assert batch.shape == (2, 3, 4, 8, 8)
+            seen += batch[:, 0, 0, 0, 0].tolist()  # the clip's grey value = its index
+        assert sorted(seen) == sorted(list(range(8)) * 4)
+        assert ds.decodes.sum(0).tolist() == [1] * 8 and ds.decodes.sum(1).tolist() == [4, 4]  # once each, evenly
 
 
 @pytest.mark.parametrize("k", [1, 3])

@@ -55,7 +55,7 @@ class EpochItems:
 
 
 def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int, timeout: float,
-                pin_memory: bool, repeated_samples: int = 1, hang: tuple[int, int] | None = None):
+                pin_memory: bool, repeated_samples: int = 1, repeat_spread: int = 1, hang: tuple[int, int] | None = None):
     """One DataLoader for the whole run, starting at the state's data position; ``repeated_samples`` = k: each
     worker decodes a clip once for its k samples, which go to k different batches (expmae.data.EpochBatchSampler)."""
     import torch
@@ -65,7 +65,8 @@ def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int,
 
     sampler = EpochBatchSampler(len(dataset), batch_size=plan.batch_size, batches_per_epoch=plan.batches_per_epoch,
                                 rank=rank, world=plan.world, seed=seed, start_epoch=state.epoch,
-                                start_batch=state.batch_in_epoch, repeated_samples=repeated_samples, workers=num_workers)
+                                start_batch=state.batch_in_epoch, repeated_samples=repeated_samples, workers=num_workers,
+                                spread=repeat_spread)
     dataset.keep_decoded = sampler.keep_decoded  # set before the workers fork: each keeps its own
     # Worker seeds come from the loader's own generator: the global RNG (masking) stays untouched.
     return DataLoader(EpochItems(dataset, num_workers, hang), batch_sampler=sampler, num_workers=num_workers,

@@ -259,6 +259,7 @@ def make_run_loader(run: Run, state: TrainState):
     return make_loader(run.dataset, plan=run.plan, state=state, rank=accelerator.process_index, seed=cfg.train.seed,
                        num_workers=cfg.data.num_workers, timeout=cfg.data.timeout,
                        pin_memory=accelerator.device.type == "cuda", repeated_samples=cfg.data.repeated_samples,
+                       repeat_spread=cfg.data.repeat_spread,
                        hang=(debug.hang_clip, debug.hang_epoch) if debug.hang_clip >= 0 else None)
 
 
