@@ -442,9 +442,9 @@ def test_a_clips_samples_are_decoded_once_per_worker_and_equal_the_whole_item(tm
         assert ds.decodes.sum(0).tolist() == [1] * 8 and ds.decodes.sum(1).tolist() == [4, 4]  # once each, evenly
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_the_training_loader_resumes_at_any_batch_with_the_same_bytes(tmp_path, k):
-    """make_loader, k samples per decode, 2 workers, device augmentation: a loader started at any (epoch, batch)
+@pytest.mark.parametrize("k, spread", [(1, 1), (3, 1), (3, 2)])
+def test_the_training_loader_resumes_at_any_batch_with_the_same_bytes(tmp_path, k, spread):
+    """make_loader, k samples per decode (pooled over `spread` batches), 2 workers, device augmentation: a loader started at any (epoch, batch)
     delivers the straight run's batches from there on, byte for byte (the decode cache changes the cost, never
     the data); k = 1 gives the clips the dataset gives."""
     from expmae.pretrain.loader import make_loader
@@ -460,7 +460,8 @@ def test_the_training_loader_resumes_at_any_batch_with_the_same_bytes(tmp_path, 
 
     def batches(epoch, batch, n):
         loader = make_loader(ds, plan=plan, state=TrainState(epoch=epoch, batch_in_epoch=batch), rank=0, seed=4,
-                             num_workers=2, timeout=0, pin_memory=False, repeated_samples=k)
+                             num_workers=2, timeout=0, pin_memory=False, repeated_samples=k,
+                             repeat_spread=spread)
         return [batch_to_device(b, "cpu", 16) for b, _ in zip(loader, range(n))]
 
     straight = batches(0, 0, 12)
