@@ -63,9 +63,10 @@ class DataConfig:
                         min=0)
     repeated_samples: int = _f(1, "training samples per decoded clip (own window, crop, flip, masks), each in "
                                   "its own batch", min=1)
-    repeat_spread: int = _f(1, "with repeated_samples > 1: a DataLoader worker decodes this many batches of clips "
-                               "at a time and mixes their samples, so a clip's samples come this many of its batches "
-                               "apart (memory: this x batch_size decoded clips per worker)", min=1)
+    repeat_spread: int = _f(2, "with repeated_samples > 1: a DataLoader worker decodes this many batches of clips "
+                               "at a time and deals their samples out in rounds, each in a fresh order, so a clip's "
+                               "samples meet different batch-mates (1: the same clips make k batches in a row, which "
+                               "cost training loss); memory: this x batch_size decoded clips per worker", min=1)
     augment_on: str = _f("auto", "where the crop/resize/flip runs: cpu (DataLoader workers), device (batched on "
                                  "the training device, same bytes), auto (device on a GPU)",
                          choices=("auto", "cpu", "device"))

@@ -485,11 +485,15 @@ def spread_samples(groups: Sequence[Sequence[tuple]], k: int, workers: int, spre
     """Groups of item keys -> batches of sample keys ``(*key, r)``. Blocks of ``workers * spread`` groups: worker w
     of a block serves a pool of ``spread`` groups (:func:`_pool_batches`: k * spread batches), and the pools'
     batches interleave, the w-th pool's at positions congruent to w mod workers, which a DataLoader hands to one
-    worker (its workers take batches in turn). A pass's last, partial block interleaves what it has."""
+    worker (its workers take batches in turn). A pass's last, partial block shares its groups out as evenly as it
+    can, so only its last few batches (a remainder of fewer groups than workers) may reach a worker that does not
+    hold their clip and decode it again: a cost, never a change of data."""
     batches = []
     for start in range(0, len(groups), workers * spread):
         block = groups[start:start + workers * spread]
-        pools = [_pool_batches(block[w:w + spread], k, rng) for w in range(0, len(block), spread)]
+        sizes = [len(block) // workers + (w < len(block) % workers) for w in range(min(workers, len(block)))]
+        ends = np.cumsum(sizes)
+        pools = [_pool_batches(block[end - size:end], k, rng) for size, end in zip(sizes, ends)]
         batches += [pool[j] for j in range(max(map(len, pools))) for pool in pools if j < len(pool)]
     return batches
 

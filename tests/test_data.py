@@ -397,6 +397,11 @@ def test_repeat_spread_pools_groups_per_worker_mixes_batch_mates_and_resumes():
     assert batches(n=32, spread=1) != first and sorted(map(sorted, batches(spread=1))) != sorted(map(sorted, first))
     for start in (1, 7, 13, 30):
         assert batches(start_epoch=start // 8, start_batch=start % 8, n=32 - start) == first[start:]  # exact resume
+    owners = defaultdict(set)  # spread 3: a block of 6 groups, then a partial one of 2, shared 1 + 1, not 2 + 0
+    for pos, b in enumerate(batches(spread=3)):
+        for _, i, _ in b:
+            owners[i].add(pos % 2)
+    assert all(len(o) == 1 for o in owners.values())
     with pytest.raises(ValueError, match="spread=0: expected an integer >= 1"):
         batches(spread=0)
 
