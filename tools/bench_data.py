@@ -358,7 +358,9 @@ def num_samples(batch) -> int:
 def sample_batches(num_groups: int, batch_size: int, dataset_len: int, k: int, workers: int) -> list[list[tuple]]:
     """The training loader's batches (expmae.data.EpochBatchSampler): ``num_groups`` groups of ``batch_size``
     clips, each group making k batches (one per sample) that reach one worker. Clips cycle through the
-    dataset, a new epoch on each round, so a clip's next round is a new decode, as in training."""
+    dataset, a new epoch on each round, so a clip's next round is a new decode, as in training. The layout of
+    ``data.repeat_spread=1``: a larger spread (a worker dealing several groups' samples in mixed rounds) decodes
+    and augments the same per sample and only holds more decoded clips."""
     from expmae.data import spread_samples
 
     clips = [(c // dataset_len, c % dataset_len) for c in range(num_groups * batch_size)]  # (epoch, index) keys
