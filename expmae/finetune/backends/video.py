@@ -332,6 +332,22 @@ class VideoBackend:
         model = VideoFusionModel(copy.deepcopy(self.pretrained), head, freeze_encoder=cfg.freeze_encoder)
         return model.to(self.device)
 
+    def _train_loader(self, train: FeatureSet, seed: int):
+        """(dataset, DataLoader, its generator) of ``train``'s clips; items are (clip, row in ``train``)."""
+        from expmae.data import VideoClipDataset
+
+        cfg, enc = self.cfg, self.pretrained.cfg
+        # labels = row numbers: a clip that fails to load is replaced by another clip *with that clip's row*
+        augment = {} if cfg.augment else {"scales": (1.0,), "flip": False}
+        clips = VideoClipDataset([str(self.videos[n]) for n in train.names], enc.num_frames, self.sample_stride,
+                                 enc.img_size, train=True, seed=seed, labels={n: i for i, n in enumerate(train.names)},
+                                 failure_log=self.failure_log, **augment)
+        # Reseeded every epoch (epoch_seed): the shuffle and the workers' base seed both draw from it.
+        generator = torch.Generator()
+        loader = torch.utils.data.DataLoader(clips, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
+                                             generator=generator, pin_memory=self.device.type == "cuda")
+        return clips, loader, generator
+
     def fit(self, train: FeatureSet, label: np.ndarray, targets: np.ndarray, val=None, *, scorer, seed: int,
             writer=None, tag: str = "", checkpoint: Path | None = None,
             fingerprint: str = "") -> tuple[VideoFusionModel, FitResult]:
@@ -342,26 +358,16 @@ class VideoBackend:
         keyed by ``fingerprint``), and a checkpoint of the same fingerprint found there is continued from."""
         from tqdm.auto import tqdm
 
-        from expmae.data import VideoClipDataset
         from expmae.finetune.heads import task_loss
         from expmae.optim import cosine_lr
 
-        cfg, enc = self.cfg, self.pretrained.cfg
+        cfg = self.cfg
         model = self.build_model(train.dims, len(scorer.classes), len(scorer.target_names))
         # Precomputed branches are standardised with training-split statistics, as in feature mode; the visual
         # branch is normalised by the model's fc_norm instead.
         model.head.set_input_stats({k: (torch.from_numpy(a.mean(0)), torch.from_numpy(a.std(0)))
                                     for k, a in train.arrays.items()})
-
-        # labels = row numbers: a clip that fails to load is replaced by another clip *with that clip's row*
-        augment = {} if cfg.augment else {"scales": (1.0,), "flip": False}
-        clips = VideoClipDataset([str(self.videos[n]) for n in train.names], enc.num_frames, self.sample_stride,
-                                 enc.img_size, train=True, seed=seed, labels={n: i for i, n in enumerate(train.names)},
-                                 failure_log=self.failure_log, **augment)
-        # Reseeded every epoch (epoch_seed): the shuffle and the workers' base seed both draw from it.
-        generator = torch.Generator()
-        loader = torch.utils.data.DataLoader(clips, batch_size=cfg.batch_size, shuffle=True, num_workers=cfg.workers,
-                                             generator=generator, pin_memory=self.device.type == "cuda")
+        clips, loader, generator = self._train_loader(train, seed)
         features = {k: torch.from_numpy(a) for k, a in train.arrays.items()}
         y_label = torch.as_tensor(np.asarray(label), dtype=torch.int64)
         y_targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32).reshape(len(train), -1)
