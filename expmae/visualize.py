@@ -8,11 +8,14 @@ checkpoint and any clips:
     expmae-visualize runs/expmae face_crops/ --out recon.png [--num-clips 4] [--seed 0]
 
 (also ``python tools/visualize_reconstruction.py``). The masks come from ``--seed``, so grids of two checkpoints
-made with the same seed and clips show the same masks.
+made with the same seed and clips show the same masks. ``--loss-draws N`` also prints, as one JSON line, the
+model's losses on those clips averaged over N mask draws (seeds seed .. seed+N-1): runs compared on clips none of
+them trained on (held-out identities) with the same masks.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -61,6 +64,24 @@ def reconstruction_grid(model, clips_uint8, *, seed: int, device):
     clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
     images = model.reconstruct(clips, generator=generator)
     return make_grid(reconstruction_rows(images), nrow=1, padding=2, pad_value=1.0)
+
+
+def reconstruction_loss(model, clips_uint8, *, seed: int, draws: int, device) -> dict[str, float]:
+    """The model's losses (loss, loss_mae, loss_video) on uint8 clips (B, C, T, H, W), one batch, averaged over
+    ``draws`` mask draws from generators seeded seed, seed + 1, ..."""
+    import torch
+
+    from expmae.data import normalize_clips
+
+    clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for draw in range(draws):
+            out = model(clips, generator=torch.Generator(device=device).manual_seed(seed + draw))
+            for key in ("loss", "loss_mae", "loss_video"):
+                if key in out:
+                    totals[key] = totals.get(key, 0.0) + float(out[key]) / draws
+    return totals
 
 
 def save_png(grid, path: str | Path) -> Path:
@@ -114,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, help="the PNG to write")
     parser.add_argument("--num-clips", type=int, default=4, help="clips in the grid (the first readable ones)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the MAE frame choice")
+    parser.add_argument("--loss-draws", type=int, default=0,
+                        help="also print the losses on the clips, averaged over this many mask draws (JSON)")
     parser.add_argument("--sample-stride", type=int,
                         help="frames between sampled frames (default: the run's data.sample_stride, else 4)")
     parser.add_argument("--weights", default="auto", choices=("auto", "weights", "zero", "accelerate"),
@@ -126,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.num_clips < 1:
         raise SystemExit(f"--num-clips {args.num_clips}: expected >= 1")
+    if args.loss_draws < 0:
+        raise SystemExit(f"--loss-draws {args.loss_draws}: expected >= 0")
     if args.sample_stride is not None and args.sample_stride < 1:
         raise SystemExit(f"--sample-stride {args.sample_stride}: expected >= 1")
     import torch
@@ -159,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     out = save_png(grid, args.out)
     step = f" at step {info['step']}" if info.get("step") is not None else ""
     print(f"{out}: {len(clips)} clips reconstructed by {info['checkpoint']}{step} (mode {cfg.mode}, seed {args.seed})")
+    if args.loss_draws:
+        losses = reconstruction_loss(model, torch.stack(clips), seed=args.seed, draws=args.loss_draws, device=device)
+        print(json.dumps({"checkpoint": str(info["checkpoint"]), "step": info.get("step"), "clips": len(clips),
+                          "draws": args.loss_draws, **{k: round(v, 6) for k, v in losses.items()}}))
     return 0
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import write_checkpoint
 
 from expmae.checkpoint import MODEL_CONFIG_NAME
-from expmae.data import VideoClipDataset
+from expmae.data import VideoClipDataset, normalize_clips
 from expmae.model import create_model
 from expmae.visualize import main, reconstruction_grid
 
@@ -34,7 +34,7 @@ def test_cli_grid_is_the_checkpoints_model_on_the_centre_views(tmp_path, make_vi
     videos = [make_video(f"clip{i}.mp4", num_frames=12, size=64, seed=i) for i in range(3)]
     out = tmp_path / "recon" / "grid.png"
     assert main([str(run), *map(str, videos), "--out", str(out), "--num-clips", "2", "--seed", "3",
-                 "--sample-stride", "2", "--device", "cpu"]) == 0
+                 "--sample-stride", "2", "--device", "cpu", "--loss-draws", "2"]) == 0
     printed = capsys.readouterr().out
     assert f"{out}: 2 clips reconstructed by" in printed and "at step 7" in printed
 
@@ -46,6 +46,14 @@ def test_cli_grid_is_the_checkpoints_model_on_the_centre_views(tmp_path, make_vi
     assert png.shape == expected.shape  # 2 clips x (1 MAE row + 3 VideoMAE rows), 64 px upscaled to 128
     assert expected.shape[1] == 2 * 4 * (128 + 2) + 2
     torch.testing.assert_close(png, (expected * 255).round() / 255, atol=1 / 255 + 1e-6, rtol=0)
+    # --loss-draws 2: the mean of the model's losses under mask seeds 3 and 4, on the same views
+    losses = json.loads(printed.strip().splitlines()[-1])
+    with torch.no_grad():
+        draws = [model(normalize_clips(clips), generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    assert losses["clips"] == 2 and losses["draws"] == 2 and losses["step"] == 7
+    for key in ("loss", "loss_mae", "loss_video"):
+        assert losses[key] == pytest.approx(sum(float(d[key]) for d in draws) / 2, abs=1e-5)
+    assert float(draws[0]["loss"]) != float(draws[1]["loss"])  # the draws differ: the mean is of two mask draws
 
 
 def test_unreadable_clips_are_skipped_and_none_readable_fails_in_one_line(tmp_path, make_video, capsys):
@@ -67,6 +75,7 @@ def test_unreadable_clips_are_skipped_and_none_readable_fails_in_one_line(tmp_pa
 @pytest.mark.parametrize("argv_tail, message", [
     (["--num-clips", "0"], "--num-clips 0: expected >= 1"),
     (["--sample-stride", "0"], "--sample-stride 0: expected >= 1"),
+    (["--loss-draws", "-1"], "--loss-draws -1: expected >= 0"),
 ])
 def test_bad_arguments_fail_in_one_line(tmp_path, argv_tail, message):
     with pytest.raises(SystemExit) as err:
