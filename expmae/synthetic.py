@@ -220,17 +220,18 @@ class ExpressionClip:
 
 
 def expression_benchmark(task: str, *, identities: int = 24, test_identities: int = 6, clips_per_identity: int = 8,
-                         seed: int = 0) -> list[ExpressionClip]:
-    """The clips of one task, balanced over classes within every identity; the last ``test_identities`` are test."""
+                         seed: int = 0, first_identity: int = 0) -> list[ExpressionClip]:
+    """The clips of one task, balanced over classes within every identity; the last ``test_identities`` are test.
+    Identities are numbered from ``first_identity`` (another range: other people)."""
     if task not in TASKS:
         raise ValueError(f"task={task!r}; expected one of {', '.join(TASKS)}")
     if not 0 < test_identities < identities:
         raise ValueError(f"test_identities={test_identities} must be in [1, identities={identities})")
     classes = list(STATIC_CLASSES if task == "static" else DYNAMIC_CLASSES)
     clips = []
-    for identity in range(identities):
+    for identity in range(first_identity, first_identity + identities):
         rng = np.random.default_rng([seed, TASKS.index(task), identity])
-        split = "test" if identity >= identities - test_identities else "train"
+        split = "test" if identity >= first_identity + identities - test_identities else "train"
         for k in range(clips_per_identity):
             label = classes[(k + identity) % len(classes)]
             intensity = float(rng.uniform(0.6, 1.0))
@@ -252,18 +253,29 @@ def _identity_look(seed: int, task: str, identity: int, size: int, framing: str)
 
 
 def render_expression_clip(clip: ExpressionClip, num_frames: int = 16, size: int = 64, framing: str = "face",
-                           benchmark_seed: int = 0) -> np.ndarray:
+                           benchmark_seed: int = 0, nuisance: float = 0.0) -> np.ndarray:
     """Frames uint8 (T, size, size, 3) of one benchmark clip. ``framing``: "face" (the face fills the frame, as
-    a face crop) or "scene" (a head in a room, for the face-crop tool)."""
+    a face crop) or "scene" (a head in a room, for the face-crop tool). ``nuisance`` > 0 adds what real face
+    crops vary in (expmae.nuisance: framing, roll, light, occlusion, blur, compression, noise, more talking);
+    0 draws exactly the clip it always did."""
+    from expmae.nuisance import Nuisance, degrade
+
     if framing not in ("face", "scene"):
         raise ValueError(f"framing={framing!r}; expected 'face' or 'scene'")
+    if not 0 <= nuisance <= 2:
+        raise ValueError(f"nuisance={nuisance}; expected a strength in [0, 2] (1: the learning benchmark's)")
     look = _identity_look(benchmark_seed, clip.task, clip.identity, size, framing)
     rng = np.random.default_rng(clip.seed)
+    nz = Nuisance.draw(clip.seed, nuisance) if nuisance else None
     t = np.arange(num_frames, dtype=np.float64)
     cx = size / 2 + look["dx"] + _smooth_noise(rng, t, size * 0.04)
     cy = size * (0.46 if framing == "scene" else 0.52) + _smooth_noise(rng, t, size * 0.03)
     fw = look["face_width"] * (1 + _smooth_noise(rng, t, 0.04))
-    talk = 0.5 * np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) / 25.0 * t + rng.uniform(0, 6)), 0, 1)
+    if nz is not None:  # the crop frames the face elsewhere, larger or smaller, and it moves more
+        cx = size / 2 + look["dx"] + nz.shift[0] * size + (cx - size / 2 - look["dx"]) * nz.drift
+        cy = cy + nz.shift[1] * size
+        fw = fw * nz.scale
+    talk = (0.5 + (nz.talk if nz else 0.0)) * np.clip(np.sin(2 * np.pi * rng.uniform(3, 5) / 25.0 * t + rng.uniform(0, 6)), 0, 1)
     blink = np.zeros(num_frames)
     start = int(rng.integers(0, max(1, num_frames)))
     blink[start : start + 3] = (0.7, 1.0, 0.7)[: len(blink[start : start + 3])]
@@ -277,11 +289,18 @@ def render_expression_clip(clip: ExpressionClip, num_frames: int = 16, size: int
         ramp = 2 * clip.intensity / (1 + np.exp(-(t - centre) / (num_frames / 10)))
         smile_t, brow_t, open_t = ramp, 0.15 * ramp, talk
     frames = np.empty((num_frames, size, size, 3), np.uint8)
+    noise_rng = np.random.default_rng([clip.seed, 0x6E6F])
     for i in range(num_frames):
         img = look["background"].copy()
         _draw_face(img, cx[i], cy[i], fw[i], look["skin"], look["hair"], look["shirt"], blink[i], open_t[i],
                    smile_t[i], brow_t[i])
-        frames[i] = np.clip(img, 0, 255).astype(np.uint8)
+        if nz is None:
+            frames[i] = np.clip(img, 0, 255).astype(np.uint8)
+            continue
+        if nz.occluder is not None:  # a hand / object in front of part of the face, moving with it
+            ox, oy, rx, ry, colour = nz.occluder
+            _paint(img, cy[i] + oy * fw[i], cx[i] + ox * fw[i], ry * fw[i], rx * fw[i], colour, edge=1.5, shade=0.2)
+        frames[i] = degrade(img, nz, (cx[i], cy[i]), noise_rng)
     if clip.task == "dynamic" and DYNAMIC_CLASSES[clip.label] == "offset":
         frames = frames[::-1].copy()  # the same frames, in the other order
     return frames
