@@ -22,7 +22,7 @@ Layout conventions (shared with MAE / VideoMAE / HF transformers):
 - clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
 - MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.
 """
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -274,6 +274,25 @@ class ExpMAEEncoder(nn.Module):
         if self.cls_token is not None:
             x, segments = self.prepend_class_token(x, segments)
         return self.norm(run_blocks(self.blocks, x, self.grad_checkpointing, segments))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Embedded tokens (B, K, D) -> {i: hidden state i after the final norm, (B, P + K, D)} for every i in
+        ``indices`` (0 = the embedded tokens with their position code, i = the output of block i, 0..depth).
+
+        Every state gets the final LayerNorm, as timm's forward_intermediates(norm=True): one scale for all depths,
+        and state ``depth`` is exactly forward_tokens(x). Blocks past the deepest index are not run."""
+        bad = [i for i in indices if not 0 <= i <= len(self.blocks)]
+        if bad:
+            raise ValueError(f"hidden state {bad[0]}: expected 0..{len(self.blocks)} (0 = embeddings, i = block i)")
+        if self.cls_token is not None:
+            x, _ = self.prepend_class_token(x, None)
+        wanted, out = set(indices), {}
+        for i in range(max(indices) + 1):
+            if i > 0:
+                x = run_blocks(self.blocks[i - 1 : i], x, self.grad_checkpointing)
+            if i in wanted:
+                out[i] = self.norm(x)
+        return out
 
     def prepend_class_token(self, x: torch.Tensor, segments: list[int] | None) -> tuple[torch.Tensor, list[int] | None]:
         """(B, sum K_i, D) -> (B, sum (1 + K_i), D): the class token, position code zero (MAE), before each segment."""

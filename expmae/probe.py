@@ -1,8 +1,17 @@
-"""Linear probe of frozen features: how much of a label a fixed encoder's features carry, linearly.
+"""Probes of frozen features: how much of a label a fixed encoder's features carry, and in what form.
 
-The standard check of a self-supervised encoder (MAE's linear probing): standardise the features with the
-training set's statistics (MAE puts a BatchNorm without affine before its linear head for the same reason), fit
-a multinomial logistic regression on the training samples, score held-out samples. sklearn does the fitting.
+- :func:`linear_probe`: the standard check of a self-supervised encoder (MAE's linear probing): standardise the
+  features with the training set's statistics (MAE puts a BatchNorm without affine before its linear head for the
+  same reason), fit a multinomial logistic regression, score held-out samples. sklearn does the fitting.
+- :func:`knn_probe`: DINO's weighted k-nearest-neighbour classifier (``eval_knn``; solo-learn's ``knn_eval``):
+  cosine similarity of L2-normalised features, the k most similar training samples vote with weight
+  exp(similarity / temperature). No fitting, so it is cheap enough to run during pretraining.
+- :func:`attentive_probe`: a learned query cross-attending the frozen tokens (V-JEPA's attentive pooler) and a
+  linear classifier, trained with AdamW: reads a cue wherever it sits, which a global mean can wash out.
+- :func:`probe_readouts`: every depth and read-out of ``VisualFeatureExtractor.encode_readouts`` in one call.
+
+Every result holds accuracy (WAR), balanced accuracy (UAR), the sample counts and a 95% Wilson interval of the
+accuracy (``ci95``).
 """
 from __future__ import annotations
 
@@ -28,18 +37,93 @@ def read_features(folder: str | os.PathLike, names: Sequence[str]) -> np.ndarray
 
 
 def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, *,
-                 C: float = 0.1, seed: int = 0) -> dict[str, float]:
-    """Fit on (train_x, train_y), score on (test_x, test_y): accuracy (WAR) and balanced accuracy (UAR)."""
+                 C: float = 0.1, seed: int = 0) -> dict:
+    """Fit on (train_x, train_y), score on (test_x, test_y): see :func:`score`."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
+    check_lengths(train_x, train_y, test_x, test_y)
+    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, random_state=seed))
+    clf.fit(train_x, np.asarray(train_y))
+    return score(test_y, clf.predict(test_x), num_train=len(train_x))
+
+
+def score(test_y: Sequence, pred: Sequence, *, num_train: int) -> dict:
+    """A probe's result: accuracy (WAR), balanced accuracy (UAR), sample counts, 95% Wilson interval (ci95)."""
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score
+
+    test_y, pred = np.asarray(test_y), np.asarray(pred)
+    accuracy = float(accuracy_score(test_y, pred))
+    return {"accuracy": accuracy, "balanced_accuracy": float(balanced_accuracy_score(test_y, pred)),
+            "num_train": int(num_train), "num_test": int(len(test_y)),
+            "ci95": list(accuracy_interval(accuracy, len(test_y)))}
+
+
+def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of an accuracy measured on n samples: (low, high). Unlike the normal approximation it
+    stays inside [0, 1] and is not empty at an accuracy of 0 or 1."""
+    from statistics import NormalDist
+
+    if n < 1 or not 0 <= accuracy <= 1 or not 0 < level < 1:
+        raise ValueError(f"accuracy={accuracy}, n={n}, level={level}: expected 0 <= accuracy <= 1, n >= 1, 0 < level < 1")
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    denom = 1 + z * z / n
+    centre = (accuracy + z * z / (2 * n)) / denom
+    half = z / denom * np.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def knn_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, *, k: int = 20,
+              temperature: float = 0.07, chunk: int = 1024) -> dict:
+    """DINO's weighted kNN (:func:`knn_predict`), scored on (test_x, test_y): see :func:`score`."""
+    check_lengths(train_x, train_y, test_x, test_y)
+    pred = knn_predict(train_x, train_y, test_x, k=k, temperature=temperature, chunk=chunk)
+    return score(test_y, pred, num_train=len(train_x))
+
+
+def knn_predict(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, *, k: int = 20,
+                temperature: float = 0.07, chunk: int = 1024) -> np.ndarray:
+    """DINO's weighted kNN: L2-normalise, cosine similarity, the k most similar training samples (k capped at the
+    training set's size) each vote for their label with weight exp(similarity / temperature); the heaviest label
+    wins. Ties: between equally similar neighbours the lower training index is taken, between equal votes the
+    label that sorts first (as sklearn's KNeighborsClassifier). float64 inputs are computed in float64, anything
+    else in float32; test rows go ``chunk`` at a time, so memory stays chunk x len(train). Returns the labels."""
+    import torch
+
+    if k < 1 or temperature <= 0:
+        raise ValueError(f"k={k}, temperature={temperature}: expected k >= 1 and temperature > 0")
+    classes, train_labels = np.unique(np.asarray(train_y), return_inverse=True)
+    dtype = torch.float64 if np.asarray(train_x).dtype == np.float64 else torch.float32
+    train = torch.nn.functional.normalize(torch.as_tensor(np.asarray(train_x), dtype=dtype), dim=1)
+    test = torch.nn.functional.normalize(torch.as_tensor(np.asarray(test_x), dtype=dtype), dim=1)
+    labels, k = torch.as_tensor(train_labels), min(k, len(train))
+    pred = []
+    for start in range(0, len(test), chunk):
+        sim = test[start : start + chunk] @ train.T  # (B, N_train) cosine similarities
+        weights = torch.where(top_k_mask(sim, k), (sim / temperature).exp(), 0)  # (B, N_train), k non-zero a row
+        votes = torch.zeros(len(sim), len(classes), dtype=dtype).scatter_add_(1, labels.expand_as(sim), weights)
+        pred.append(votes.argmax(dim=1))  # (B,), ties: the first maximum, the label that sorts first
+    return classes[torch.cat(pred).numpy()]
+
+
+def top_k_mask(sim, k: int):
+    """(B, N) -> bool (B, N): each row's k largest entries; among entries equal to the k-th largest, the first ones
+    (lowest index), so the choice is deterministic, unlike torch.topk's among ties."""
+    import torch
+
+    kth = torch.topk(sim, k, dim=1).values[:, -1:]  # (B, 1)
+    above, at = sim > kth, sim == kth
+    room = k - above.sum(dim=1, keepdim=True)  # (B, 1) places left for the entries tied with the k-th
+    tied = (at.sum(dim=1, keepdim=True) > room).squeeze(1)  # (B,) rows with more ties than places: rare, slow path
+    if tied.any():
+        at[tied] &= torch.cumsum(at[tied], dim=1) <= room[tied]
+    return above | at
+
+
+def check_lengths(train_x, train_y, test_x, test_y) -> None:
     if len(train_x) != len(train_y) or len(test_x) != len(test_y):
         raise ValueError(f"features and labels differ in length: train {len(train_x)} vs {len(train_y)}, "
                          f"test {len(test_x)} vs {len(test_y)}")
-    clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, random_state=seed))
-    clf.fit(train_x, np.asarray(train_y))
-    pred = clf.predict(test_x)
-    return {"accuracy": float(accuracy_score(test_y, pred)), "balanced_accuracy": float(balanced_accuracy_score(test_y, pred)),
-            "num_train": int(len(train_x)), "num_test": int(len(test_x))}
+    if len(train_x) == 0 or len(test_x) == 0:
+        raise ValueError(f"{len(train_x)} training and {len(test_x)} test samples: expected at least one of each")

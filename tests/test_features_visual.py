@@ -249,3 +249,107 @@ def test_extractor_settings_record_the_encoder(encoder_dir):
     assert VisualFeatureExtractor(encoder_dir, modality="frame").num_frames == 16
     with pytest.raises(ValueError, match="modality='audio'"):
         VisualFeatureExtractor(encoder_dir, modality="audio")
+
+
+# ---------------------------------------------------------------------------------- depths and read-outs
+def by_hand_states(encoder, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every hidden state of a clip batch, by hand: embeddings (+ class token), then block after block; each
+    through the final norm. (B, P + N, D) each."""
+    h = encoder.embed_clips(x)
+    if encoder.cls_token is not None:
+        h = torch.cat([encoder.cls_token.expand(len(h), -1, -1), h], dim=1)
+    states = [h]
+    for block in encoder.blocks:
+        states.append(block(states[-1]))
+    return [encoder.norm(s) for s in states]
+
+
+def old_encode(extractor, loaded) -> np.ndarray:
+    """encode() as it was before read-outs existed (forward_clips / forward_frames, mean of the patch tokens)."""
+    from expmae.data import normalize_clips
+
+    windows, out = torch.from_numpy(loaded["windows"]), []
+    with torch.inference_mode():
+        for start in range(0, len(windows), extractor.batch_size):
+            x = loaded["pixels"][:, windows[start : start + extractor.batch_size]].permute(1, 0, 2, 3, 4)
+            x = normalize_clips(x, dtype=torch.float32, mean=MEAN, std=STD)
+            enc = extractor.encoder
+            tokens = enc.forward_clips(x) if extractor.modality == "video" else enc.forward_frames(x[:, :, 0])
+            out.append(tokens[:, enc.num_prefix_tokens:].float().mean(dim=1).numpy())
+    return np.concatenate(out)
+
+
+@pytest.mark.parametrize("modality", ["video", "frame"])
+def test_encode_is_the_last_state_mean_readout_bit_for_bit(encoder_dir, npy_clips, modality):
+    _, clips = npy_clips
+    extractor = VisualFeatureExtractor(encoder_dir, modality=modality, batch_size=2, num_frames=None if modality == "video" else 5)
+    loaded = extractor.load(clips["long"])
+    expected = old_encode(extractor, loaded)
+    got, info = extractor.encode(loaded)
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_array_equal(got, expected)  # exactly today's features: one code path, same arithmetic
+    readouts = extractor.encode_readouts(loaded, layers=(-1, 0), readouts=("mean",))
+    assert sorted(readouts) == ["L0/mean", "L2/mean"]  # keys name the non-negative index
+    np.testing.assert_array_equal(readouts["L2/mean"], expected)
+
+
+def test_readouts_of_every_depth_against_hand_computed_states(npy_clips):
+    """A class-token encoder, 8 frames = 4 time steps (tubelet 2) of 4 x 4 patches: mean, per-position (mean over the time
+    steps of the tokens at one patch position, tokens in (t, y, x) order) and all tokens, at depths 0, 1, 2."""
+    torch.manual_seed(1)
+    model = create_model("tiny", **{**TINY, "num_frames": 8}, class_token=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    extractor = VisualFeatureExtractor(model.encoder, modality="video", sample_stride=1, batch_size=2)
+    _, clips = npy_clips
+    loaded = extractor.load(clips["long"])
+    got = extractor.encode_readouts(loaded, layers=(0, 1, -1), readouts=("mean", "position", "tokens"))
+    assert sorted(got) == sorted(f"L{i}/{r}" for i in (0, 1, 2) for r in ("mean", "position", "tokens"))
+    x = normalise(clips["long"][clip_windows(23, 8, 1)]).transpose(1, 2)  # (N, 3, T, H, W)
+    with torch.no_grad():
+        states = by_hand_states(model.encoder, x)
+    S, N = 16, len(x)  # 32 px / patch 8 = 4 x 4 positions; 2 windows of 8 frames (stride 1) in 23 frames, batch 2
+    for i, state in enumerate(states):
+        tokens = state[:, 1:].numpy()  # (N, 4 * 16, D), class token left out
+        assert got[f"L{i}/tokens"].shape == (N, 4 * S, D)
+        np.testing.assert_allclose(got[f"L{i}/tokens"], tokens, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got[f"L{i}/mean"], tokens.mean(1), atol=1e-5, rtol=0)
+        position = np.concatenate([np.mean([tokens[:, t * S + s] for t in range(4)], 0) for s in range(S)], 1)  # (N, S*D)
+        np.testing.assert_allclose(got[f"L{i}/position"], position, atol=1e-5, rtol=0)
+    assert not np.allclose(got["L0/mean"], got["L2/mean"], atol=1e-3)  # the depths do differ
+    # frames: one time step, so the per-position read-out is the tokens, flattened
+    frames = VisualFeatureExtractor(model.encoder, modality="frame", num_frames=3)
+    out = frames.encode_readouts(frames.load(clips["short"]), layers=(1,), readouts=("position", "tokens"))
+    assert out["L1/position"].shape == (3, S * D)
+    np.testing.assert_array_equal(out["L1/position"], out["L1/tokens"].reshape(3, -1))
+    with pytest.raises(ValueError, match="index 3 out of range"):
+        extractor.encode_readouts(loaded, layers=(3,))
+    with pytest.raises(ValueError, match="readouts \\['cls'\\]"):
+        extractor.encode_readouts(loaded, readouts=("cls",))
+
+
+def test_cli_layers_and_readout_name_record_and_guard_the_folder(encoder_dir, video_folder, tmp_path, capsys):
+    from expmae.features.cli import main
+
+    out = tmp_path / "features"
+    assert main(["video", str(video_folder), str(out), "--model", str(encoder_dir), "--no-progress"]) == 0
+    assert "layers" not in json.loads((out / "expmae-tiny-video-UTT" / "extractor.json").read_text())  # as before
+    assert main(["video", str(video_folder), str(out), "--model", str(encoder_dir), "--no-progress",
+                 "--layers", "1", "--readout", "position"]) == 0
+    folder = out / "expmae-tiny-video-L1-position-UTT"
+    assert np.load(folder / "a.npy").shape == (16 * D,)  # (S*D,): 4 x 4 positions
+    settings = json.loads((folder / "extractor.json").read_text())
+    assert settings["layers"] == [1] and settings["readout"] == "position"
+    extractor = VisualFeatureExtractor(encoder_dir)
+    feats = extractor.encode_readouts(extractor.load(video_folder / "a.mp4"), layers=(1, 2), readouts=("position", "mean"))
+    np.testing.assert_allclose(np.load(folder / "a.npy"), feats["L1/position"].mean(0), atol=1e-6)
+    # several layers: summed, as the audio / text extractors do
+    assert main(["video", str(video_folder), str(out), "--model", str(encoder_dir), "--no-progress",
+                 "--layers", "1,-1", "--name", "two"]) == 0
+    np.testing.assert_allclose(np.load(out / "two" / "a.npy"), (feats["L1/mean"] + feats["L2/mean"]).mean(0), atol=1e-5)
+    capsys.readouterr()
+    assert main(["video", str(video_folder), str(out), "--model", str(encoder_dir), "--no-progress",
+                 "--layers", "0,-1", "--name", "two"]) == 2  # another setting into the same folder: refused
+    err = capsys.readouterr().err
+    assert "made with layers=[1, 2], not [0, 2]" in err

@@ -1,8 +1,9 @@
-"""Linear probe: sklearn's logistic regression on standardised features, scored on held-out samples."""
+"""Probes: the linear probe (sklearn's logistic regression on standardised features), DINO's weighted kNN (against
+sklearn's KNeighborsClassifier), the Wilson interval (against scipy), scored on held-out samples."""
 import numpy as np
 import pytest
 
-from expmae.probe import linear_probe, read_features
+from expmae.probe import accuracy_interval, knn_predict, knn_probe, linear_probe, read_features
 
 
 def test_probe_separates_a_linear_signal_and_not_noise():
@@ -42,3 +43,64 @@ def test_read_features_pools_clip_axes_and_names_a_missing_file(tmp_path):
         read_features(tmp_path, ["c"])
     with pytest.raises(ValueError, match="differ in length"):
         linear_probe(np.zeros((3, 2)), [0, 1], np.zeros((1, 2)), [0])
+
+
+# ---------------------------------------------------------------------------------- kNN
+@pytest.mark.parametrize("k,temperature", [(1, 0.07), (5, 0.07), (20, 0.5), (20, 0.02), (200, 1.0)])
+def test_knn_equals_sklearn_cosine_distance_weighted(k, temperature):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(k)
+    centres = rng.normal(size=(4, 16))
+    y = rng.integers(0, 4, 500)
+    x = centres[y] * 0.4 + rng.normal(size=(500, 16))  # overlapping classes: the weighting decides many rows
+    labels = np.array(["neutral", "happy", "sad", "angry"])[y]  # string labels, as the CSVs have them
+    clf = KNeighborsClassifier(n_neighbors=min(k, 300), metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1 - d) / temperature)).fit(x[:300], labels[:300])
+    expected = clf.predict(x[300:])
+    np.testing.assert_array_equal(knn_predict(x[:300], labels[:300], x[300:], k=k, temperature=temperature, chunk=64),
+                                  expected)
+    ours = knn_probe(x[:300], labels[:300], x[300:], labels[300:], k=k, temperature=temperature)
+    assert ours["accuracy"] == pytest.approx((expected == labels[300:]).mean(), abs=1e-12)
+    assert 0.3 < ours["accuracy"] < 0.99 and ours["num_train"] == 300 and ours["num_test"] == 200
+    if k > 1:  # the weighting matters: plain majority votes predict other labels on some rows
+        plain = KNeighborsClassifier(n_neighbors=min(k, 300), metric="cosine", algorithm="brute").fit(x[:300], labels[:300])
+        assert (plain.predict(x[300:]) != expected).any()
+    f32 = knn_probe(x[:300].astype(np.float32), labels[:300], x[300:].astype(np.float32), labels[300:], k=k,
+                    temperature=temperature)
+    assert abs(f32["accuracy"] - ours["accuracy"]) <= 0.01  # float32 path: at most a near-tie apart
+
+
+@pytest.mark.filterwarnings("ignore:.*(single label|not in y_true)")  # one test sample: balanced accuracy warns
+def test_knn_weights_votes_by_similarity_hand_computed():
+    """Three neighbours: two of class "b" at similarity 0 and one of class "a" at similarity 1. Unweighted, "b"
+    wins two to one; with temperature 0.5 the weights are e^2 = 7.4 against 2 x e^0 = 2, so "a" wins; with
+    temperature 10, e^0.1 = 1.1 against 2: "b" wins."""
+    train = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    labels = ["a", "b", "b"]
+    test = np.array([[2.0, 0.0]])  # the length does not matter: cosine
+    assert knn_probe(train, labels, test, ["a"], k=3, temperature=0.5)["accuracy"] == 1.0
+    assert knn_probe(train, labels, test, ["a"], k=3, temperature=10.0)["accuracy"] == 0.0
+    assert knn_probe(train, labels, test, ["a"], k=50, temperature=0.5)["num_train"] == 3  # k capped at N
+    # ties: equal votes go to the label that sorts first ("a" before "b")
+    tie = knn_probe(np.array([[1.0, 1.0], [1.0, -1.0]]), ["b", "a"], np.array([[1.0, 0.0]]), ["a"], k=2)
+    assert tie["accuracy"] == 1.0
+    # equally similar neighbours beyond k: the lower training index is taken (here "b", though "a" sorts first)
+    dup = np.array([[0.0, 1.0], [1.0, 0.0], [2.0, 0.0], [3.0, 0.0]])
+    assert list(knn_predict(dup, ["c", "b", "a", "a"], np.array([[1.0, 0.0], [0.0, 5.0]]), k=1)) == ["b", "c"]
+    with pytest.raises(ValueError, match="temperature=0"):
+        knn_probe(train, labels, test, ["a"], temperature=0)
+
+
+def test_wilson_interval_equals_scipy():
+    from scipy.stats import binomtest
+
+    for successes, n in [(8, 10), (0, 20), (20, 20), (431, 500), (1, 3)]:
+        expected = binomtest(successes, n).proportion_ci(confidence_level=0.95, method="wilson")
+        low, high = accuracy_interval(successes / n, n)
+        assert (low, high) == pytest.approx((expected.low, expected.high), abs=1e-9)
+    low, high = accuracy_interval(0.8, 10)
+    assert (round(low, 4), round(high, 4)) == (0.4902, 0.9433)  # the textbook case
+    assert accuracy_interval(0.9, 1000, level=0.99)[1] - accuracy_interval(0.9, 1000, level=0.99)[0] < 0.05
+    result = linear_probe(np.eye(4), [0, 1, 0, 1], np.eye(4), [0, 1, 0, 1])
+    assert result["ci95"] == list(accuracy_interval(result["accuracy"], 4))

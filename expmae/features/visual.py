@@ -9,6 +9,12 @@
   (``forward_frames``) and mean-pooled over its patch tokens, which is exactly the exported timm model's
   ``forward()``: frame level (N_frames, D).
 - utterance level (``pooling="mean"``): the mean over clips / frames, (D,). D = the encoder's embed_dim.
+- other depths and read-outs (``layers``, ``readout``): any hidden state (0 = patch embeddings + position code,
+  i = block i; each through the encoder's final LayerNorm, as timm's ``forward_intermediates(norm=True)``, so
+  every depth is on one scale and the default, the last, is unchanged), read out as the token mean or per patch
+  position (tokens averaged over time only: the spatial layout MAE-family features keep their cue in).
+  ``encode_readouts`` returns many depths and read-outs from one forward pass (the probes score every block);
+  the CLI writes one feature per sample, several layers combined as the audio / text extractors do (sum or mean).
 
 Input: face clips (an ``expmae-crop`` output folder, mp4 or npy, or any folder of face videos), or raw videos
 with ``crop=True``: the main face is cropped on the fly by expmae.facecrop (MTCNN), nothing is kept on disk.
@@ -26,12 +32,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from expmae.features.clip import frame_indices
-from expmae.features.common import (list_inputs, model_fingerprint, pool, resolve_device, resolve_dtype, run_extraction,
-                                    weights_fingerprint)
+from expmae.features.common import (LAYER_REDUCTIONS, check_layers, list_inputs, model_fingerprint, parse_layers, pool,
+                                    resolve_device, resolve_dtype, run_extraction, weights_fingerprint)
 
 MODALITIES = ("video", "frame")
 DEFAULT_SAMPLE_STRIDE = 4  # expmae.config's data.sample_stride default, for encoders that do not record theirs
 DEFAULT_FRAME_COUNT = 16
+READOUTS = ("mean", "position", "tokens")
+CLI_READOUTS = READOUTS[:2]  # "tokens" is (N, T'*S, D) per window: for the attentive probe in memory, not a file
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -95,6 +103,24 @@ def crop_face_frames(path: str | os.PathLike, size: int = 224, device: str = "cp
         return np.load(out), record
 
 
+def read_out(tokens, readout: str, num_patches: int):
+    """Patch / tubelet tokens (B, T'*S, D) in (t, y, x) order, S = num_patches -> float32 features:
+
+    - "mean": the mean over all tokens, (B, D) (the encoder's global average pool);
+    - "position": the mean over time only, one vector per patch position, flattened: (B, S*D);
+    - "tokens": all tokens, (B, T'*S, D) (for the attentive probe).
+    """
+    tokens = tokens.float()
+    if readout == "mean":
+        return tokens.mean(dim=1)
+    B, N, D = tokens.shape
+    if readout == "position":
+        return tokens.reshape(B, N // num_patches, num_patches, D).mean(dim=1).reshape(B, num_patches * D)
+    if readout == "tokens":
+        return tokens
+    raise ValueError(f"readout {readout!r}; expected one of {', '.join(READOUTS)}")
+
+
 # ----------------------------------------------------------------------------------------------- extractor
 class VisualFeatureExtractor:
     """An expMAE encoder as ``video / frames -> features (N, D)``: ``load`` (CPU: decode, crop, resize) then
@@ -105,7 +131,8 @@ class VisualFeatureExtractor:
 
     def __init__(self, encoder, *, modality: str = "video", num_frames: int | None = None,
                  sample_stride: int | None = None, clip_stride: int | None = None, max_clips: int = 0,
-                 batch_size: int = 8, device: str = "auto", dtype: str = "float32", crop: bool = False):
+                 batch_size: int = 8, device: str = "auto", dtype: str = "float32", crop: bool = False,
+                 layers: str | int | Sequence[int] = (-1,), readout: str = "mean", layer_reduce: str = "sum"):
         import torch
 
         from expmae.export import load_encoder, read_encoder_config, unwrap_encoder
@@ -114,6 +141,10 @@ class VisualFeatureExtractor:
             raise ValueError(f"modality={modality!r}: expected one of {MODALITIES}")
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        if readout not in CLI_READOUTS or layer_reduce not in LAYER_REDUCTIONS:
+            raise ValueError(f"readout={readout!r}, layer_reduce={layer_reduce!r}: expected one of {CLI_READOUTS} "
+                             f"and one of {LAYER_REDUCTIONS}")
+        self.layers, self.readout, self.layer_reduce = parse_layers(layers), readout, layer_reduce
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
         self.encoder_dir: Path | None = None
         recorded_stride = None
@@ -123,6 +154,8 @@ class VisualFeatureExtractor:
             encoder = load_encoder(self.encoder_dir)
         encoder = unwrap_encoder(encoder)
         self.encoder = encoder.to(self.device, self.dtype).eval()
+        for layer in self.layers:
+            self.layer_index(layer)  # validate now
         self.cfg = cfg = encoder.cfg
         self.modality, self.batch_size, self.crop = modality, batch_size, crop
         self.sample_stride = int(sample_stride or recorded_stride or DEFAULT_SAMPLE_STRIDE)
@@ -147,6 +180,11 @@ class VisualFeatureExtractor:
                "dtype": str(self.dtype).replace("torch.", "")}
         if self.modality == "video":
             out.update(sample_stride=self.sample_stride, clip_stride=self.clip_stride, max_clips=self.max_clips)
+        # Recorded only when not the default, so folders made before these options existed still resume.
+        if self.layers != (-1,) or self.readout != "mean":
+            out.update(layers=[self.layer_index(layer) for layer in self.layers], readout=self.readout)
+            if len(self.layers) > 1:
+                out.update(layer_reduce=self.layer_reduce)
         if self.encoder_dir is not None:
             out.update(encoder=self.encoder_dir.resolve().name, encoder_config=model_fingerprint(self.encoder_dir),
                        encoder_weights=weights_fingerprint(self.encoder_dir))  # expmae encoders get retrained
@@ -178,26 +216,53 @@ class VisualFeatureExtractor:
         info.update(source_frames=int(total), size=[int(h), int(w)])
         return {"pixels": pixels, "windows": inverse.reshape(windows.shape), "info": info}
 
-    def encode(self, loaded: dict) -> tuple[np.ndarray, dict]:
-        """(N, D) float32: one row per clip (video) or frame (frame), tokens mean-pooled."""
+    def layer_index(self, layer: int) -> int:
+        """A hidden-state index as parse_layers gives it (0 = embeddings, i = block i, negative from the end) ->
+        0..depth, the form used in encode_readouts' keys."""
+        n = len(self.encoder.blocks) + 1
+        check_layers([layer], n)
+        return layer % n
+
+    def encode_readouts(self, loaded: dict, layers: Sequence[int] = (-1,),
+                        readouts: Sequence[str] = ("mean",)) -> dict[str, np.ndarray]:
+        """Every requested read-out of every requested hidden state, one forward pass per batch of windows:
+        {"L{i}/{readout}": float32 array with one row per clip (video) or frame (frame)}, i = layer_index(layer).
+
+        Each state gets the encoder's final LayerNorm (ExpMAEEncoder.forward_intermediates), so the last one is
+        exactly the encoder's output. Read-outs (see :func:`read_out`): "mean" (N, D), "position" (N, S*D),
+        "tokens" (N, T'*S, D); S = patches per frame, T' = time steps per window (1 for "frame")."""
         from expmae.data import normalize_clips
 
-        torch = self._torch
+        bad = [r for r in readouts if r not in READOUTS]
+        if bad or not readouts:
+            raise ValueError(f"readouts {list(readouts)}: expected one or more of {', '.join(READOUTS)}")
+        index = {self.layer_index(layer): layer for layer in layers}
+        torch, encoder = self._torch, self.encoder
         pixels, windows = loaded["pixels"], torch.from_numpy(loaded["windows"])
-        cfg, out = self.cfg, []
+        out: dict[str, list[np.ndarray]] = {f"L{i}/{r}": [] for i in index for r in readouts}
         with torch.inference_mode():
             for start in range(0, len(windows), self.batch_size):
                 idx = windows[start : start + self.batch_size]
                 x = pixels[:, idx].permute(1, 0, 2, 3, 4).to(self.device)  # (B, 3, T, S, S) uint8
-                x = normalize_clips(x, dtype=self.dtype, mean=cfg.mean, std=cfg.std)
-                if self.modality == "video":
-                    tokens = self.encoder.forward_clips(x)
-                else:
-                    tokens = self.encoder.forward_frames(x[:, :, 0])
-                tokens = tokens[:, self.encoder.num_prefix_tokens:]  # patch / tubelet tokens (not a class token)
-                out.append(tokens.float().mean(dim=1).cpu().numpy())
+                x = normalize_clips(x, dtype=self.dtype, mean=self.cfg.mean, std=self.cfg.std)
+                x = encoder.embed_clips(x) if self.modality == "video" else encoder.embed_frames(x[:, :, 0])
+                for i, tokens in encoder.forward_intermediates(x, sorted(index)).items():
+                    tokens = tokens[:, encoder.num_prefix_tokens:]  # patch / tubelet tokens (not a class token)
+                    for r in readouts:
+                        out[f"L{i}/{r}"].append(read_out(tokens, r, self.cfg.num_patches).cpu().numpy())
+        return {key: np.concatenate(parts, axis=0) for key, parts in out.items()}
+
+    def encode(self, loaded: dict) -> tuple[np.ndarray, dict]:
+        """(N, F) float32: one row per clip (video) or frame (frame), this extractor's read-out (default: the last
+        state's tokens mean-pooled, (N, D)); several layers are combined by ``layer_reduce``."""
+        feats = self.encode_readouts(loaded, self.layers, (self.readout,))
+        parts = [feats[f"L{self.layer_index(layer)}/{self.readout}"] for layer in self.layers]
+        if len(parts) == 1:
+            combined = parts[0]
+        else:
+            combined = np.sum(parts, axis=0) if self.layer_reduce == "sum" else np.mean(parts, axis=0)
         count = "clips" if self.modality == "video" else "frames"
-        return np.concatenate(out, axis=0), {**loaded["info"], count: int(len(windows))}
+        return combined, {**loaded["info"], count: int(len(loaded["windows"]))}
 
     def __call__(self, source) -> np.ndarray:
         return self.encode(self.load(source))[0]
@@ -209,7 +274,7 @@ def extract(video_or_frames, encoder, *, modality: str = "video", pooling: str =
 
     ``encoder``: an encoder folder or a loaded encoder (``expmae.load_encoder(folder)``: load it once when
     calling this in a loop). ``options``: see :class:`VisualFeatureExtractor` (num_frames, sample_stride,
-    clip_stride, max_clips, batch_size, device, dtype, crop).
+    clip_stride, max_clips, batch_size, device, dtype, crop, layers, readout, layer_reduce).
     """
     extractor = VisualFeatureExtractor(encoder, modality=modality, **options)
     return pool(extractor(video_or_frames), pooling)
@@ -227,6 +292,9 @@ def extract_visual_features(
     clip_stride: int | None = None,
     max_clips: int = 0,
     crop: bool = False,
+    layers: str | int | Sequence[int] = (-1,),
+    readout: str = "mean",
+    layer_reduce: str = "sum",
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "float32",
@@ -240,7 +308,8 @@ def extract_visual_features(
     videos = list_inputs(videos)  # a bad INPUT fails before the model loads
     extractor = VisualFeatureExtractor(encoder_dir, modality=modality, num_frames=num_frames,
                                        sample_stride=sample_stride, clip_stride=clip_stride, max_clips=max_clips,
-                                       batch_size=batch_size, device=device, dtype=dtype, crop=crop)
+                                       batch_size=batch_size, device=device, dtype=dtype, crop=crop, layers=layers,
+                                       readout=readout, layer_reduce=layer_reduce)
     return run_extraction(videos, out_dir, load=extractor.load, encode=extractor.encode, pooling=pooling,
                           settings=extractor.settings, limit=limit, retry_failed=retry_failed, prefetch=prefetch,
                           desc=f"expMAE {modality} features", progress=progress)
@@ -260,14 +329,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--crop", action="store_true",
                         help="inputs are raw videos: crop the main face first (expmae-crop's MTCNN pipeline)")
     parser.add_argument("--batch-size", type=int, default=8, help="clips (video) or frames (frame) per forward pass")
+    parser.add_argument("--layers", default="-1",
+                        help="hidden states to read (0: patch embeddings + position code, i: block i, -1: the last; "
+                             "each after the final norm), e.g. -1 (default) or 2,-1; several are combined by "
+                             "--layer-reduce")
+    parser.add_argument("--layer-reduce", choices=LAYER_REDUCTIONS, default="sum", help="how to combine several layers")
+    parser.add_argument("--readout", choices=CLI_READOUTS, default="mean",
+                        help="mean: tokens averaged, (D,) per clip / frame; position: averaged over time only, one "
+                             "vector per patch position, concatenated, (S*D,) with S = (img_size / patch_size)^2")
 
 
 def run_cli(args: argparse.Namespace, out_root: Path):
     level = "UTT" if args.pooling == "mean" else "FRA"
-    out_dir = out_root / (args.name or f"{Path(args.model).expanduser().resolve().name}-{args.modality}-{level}")
+    layers = parse_layers(args.layers)
+    tag = "" if layers == (-1,) else "-L" + "_".join(map(str, layers))  # another setting, another default folder
+    tag += "" if args.readout == "mean" else f"-{args.readout}"
+    out_dir = out_root / (args.name or f"{Path(args.model).expanduser().resolve().name}-{args.modality}{tag}-{level}")
     summary = extract_visual_features(
         args.input, out_dir, args.model, modality=args.modality, pooling=args.pooling, num_frames=args.num_frames,
         sample_stride=args.sample_stride, clip_stride=args.clip_stride, max_clips=args.max_clips, crop=args.crop,
-        batch_size=args.batch_size, device=args.device, dtype=args.dtype, limit=args.limit,
+        layers=layers, readout=args.readout, layer_reduce=args.layer_reduce, batch_size=args.batch_size, device=args.device, dtype=args.dtype, limit=args.limit,
         retry_failed=args.retry_failed, prefetch=args.prefetch, progress=not args.no_progress)
     return out_dir, summary
