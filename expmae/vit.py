@@ -91,3 +91,49 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, grad_checkpointing: bool 
         else:
             x = block(x, segments)
     return x
+
+
+class CrossAttention(nn.Module):
+    """Queries (B, Q, D) attend to tokens (B, N, D): V-JEPA's CrossAttention (q from the queries, k and v from
+    the tokens, one output projection)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B, Q, C = queries.shape
+        H = self.num_heads
+        q = self.q(queries).reshape(B, Q, H, C // H).transpose(1, 2)  # (B, H, Q, C/H)
+        k, v = self.kv(x).reshape(B, x.shape[1], 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, C/H)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, Q, C/H)
+        return self.proj(out.transpose(1, 2).reshape(B, Q, C))
+
+
+class AttentivePooler(nn.Module):
+    """V-JEPA's attentive pooler: ``num_queries`` learned queries cross-attend the (frozen) tokens, then an MLP:
+    tokens (B, N, D) -> (B, num_queries, D). One cross-attention block (LayerNorm on the tokens, multi-head
+    cross-attention, residual; LayerNorm + MLP, residual; ``mlp_ratio=0``: no MLP). Unlike a mean over the
+    tokens, it can read a cue from the few tokens that carry it."""
+
+    def __init__(self, dim: int, num_queries: int = 1, num_heads: int = 1, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True):
+        super().__init__()
+        if num_queries < 1 or mlp_ratio < 0:
+            raise ValueError(f"num_queries={num_queries}, mlp_ratio={mlp_ratio}: expected >= 1 and >= 0")
+        self.query_tokens = nn.Parameter(torch.zeros(1, num_queries, dim))
+        nn.init.trunc_normal_(self.query_tokens, std=0.02)  # V-JEPA's init_std
+        self.norm1 = LayerNorm(dim)
+        self.xattn = CrossAttention(dim, num_heads, qkv_bias)
+        self.norm2 = LayerNorm(dim) if mlp_ratio else None
+        self.mlp = Mlp(dim, int(dim * mlp_ratio)) if mlp_ratio else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.query_tokens.to(x.dtype).expand(len(x), -1, -1)
+        q = q + self.xattn(q, self.norm1(x))
+        return q if self.mlp is None else q + self.mlp(self.norm2(q))

@@ -3,7 +3,8 @@ sklearn's KNeighborsClassifier), the Wilson interval (against scipy), scored on 
 import numpy as np
 import pytest
 
-from expmae.probe import accuracy_interval, knn_predict, knn_probe, linear_probe, read_features
+from expmae.probe import (accuracy_interval, attentive_probe, knn_predict, knn_probe, linear_probe, probe_readouts,
+                           read_features)
 
 
 def test_probe_separates_a_linear_signal_and_not_noise():
@@ -104,3 +105,87 @@ def test_wilson_interval_equals_scipy():
     assert accuracy_interval(0.9, 1000, level=0.99)[1] - accuracy_interval(0.9, 1000, level=0.99)[0] < 0.05
     result = linear_probe(np.eye(4), [0, 1, 0, 1], np.eye(4), [0, 1, 0, 1])
     assert result["ci95"] == list(accuracy_interval(result["accuracy"], 4))
+
+
+# ---------------------------------------------------------------------------------- attentive probe
+def key_token_set(n, rng, tokens=32, dim=16, classes=4):
+    """Each sample: `tokens` tokens of loud label-free noise, one of them (at a random place) the key: it carries
+    its class's prototype (plus a little noise) and a flag in the last dimension. Averaged, the key's content is
+    drowned (1/16 of the mean, under noise of std 3/sqrt(16)); attention can find the flag and read the key."""
+    protos = np.random.default_rng(123).normal(size=(classes, dim - 1))
+    y = rng.integers(0, classes, n)
+    x = rng.normal(size=(n, tokens, dim)) * 3.0
+    x[:, :, -1] = 0.0
+    where = rng.integers(0, tokens, n)
+    x[np.arange(n), where, :-1] = protos[y] + rng.normal(size=(n, dim - 1)) * 0.3
+    x[np.arange(n), where, -1] = 5.0
+    return x.astype(np.float32), y
+
+
+def test_attentive_probe_finds_the_key_token_where_the_mean_pool_cannot(single_thread):
+    import torch
+
+    rng = np.random.default_rng(1)
+    (x, y), (x_test, y_test) = key_token_set(200, rng, tokens=16), key_token_set(200, rng, tokens=16)
+    state = torch.random.get_rng_state()
+    attentive = attentive_probe(x, y, x_test, y_test, epochs=40, lr=2e-3)  # 280 steps: seconds on one core
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    assert attentive["accuracy"] >= 0.9 and attentive["num_train"] == 200 and len(attentive["ci95"]) == 2
+    assert linear_probe(x.mean(1), y, x_test.mean(1), y_test)["accuracy"] < 0.4  # chance is 0.25
+    assert knn_probe(x.mean(1), y, x_test.mean(1), y_test)["accuracy"] < 0.4
+    again = attentive_probe(x, y, x_test, y_test, epochs=5)
+    assert again == attentive_probe(x, y, x_test, y_test, epochs=5)  # deterministic for one seed
+    with pytest.raises(ValueError, match=r"expected \(N, K, D\)"):
+        attentive_probe(x.mean(1), y, x_test.mean(1), y_test)
+
+
+def test_attentive_pooler_forward_equals_multihead_attention_and_a_hand_softmax():
+    import torch
+
+    from expmae.probe import AttentivePooler
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 8)
+    # two heads with the MLP: query + MHA(query, norm1(x), norm1(x)) + MLP(norm2(.)), torch's MHA as the oracle
+    pooler = AttentivePooler(8, num_queries=2, num_heads=2).eval()
+    mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    with torch.no_grad():
+        mha.in_proj_weight.copy_(torch.cat([pooler.xattn.q.weight, pooler.xattn.kv.weight]))  # rows: q, k, v
+        mha.in_proj_bias.copy_(torch.cat([pooler.xattn.q.bias, pooler.xattn.kv.bias]))
+        mha.out_proj.load_state_dict(pooler.xattn.proj.state_dict())
+        q = pooler.query_tokens.expand(3, -1, -1)
+        keys = pooler.norm1(x)
+        q = q + mha(q, keys, keys, need_weights=False)[0]
+        expected = q + pooler.mlp(pooler.norm2(q))
+        got = pooler(x)
+    assert got.shape == (3, 2, 8)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    # one head, no MLP, by hand: softmax(q k^T / sqrt(D)) v, projected, added to the query
+    single = AttentivePooler(8, num_queries=1, num_heads=1, mlp_ratio=0).eval()
+    att = single.xattn
+    with torch.no_grad():
+        query = single.query_tokens[0, 0]  # (D,)
+        tokens = torch.nn.functional.layer_norm(x, (8,), single.norm1.weight, single.norm1.bias, eps=1e-6)
+        k, v = tokens @ att.kv.weight[:8].T + att.kv.bias[:8], tokens @ att.kv.weight[8:].T + att.kv.bias[8:]
+        qv = att.q.weight @ query + att.q.bias
+        weights = torch.softmax(k @ qv / 8 ** 0.5, dim=1)  # (B, N): one distribution over the tokens per sample
+        by_hand = query + (weights[:, :, None] * v).sum(1) @ att.proj.weight.T + att.proj.bias
+        torch.testing.assert_close(single(x)[:, 0], by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_probe_readouts_scores_every_key_with_the_probes_that_apply(single_thread):
+    rng = np.random.default_rng(2)
+    (tok, y), (tok_test, y_test) = key_token_set(120, rng), key_token_set(60, rng)
+    train = {"L0/mean": tok.mean(1), "L0/position": tok.reshape(120, -1), "L0/tokens": tok}
+    test = {"L0/mean": tok_test.mean(1), "L0/position": tok_test.reshape(60, -1), "L0/tokens": tok_test}
+    out = probe_readouts(train, y, test, y_test, knn_k=5, attentive={"epochs": 3})
+    assert {k: sorted(v) for k, v in out.items()} == {"L0/mean": ["knn", "linear"], "L0/position": ["knn", "linear"],
+                                                      "L0/tokens": ["attentive"]}
+    assert out["L0/mean"]["knn"] == knn_probe(train["L0/mean"], y, test["L0/mean"], y_test, k=5)
+    assert out["L0/position"]["linear"] == linear_probe(train["L0/position"], y, test["L0/position"], y_test)
+    assert out["L0/tokens"]["attentive"] == attentive_probe(tok, y, tok_test, y_test, epochs=3)
+    assert list(probe_readouts(train, y, test, y_test, probes=("knn",))) == ["L0/mean", "L0/position"]
+    with pytest.raises(ValueError, match="'L0/tokens' is in one of train / test only"):
+        probe_readouts(train, y, {k: v for k, v in test.items() if k != "L0/tokens"}, y_test)
+    with pytest.raises(ValueError, match="unknown 'svm'"):
+        probe_readouts(train, y, test, y_test, probes=("svm",))
