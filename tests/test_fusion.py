@@ -137,6 +137,37 @@ def test_attentive_head_is_a_query_over_every_token_of_every_branch():
         create_head("concat", DIMS)({**batch(), "visual": torch.zeros(4, 9, 3)})
 
 
+def test_attentive_head_reads_frame_level_feature_files_where_the_mean_cannot(tmp_path):
+    """Feature mode: frame-level files (K_i, D) of varying length, one flagged key frame carrying the class among
+    loud label-free frames. The attentive head gets them as tokens (NaN padding masked) and learns the class;
+    the attention head (frames mean-pooled, as before) stays near chance. Padding changes no prediction."""
+    from conftest import key_token_set
+
+    from expmae.finetune.featureset import load_features
+
+    rng = np.random.default_rng(0)
+    x, y = key_token_set(360, rng, tokens=12, dim=8)
+    folder, names = tmp_path / "frames", [f"v{i:03d}" for i in range(360)]
+    folder.mkdir()
+    for i, name in enumerate(names):
+        keep = np.sort(np.r_[np.flatnonzero(x[i, :, -1] > 0), rng.permutation(12)[: rng.integers(4, 12)]])
+        np.save(folder / f"{name}.npy", x[i, np.unique(keep)])  # 5..12 frames, the key among them
+    scores = {}
+    for name in ("attentive", "attention"):
+        data = load_features({"v": [folder]}, names, progress=False, tokens=name == "attentive")
+        train, test = data.subset(range(240)), data.subset(range(240, 360))
+        torch.manual_seed(0)
+        head = create_head(name, data.dims, hidden_dim=32, dropout=0.0, num_classes=4, num_targets=0)
+        fit_head(head, train, y[:240], np.zeros((240, 0)), epochs=40, batch_size=32, lr=3e-3, seed=0)
+        probs, _ = predict(head, test)
+        scores[name] = (probs.argmax(1) == y[240:]).mean()
+        if name == "attentive":
+            alone = [head({"v": torch.from_numpy(np.load(folder / f"{n}.npy"))[None]})["logits"] for n in names[240:250]]
+            padded = head({"v": torch.from_numpy(test.arrays["v"][:10])})["logits"]
+            torch.testing.assert_close(torch.cat(alone), padded, atol=1e-5, rtol=1e-5)
+    assert scores["attentive"] > 0.85 and scores["attention"] < 0.45, scores
+
+
 def test_svm_head_predicts_one_hot_classes_and_no_regression():
     from sklearn.svm import SVC
 

@@ -21,8 +21,9 @@ from expmae.finetune.heads.mfb import FactorizedBilinearPooling
 from expmae.finetune.heads.svm import SVMHead
 from expmae.finetune.heads.transformer import TransformerFusion
 
-__all__ = ["HEADS", "AttentionFusion", "AttentiveFusion", "ConcatFusion", "FactorizedBilinearPooling", "FusionHead", "SVMHead",
-           "Standardize", "TransformerFusion", "create_head", "is_trainable", "mlp_encoder", "parse_head_spec", "task_loss"]
+__all__ = ["HEADS", "AttentionFusion", "AttentiveFusion", "ConcatFusion", "FactorizedBilinearPooling", "FusionHead",
+           "SVMHead", "Standardize", "TOKEN_HEADS", "TransformerFusion", "create_head", "is_trainable", "mlp_encoder",
+           "parse_head_spec", "task_loss"]
 
 # name -> builder(in_dims, options); options: hidden_dim, dropout, factor_k, num_layers, svm_c, num_classes, num_targets
 HEADS: dict[str, Callable] = {
@@ -40,6 +41,10 @@ HEADS: dict[str, Callable] = {
                                                  num_classes=o["num_classes"], num_targets=o["num_targets"]),
     "svm": lambda dims, o: SVMHead(dims, c=o["svm_c"], num_classes=o["num_classes"], num_targets=o["num_targets"]),
 }
+
+
+# heads that read a branch's tokens (B, N, D) (token_inputs): frame-level feature files are kept frame level for them
+TOKEN_HEADS = ("attentive",)
 
 
 def create_head(name: str, in_dims: Mapping[str, int], *, hidden_dim: int = 128, dropout: float = 0.3,

@@ -1,10 +1,11 @@
 """``attentive``: V-JEPA's attentive probe as a head: a learned query cross-attends tokens (expmae.vit.AttentivePooler).
 
-A branch is either one vector per sample (B, D_m): one token, or tokens (B, N_m, D_m): e.g. the end-to-end
-encoder's patch / tubelet tokens (expmae.finetune.backends.video passes them instead of their mean when the head
-has ``token_inputs``). Every token -> its branch's linear map to the hidden size + a learned branch embedding;
-the query reads all branches' tokens at once; the pooled vector (after dropout) feeds the two task outputs. With
-tokens, the head can read a cue from the few patches that carry it, which a mean over all tokens washes out.
+A branch is either one vector per sample (B, D_m): one token, or tokens (B, N_m, D_m): the end-to-end encoder's
+patch / tubelet tokens (expmae.finetune.backends.video passes them instead of their mean to a head with
+``token_inputs``), or a feature folder's frame-level (N, D) files (expmae.finetune.featureset, ``tokens``; rows of
+NaN are padding, left out of the attention). Every token -> its branch's linear map to the hidden size + a learned
+branch embedding; the query reads all branches' tokens at once; the pooled vector (after dropout) feeds the two
+task outputs. With tokens, the head can read a cue from the few tokens that carry it, which a mean washes out.
 """
 from __future__ import annotations
 
@@ -33,9 +34,12 @@ class AttentiveFusion(FusionHead):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens = []
+        tokens, masks = [], []
         for i, (tok, x) in enumerate(zip(self.tokenizers, self.standardized_inputs(inputs))):
             x = x if x.ndim == 3 else x.unsqueeze(1)  # (B, D_m) -> one token (B, 1, D_m)
-            tokens.append(tok(x) + self.branch_embed[:, i : i + 1])  # (B, N_m, H)
-        pooled = self.pooler(torch.cat(tokens, dim=1))[:, 0]  # (B, sum N_m, H) -> (B, H)
+            valid = ~torch.isnan(x).any(dim=2)  # (B, N_m): NaN rows are padding
+            tokens.append(tok(x.nan_to_num(0.0)) + self.branch_embed[:, i : i + 1])  # (B, N_m, H)
+            masks.append(valid)
+        mask = torch.cat(masks, dim=1)  # (B, sum N_m)
+        pooled = self.pooler(torch.cat(tokens, dim=1), None if mask.all() else mask)[:, 0]  # (B, H)
         return self.outputs(self.dropout(pooled))
