@@ -149,7 +149,8 @@ def layer_id(name: str, depth: int) -> int:
 def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups, one per (layer, decay or not), each with ``lr_scale = layer_decay ** (depth + 1 - layer)``.
 
-    No weight decay on 1-D parameters (norms, biases) and ``model.no_weight_decay()`` names (position codes).
+    No weight decay on 1-D parameters (norms, biases) and ``model.no_weight_decay()`` names (position codes, class
+    token).
     Frozen parameters are left out. Each group lists its ``param_names``, in model order.
     """
     depth = len(model.encoder.blocks)
