@@ -71,7 +71,8 @@ def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[flo
     from statistics import NormalDist
 
     if n < 1 or not 0 <= accuracy <= 1 or not 0 < level < 1:
-        raise ValueError(f"accuracy={accuracy}, n={n}, level={level}: expected 0 <= accuracy <= 1, n >= 1, 0 < level < 1")
+        raise ValueError(f"accuracy={accuracy}, n={n}, level={level}: expected 0 <= accuracy <= 1, n >= 1, "
+                         "0 < level < 1")
     z = NormalDist().inv_cdf(0.5 + level / 2)
     denom = 1 + z * z / n
     centre = (accuracy + z * z / (2 * n)) / denom
@@ -142,7 +143,19 @@ class AttentiveClassifier(nn.Module):
         self.linear = nn.Linear(num_queries * dim, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.pooler(tokens).flatten(1))  # (B, Q, D) -> (B, Q*D) -> (B, C)
+        """tokens (B, N, D); rows of NaN are padding (:func:`stack_tokens`), left out of the attention."""
+        valid = ~torch.isnan(tokens).any(dim=2)  # (B, N)
+        pooled = self.pooler(tokens.nan_to_num(0.0), None if valid.all() else valid)  # (B, Q, D)
+        return self.linear(pooled.flatten(1))  # (B, Q*D) -> (B, C)
+
+
+def stack_tokens(samples: Sequence[np.ndarray]) -> np.ndarray:
+    """Token sequences (K_i, D) of several samples -> float32 (N, max K_i, D), each padded with rows of NaN, which
+    the attentive probe leaves out."""
+    out = np.full((len(samples), max(len(s) for s in samples), samples[0].shape[-1]), np.nan, dtype=np.float32)
+    for i, s in enumerate(samples):
+        out[i, : len(s)] = s
+    return out
 
 
 def default_num_heads(dim: int) -> int:
@@ -156,14 +169,16 @@ def attentive_probe(train_tokens: np.ndarray, train_y: Sequence, test_tokens: np
     """Train :class:`AttentiveClassifier` on frozen tokens (N, K, D) with AdamW (cosine lr decay, cross-entropy)
     and score it on (test_tokens, test_y): see :func:`score`. Tokens are standardised per dimension with the
     training tokens' statistics first (as the linear probe's features). Deterministic for a given ``seed``;
-    the global torch RNG is left as it was. ``num_heads`` None: :func:`default_num_heads`."""
+    the global torch RNG is left as it was. ``num_heads`` None: :func:`default_num_heads`. Samples with fewer
+    tokens: pad with rows of NaN (:func:`stack_tokens`)."""
     check_lengths(train_tokens, train_y, test_tokens, test_y)
     train_tokens, test_tokens = np.asarray(train_tokens, np.float32), np.asarray(test_tokens, np.float32)
     if train_tokens.ndim != 3 or test_tokens.ndim != 3 or train_tokens.shape[2] != test_tokens.shape[2]:
-        raise ValueError(f"tokens of shapes {train_tokens.shape} and {test_tokens.shape}: expected (N, K, D) both, one D")
+        raise ValueError(f"tokens of shapes {train_tokens.shape} and {test_tokens.shape}: expected (N, K, D) both, "
+                         "one D")
     classes, labels = np.unique(np.asarray(train_y), return_inverse=True)
     dim = train_tokens.shape[2]
-    mean, std = train_tokens.reshape(-1, dim).mean(0), train_tokens.reshape(-1, dim).std(0)
+    mean, std = np.nanmean(train_tokens, axis=(0, 1)), np.nanstd(train_tokens, axis=(0, 1))  # padding left out
     std = np.where(std > 1e-6, std, 1.0)  # a constant dimension is centred, not blown up
     x_train = torch.from_numpy((train_tokens - mean) / std)
     x_test = torch.from_numpy((test_tokens - mean) / std)

@@ -106,12 +106,14 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, queries: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, queries: torch.Tensor, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """mask: bool (B, N), True for the tokens to attend to (None: all)."""
         B, Q, C = queries.shape
         H = self.num_heads
         q = self.q(queries).reshape(B, Q, H, C // H).transpose(1, 2)  # (B, H, Q, C/H)
         k, v = self.kv(x).reshape(B, x.shape[1], 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, C/H)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, H, Q, C/H)
+        attn_mask = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, N): every head, every query
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, Q, C/H)
         return self.proj(out.transpose(1, 2).reshape(B, Q, C))
 
 
@@ -133,7 +135,8 @@ class AttentivePooler(nn.Module):
         self.norm2 = LayerNorm(dim) if mlp_ratio else None
         self.mlp = Mlp(dim, int(dim * mlp_ratio)) if mlp_ratio else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, D); mask: bool (B, N), True for the tokens to attend to (None: all; padding: False)."""
         q = self.query_tokens.to(x.dtype).expand(len(x), -1, -1)
-        q = q + self.xattn(q, self.norm1(x))
+        q = q + self.xattn(q, self.norm1(x), mask)
         return q if self.mlp is None else q + self.mlp(self.norm2(q))

@@ -121,3 +121,18 @@ def load_tool():
         return module
 
     return load
+
+
+def key_token_set(n, rng, tokens=32, dim=16, classes=4):
+    """Each sample: `tokens` tokens of loud label-free noise, one of them (at a random place) the key: it carries
+    its class's prototype (plus a little noise) and a flag in the last dimension. Averaged, the key's content is
+    drowned (1/K of the mean, under noise of std 3/sqrt(K)); attention can find the flag and read the key. The
+    oracle of the attentive probe and head: x float32 (n, tokens, dim), y (n,)."""
+    protos = np.random.default_rng(123).normal(size=(classes, dim - 1))
+    y = rng.integers(0, classes, n)
+    x = rng.normal(size=(n, tokens, dim)) * 3.0
+    x[:, :, -1] = 0.0
+    where = rng.integers(0, tokens, n)
+    x[np.arange(n), where, :-1] = protos[y] + rng.normal(size=(n, dim - 1)) * 0.3
+    x[np.arange(n), where, -1] = 5.0
+    return x.astype(np.float32), y

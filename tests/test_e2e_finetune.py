@@ -67,7 +67,8 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
     from expmae.finetune.heads import create_head
     from expmae.model import timm_create_kwargs
 
-    model = tiny_model(learn_pos_embed=True)  # learned position codes: they must land in the stem, without decay
+    # learned position codes and a class token: they must land in the stem, without decay (MAE, timm)
+    model = tiny_model(learn_pos_embed=True, class_token=True)
     fused = VideoFusionModel(model.encoder, create_head("attention", {"visual": 192, "audio": 8}, hidden_dim=16))
     groups = layer_decay_param_groups(fused, weight_decay=0.05, layer_decay=0.5)
     scale = {n: g["lr_scale"] for g in groups for n in g["param_names"]}
@@ -77,13 +78,14 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
 
     # depth 3, decay 0.5, by hand: stem 0.5^4, block i 0.5^(3 - i); final norm, norm after pooling and head 1.
     expected = {"encoder.patch_embed.": 0.0625, "encoder.pos_embed": 0.0625, "encoder.time_embed": 0.0625,
+                "encoder.cls_token": 0.0625,
                 "encoder.blocks.0.": 0.125, "encoder.blocks.1.": 0.25, "encoder.blocks.2.": 0.5,
                 "encoder.norm.": 1.0, "fc_norm.": 1.0, "head.": 1.0}
     for name, s in scale.items():
         prefix = next(p for p in expected if name.startswith(p))
         assert s == expected[prefix], name
     for name, param in fused.named_parameters():
-        no_decay = param.ndim == 1 or name in ("encoder.pos_embed", "encoder.time_embed")
+        no_decay = param.ndim == 1 or name in ("encoder.pos_embed", "encoder.time_embed", "encoder.cls_token")
         assert decay[name] == (0.0 if no_decay else 0.05), name
     assert decay["encoder.blocks.1.attn.qkv.weight"] == 0.05 and decay["encoder.blocks.1.norm1.weight"] == 0.0
 
@@ -117,6 +119,63 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
     frozen_groups = layer_decay_param_groups(frozen, weight_decay=0.05, layer_decay=0.5)
     assert {n.split(".")[0] for g in frozen_groups for n in g["param_names"]} == {"fc_norm", "head"}
     assert all(g["lr_scale"] == 1.0 for g in frozen_groups)
+
+
+@pytest.mark.parametrize("unfreeze", [-1, 0, 1, 2, 3])
+def test_unfreeze_blocks_one_step_changes_exactly_the_last_blocks_at_their_decayed_lr(unfreeze, single_thread):
+    """One AdamW step from zero moments moves every parameter with a gradient by lr x its lr_scale (Adam's first
+    step is lr x g / |g|, weight decay 0 here): the last N blocks (+ final norm, fc_norm, head) move by exactly
+    their layer-decayed lr, everything else stays bit-identical. Frozen blocks run in eval mode (no drop-path)."""
+    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups, set_scaled_lr
+    from expmae.finetune.heads import create_head
+
+    torch.manual_seed(0)
+    encoder = tiny_model(drop_path_rate=0.1, learn_pos_embed=True, class_token=True).encoder
+    head = create_head("concat", {"visual": 192}, hidden_dim=16, dropout=0.0, num_targets=0)  # all get gradients
+    model = VideoFusionModel(encoder, head, unfreeze_blocks=unfreeze).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(layer_decay_param_groups(model, weight_decay=0.0, layer_decay=0.5), lr=1.0)
+    set_scaled_lr(optimizer, 1e-2)
+    out = model(torch.randn(4, 3, 4, 32, 32))
+    torch.nn.functional.cross_entropy(out["logits"], torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+
+    trained_blocks = range(3) if unfreeze < 0 else range(3 - unfreeze, 3)
+    expected_scale = {f"encoder.blocks.{i}.": 0.5 ** (3 - i) for i in trained_blocks}  # depth 3, decay 0.5
+    if unfreeze != 0:
+        expected_scale["encoder.norm."] = 1.0
+    if unfreeze < 0:  # full finetuning: the stem (patch embedding, position codes, class token) too
+        expected_scale.update({"encoder.patch_embed.": 0.0625, "encoder.pos_embed": 0.0625,
+                               "encoder.time_embed": 0.0625, "encoder.cls_token": 0.0625})
+    expected_scale.update({"fc_norm.": 1.0, "head.": 1.0})
+    for name, param in model.named_parameters():
+        prefix = next((p for p in expected_scale if name.startswith(p)), None)
+        change = (param.detach() - before[name]).abs().max().item()
+        if prefix is None:
+            assert torch.equal(param, before[name]) and param.grad is None, name
+        else:
+            assert change == pytest.approx(1e-2 * expected_scale[prefix], rel=1e-3), name
+    assert [b.training for b in model.encoder.blocks] == [i in trained_blocks for i in range(3)]
+    assert model.encoder.norm.training == (unfreeze != 0) and model.head.training
+
+
+def test_unfreeze_blocks_values_and_flags():
+    from expmae.finetune.backends.video import VideoFusionModel
+    from expmae.finetune.cli import config_from_args
+    from expmae.finetune.config import FinetuneConfig
+    from expmae.finetune.heads import create_head
+
+    assert FinetuneConfig().unfreeze_blocks == -1  # full finetuning stays the default
+    assert config_from_args(["--unfreeze-blocks", "all"]).unfreeze_blocks == -1
+    assert config_from_args(["--unfreeze-blocks", "2"]).unfreeze_blocks == 2
+    with pytest.raises(SystemExit):
+        config_from_args(["--unfreeze-blocks", "some"])
+    head = create_head("concat", {"visual": 192}, hidden_dim=16)
+    with pytest.raises(ValueError, match=r"unfreeze_blocks=4: expected -1 \(all\) or 0..3"):
+        VideoFusionModel(tiny_model().encoder, head, unfreeze_blocks=4)
+    with pytest.raises(ValueError, match="not above 0 with freeze_encoder"):
+        VideoFusionModel(tiny_model().encoder, head, unfreeze_blocks=1, freeze_encoder=True)
+    assert VideoFusionModel(tiny_model().encoder, head, freeze_encoder=True).unfreeze_blocks == 0
 
 
 def test_drop_path_comes_from_the_encoder_config_unless_overridden(tmp_path):
@@ -254,6 +313,34 @@ def test_freeze_encoder_trains_only_the_head(mer_videos, tmp_path, monkeypatch, 
     assert json.loads((out / "results.json").read_text())["end_to_end"]["frozen"] is True
 
 
+def test_the_last_block_and_an_attentive_head_over_the_tokens_finetune_from_the_command_line(mer_videos, tmp_path,
+                                                                                             monkeypatch, single_thread):
+    """--unfreeze-blocks 1 --head attentive: each fold's exported encoder is the pretrained one except its last block
+    and final norm; the head gets the encoder's tokens (B, T'*S, D), not their mean; the setting is recorded."""
+    from expmae.export import load_encoder
+    from expmae.finetune.cli import main
+    from expmae.finetune.heads import AttentiveFusion
+
+    shapes, forward = [], AttentiveFusion.forward
+
+    def spy_forward(self, inputs):
+        shapes.append(tuple(inputs["visual"].shape))
+        return forward(self, inputs)
+
+    monkeypatch.setattr(AttentiveFusion, "forward", spy_forward)
+    out = tmp_path / "partial"
+    assert main(e2e_args(mer_videos, out, "--unfreeze-blocks", "1", "--head", "attentive", "--no-tensorboard")) == 0
+    assert shapes and all(s[1:] == (2 * 4, 192) for s in shapes)  # 4 frames / tubelet 2, 2 x 2 patches of 16 px
+    pretrained = load_encoder(mer_videos["encoder"]).state_dict()
+    for k in range(2):
+        finetuned = load_encoder(out / f"fold{k}" / "round0" / "encoder").state_dict()
+        changed = sorted({n.split(".")[0] + ("." + n.split(".")[1] if n.startswith("blocks.") else "")
+                          for n, v in finetuned.items() if not torch.equal(v, pretrained[n])})
+        assert changed == ["blocks.2", "norm"], changed
+    e2e = json.loads((out / "results.json").read_text())["end_to_end"]
+    assert e2e["unfreeze_blocks"] == 1 and e2e["frozen"] is False
+
+
 def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
     from expmae.finetune.cli import main
 
@@ -267,6 +354,7 @@ def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
         (["--videos", str(data["root"] / "audio")], "audio"),  # no videos there
         (["--test-views", "0"], "test_views=0: expected >= 1 (--test-views"),
         (["--head", "svm"], "head 'svm' is fit on precomputed features"),
+        (["--unfreeze-blocks", "4"], "unfreeze_blocks=4: expected -1 (all) or 0..3 (the encoder's depth)"),
     ]
     for extra, message in cases:
         assert main(e2e_args(data, tmp_path / "out", *extra)) == 2, extra

@@ -282,7 +282,8 @@ def old_encode(extractor, loaded) -> np.ndarray:
 @pytest.mark.parametrize("modality", ["video", "frame"])
 def test_encode_is_the_last_state_mean_readout_bit_for_bit(encoder_dir, npy_clips, modality):
     _, clips = npy_clips
-    extractor = VisualFeatureExtractor(encoder_dir, modality=modality, batch_size=2, num_frames=None if modality == "video" else 5)
+    extractor = VisualFeatureExtractor(encoder_dir, modality=modality, batch_size=2,
+                                       num_frames=None if modality == "video" else 5)
     loaded = extractor.load(clips["long"])
     expected = old_encode(extractor, loaded)
     got, info = extractor.encode(loaded)
@@ -294,8 +295,8 @@ def test_encode_is_the_last_state_mean_readout_bit_for_bit(encoder_dir, npy_clip
 
 
 def test_readouts_of_every_depth_against_hand_computed_states(npy_clips):
-    """A class-token encoder, 8 frames = 4 time steps (tubelet 2) of 4 x 4 patches: mean, per-position (mean over the time
-    steps of the tokens at one patch position, tokens in (t, y, x) order) and all tokens, at depths 0, 1, 2."""
+    """A class-token encoder, 8 frames = 4 time steps (tubelet 2) of 4 x 4 patches: mean, per-position (mean over
+    the time steps of the tokens at one patch position, tokens in (t, y, x) order) and all tokens, at depths 0-2."""
     torch.manual_seed(1)
     model = create_model("tiny", **{**TINY, "num_frames": 8}, class_token=True)
     with torch.no_grad():
@@ -315,7 +316,8 @@ def test_readouts_of_every_depth_against_hand_computed_states(npy_clips):
         assert got[f"L{i}/tokens"].shape == (N, 4 * S, D)
         np.testing.assert_allclose(got[f"L{i}/tokens"], tokens, atol=1e-5, rtol=0)
         np.testing.assert_allclose(got[f"L{i}/mean"], tokens.mean(1), atol=1e-5, rtol=0)
-        position = np.concatenate([np.mean([tokens[:, t * S + s] for t in range(4)], 0) for s in range(S)], 1)  # (N, S*D)
+        # (N, S*D): position s at time t is token t * S + s
+        position = np.concatenate([np.mean([tokens[:, t * S + s] for t in range(4)], 0) for s in range(S)], 1)
         np.testing.assert_allclose(got[f"L{i}/position"], position, atol=1e-5, rtol=0)
     assert not np.allclose(got["L0/mean"], got["L2/mean"], atol=1e-3)  # the depths do differ
     # frames: one time step, so the per-position read-out is the tokens, flattened
@@ -327,6 +329,33 @@ def test_readouts_of_every_depth_against_hand_computed_states(npy_clips):
         extractor.encode_readouts(loaded, layers=(3,))
     with pytest.raises(ValueError, match="readouts \\['cls'\\]"):
         extractor.encode_readouts(loaded, readouts=("cls",))
+
+
+def test_every_block_scored_in_one_call_equals_each_block_on_its_own(encoder_dir, single_thread):
+    """encode_readouts of all depths in one pass -> pool_readouts per video (as expmae-features pools) ->
+    probe_readouts: a result per depth and read-out, each equal to probing that depth's features extracted alone."""
+    from expmae.features.visual import pool_readouts
+    from expmae.probe import knn_probe, linear_probe, probe_readouts, stack_tokens
+
+    rng = np.random.default_rng(4)
+    videos = [rng.integers(0, 256, (int(rng.integers(4, 20)), 32, 32, 3), dtype=np.uint8) for _ in range(16)]
+    labels = np.arange(16) % 2
+    extractor = VisualFeatureExtractor(encoder_dir, modality="video", sample_stride=1)
+    per_video = [pool_readouts(extractor.encode_readouts(extractor.load(v), layers=(0, 1, 2),
+                                                         readouts=("mean", "position", "tokens"))) for v in videos]
+    assert per_video[0]["L2/mean"].shape == (D,) and per_video[0]["L2/position"].shape == (16 * D,)
+    windows = [len(clip_windows(len(v), 4, 1, max_clips=0)) for v in videos]
+    assert [p["L1/tokens"].shape for p in per_video] == [(w * 2 * 16, D) for w in windows]  # windows x T' x S
+    feats = {k: (stack_tokens if k.endswith("tokens") else np.stack)([p[k] for p in per_video]) for k in per_video[0]}
+    train, test = {k: v[:10] for k, v in feats.items()}, {k: v[10:] for k, v in feats.items()}
+    scores = probe_readouts(train, labels[:10], test, labels[10:], knn_k=3, attentive={"epochs": 2})
+    assert sorted(scores) == sorted(f"L{i}/{r}" for i in range(3) for r in ("mean", "position", "tokens"))
+    for i in range(3):  # the same numbers as one depth at a time, through the extractor's single-layer path
+        alone = VisualFeatureExtractor(encoder_dir, modality="video", sample_stride=1, layers=(i,))
+        x = np.stack([alone(v).mean(0) for v in videos])
+        assert scores[f"L{i}/mean"]["knn"] == knn_probe(x[:10], labels[:10], x[10:], labels[10:], k=3)
+        assert scores[f"L{i}/mean"]["linear"] == linear_probe(x[:10], labels[:10], x[10:], labels[10:])
+    np.testing.assert_array_equal(feats["L2/mean"], np.stack([extractor(v).mean(0) for v in videos]))
 
 
 def test_cli_layers_and_readout_name_record_and_guard_the_folder(encoder_dir, video_folder, tmp_path, capsys):
@@ -342,7 +371,8 @@ def test_cli_layers_and_readout_name_record_and_guard_the_folder(encoder_dir, vi
     settings = json.loads((folder / "extractor.json").read_text())
     assert settings["layers"] == [1] and settings["readout"] == "position"
     extractor = VisualFeatureExtractor(encoder_dir)
-    feats = extractor.encode_readouts(extractor.load(video_folder / "a.mp4"), layers=(1, 2), readouts=("position", "mean"))
+    loaded = extractor.load(video_folder / "a.mp4")
+    feats = extractor.encode_readouts(loaded, layers=(1, 2), readouts=("position", "mean"))
     np.testing.assert_allclose(np.load(folder / "a.npy"), feats["L1/position"].mean(0), atol=1e-6)
     # several layers: summed, as the audio / text extractors do
     assert main(["video", str(video_folder), str(out), "--model", str(encoder_dir), "--no-progress",

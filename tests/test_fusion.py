@@ -21,7 +21,7 @@ def batch(n=4, dims=DIMS, seed=0):
     return {k: torch.randn(n, d, generator=g) for k, d in dims.items()}
 
 
-@pytest.mark.parametrize("name", ["attention", "mfb", "concat", "transformer"])
+@pytest.mark.parametrize("name", ["attention", "attentive", "mfb", "concat", "transformer"])
 @pytest.mark.parametrize("branches", [["visual"], ["audio", "visual"], ["audio", "text", "visual"]])
 def test_heads_take_any_branches_and_return_both_tasks(name, branches):
     dims = {b: DIMS[b] for b in branches}
@@ -78,7 +78,7 @@ def test_attention_fuses_by_the_returned_weights():
     torch.testing.assert_close(out["embedding"], fused)
 
 
-@pytest.mark.parametrize("name", ["attention", "mfb", "concat", "transformer"])
+@pytest.mark.parametrize("name", ["attention", "attentive", "mfb", "concat", "transformer"])
 def test_input_standardisation_makes_heads_invariant_to_feature_scale(name):
     torch.manual_seed(0)
     head = create_head(name, DIMS, hidden_dim=8, dropout=0.0).eval()
@@ -109,6 +109,63 @@ def test_transformer_head_is_a_class_token_over_one_token_per_branch():
     torch.testing.assert_close(head({k: v[:1] for k, v in x.items()})["logits"], out["logits"][:1])
     with pytest.raises(ValueError, match="multiple of its 4 attention heads"):
         create_head("transformer", DIMS, hidden_dim=10)
+
+
+def test_attentive_head_is_a_query_over_every_token_of_every_branch():
+    """Vectors are one token each, token branches (B, N, D) many; by hand: per-branch linear + branch embedding,
+    all tokens concatenated, the attentive pooler's one query. Only this head takes tokens."""
+    torch.manual_seed(0)
+    head = create_head("attentive", DIMS, hidden_dim=16, dropout=0.0, num_classes=3, num_targets=2).eval()
+    x = batch()
+    x["visual"] = torch.randn(4, 9, 3)  # 9 tokens of the visual branch
+    out = head(x)
+    assert out["logits"].shape == (4, 3) and out["regression"].shape == (4, 2) and out["embedding"].shape == (4, 16)
+    parts = []
+    for i, (b, tok, std) in enumerate(zip(DIMS, head.tokenizers, head.standardize.values())):
+        t = std(x[b]) if x[b].ndim == 3 else std(x[b])[:, None]
+        parts.append(tok(t) + head.branch_embed[:, i])
+    torch.testing.assert_close(out["embedding"], head.pooler(torch.cat(parts, 1))[:, 0])
+    assert torch.cat(parts, 1).shape == (4, 1 + 1 + 9, 16)
+    # a vector branch is the same as that vector as a single token
+    same = head({**x, "audio": x["audio"][:, None]})
+    torch.testing.assert_close(same["logits"], out["logits"])
+    # each sample is its own sequence
+    torch.testing.assert_close(head({k: v[:1] for k, v in x.items()})["logits"], out["logits"][:1])
+    with pytest.raises(ValueError, match=r"expected \(B, 5\) or \(B, N, 5\)"):
+        head({**x, "audio": torch.zeros(4, 2, 6)})
+    with pytest.raises(ValueError, match=r"expected \(B, 3\)$"):  # the others take one vector per branch
+        create_head("concat", DIMS)({**batch(), "visual": torch.zeros(4, 9, 3)})
+
+
+def test_attentive_head_reads_frame_level_feature_files_where_the_mean_cannot(tmp_path):
+    """Feature mode: frame-level files (K_i, D) of varying length, one flagged key frame carrying the class among
+    loud label-free frames. The attentive head gets them as tokens (NaN padding masked) and learns the class;
+    the attention head (frames mean-pooled, as before) stays near chance. Padding changes no prediction."""
+    from conftest import key_token_set
+
+    from expmae.finetune.featureset import load_features
+
+    rng = np.random.default_rng(0)
+    x, y = key_token_set(360, rng, tokens=12, dim=8)
+    folder, names = tmp_path / "frames", [f"v{i:03d}" for i in range(360)]
+    folder.mkdir()
+    for i, name in enumerate(names):
+        keep = np.sort(np.r_[np.flatnonzero(x[i, :, -1] > 0), rng.permutation(12)[: rng.integers(4, 12)]])
+        np.save(folder / f"{name}.npy", x[i, np.unique(keep)])  # 5..12 frames, the key among them
+    scores = {}
+    for name in ("attentive", "attention"):
+        data = load_features({"v": [folder]}, names, progress=False, tokens=name == "attentive")
+        train, test = data.subset(range(240)), data.subset(range(240, 360))
+        torch.manual_seed(0)
+        head = create_head(name, data.dims, hidden_dim=32, dropout=0.0, num_classes=4, num_targets=0)
+        fit_head(head, train, y[:240], np.zeros((240, 0)), epochs=40, batch_size=32, lr=3e-3, seed=0)
+        probs, _ = predict(head, test)
+        scores[name] = (probs.argmax(1) == y[240:]).mean()
+        if name == "attentive":
+            alone = [head({"v": torch.from_numpy(np.load(folder / f"{n}.npy"))[None]})["logits"] for n in names[240:250]]
+            padded = head({"v": torch.from_numpy(test.arrays["v"][:10])})["logits"]
+            torch.testing.assert_close(torch.cat(alone), padded, atol=1e-5, rtol=1e-5)
+    assert scores["attentive"] > 0.85 and scores["attention"] < 0.45, scores
 
 
 def test_svm_head_predicts_one_hot_classes_and_no_regression():

@@ -116,6 +116,33 @@ def test_load_features_pools_frames_and_reports_every_unusable_sample(feature_fo
         load_features({"audio": branches["audio"]}, names, missing="error", progress=False)
 
 
+def test_load_features_keeps_frames_as_nan_padded_tokens_for_a_token_head(feature_folders):
+    from expmae.finetune.featureset import input_stats
+
+    names, branches, _ = feature_folders
+    zero = load_features(branches, names, missing="zero", progress=False, tokens=True)
+    visual, audio = zero.arrays["visual"], zero.arrays["audio"]
+    assert visual.shape == (6, 3 + 5, 5) and audio.shape == (6, 1, 4) and zero.dims == {"audio": 4, "visual": 5}
+    for i, n in enumerate(names):
+        if n != "s4":  # s4 is unusable: one zero token, the rest padding
+            frames = np.load(branches["visual"][0] / f"{n}.npy")
+            np.testing.assert_array_equal(visual[i, : 3 + i], frames)
+        assert np.isnan(visual[i, 3 + i :]).all()
+    assert not visual[4, 0].any() and np.isnan(visual[4, 1:]).all()
+    mean, std = input_stats(visual)  # over the real tokens only
+    real = np.concatenate([visual[i, : 3 + i] for i in range(6) if i != 4] + [visual[4, :1]])
+    np.testing.assert_allclose(mean, real.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(std, real.std(0), rtol=1e-5)
+    # a pool of other samples (pseudo-labelling) joins with the padding widened, not a shape error
+    both = zero.subset([0]).concat(zero.subset([5]))
+    assert both.arrays["visual"].shape == (2, 8, 5)
+    short = load_features(branches, ["s0"], progress=False, tokens=True)
+    assert short.arrays["visual"].shape == (1, 3, 5)
+    np.testing.assert_array_equal(short.concat(zero.subset([5])).arrays["visual"], both.arrays["visual"])
+    with pytest.raises(ValueError, match="takes one folder per branch"):
+        load_features({"visual": branches["visual"] * 2}, names, progress=False, tokens=True)
+
+
 def test_same_branch_folders_are_concatenated(feature_folders, tmp_path):
     names, branches, truth = feature_folders
     specs = [f"visual={branches['visual'][0]}", f"visual={branches['audio'][0]}"]

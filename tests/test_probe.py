@@ -3,6 +3,8 @@ sklearn's KNeighborsClassifier), the Wilson interval (against scipy), scored on 
 import numpy as np
 import pytest
 
+from conftest import key_token_set
+
 from expmae.probe import (accuracy_interval, attentive_probe, knn_predict, knn_probe, linear_probe, probe_readouts,
                            read_features)
 
@@ -65,8 +67,8 @@ def test_knn_equals_sklearn_cosine_distance_weighted(k, temperature):
     assert ours["accuracy"] == pytest.approx((expected == labels[300:]).mean(), abs=1e-12)
     assert 0.3 < ours["accuracy"] < 0.99 and ours["num_train"] == 300 and ours["num_test"] == 200
     if k > 1:  # the weighting matters: plain majority votes predict other labels on some rows
-        plain = KNeighborsClassifier(n_neighbors=min(k, 300), metric="cosine", algorithm="brute").fit(x[:300], labels[:300])
-        assert (plain.predict(x[300:]) != expected).any()
+        plain = KNeighborsClassifier(n_neighbors=min(k, 300), metric="cosine", algorithm="brute")
+        assert (plain.fit(x[:300], labels[:300]).predict(x[300:]) != expected).any()
     f32 = knn_probe(x[:300].astype(np.float32), labels[:300], x[300:].astype(np.float32), labels[300:], k=k,
                     temperature=temperature)
     assert abs(f32["accuracy"] - ours["accuracy"]) <= 0.01  # float32 path: at most a near-tie apart
@@ -108,20 +110,6 @@ def test_wilson_interval_equals_scipy():
 
 
 # ---------------------------------------------------------------------------------- attentive probe
-def key_token_set(n, rng, tokens=32, dim=16, classes=4):
-    """Each sample: `tokens` tokens of loud label-free noise, one of them (at a random place) the key: it carries
-    its class's prototype (plus a little noise) and a flag in the last dimension. Averaged, the key's content is
-    drowned (1/16 of the mean, under noise of std 3/sqrt(16)); attention can find the flag and read the key."""
-    protos = np.random.default_rng(123).normal(size=(classes, dim - 1))
-    y = rng.integers(0, classes, n)
-    x = rng.normal(size=(n, tokens, dim)) * 3.0
-    x[:, :, -1] = 0.0
-    where = rng.integers(0, tokens, n)
-    x[np.arange(n), where, :-1] = protos[y] + rng.normal(size=(n, dim - 1)) * 0.3
-    x[np.arange(n), where, -1] = 5.0
-    return x.astype(np.float32), y
-
-
 def test_attentive_probe_finds_the_key_token_where_the_mean_pool_cannot(single_thread):
     import torch
 
@@ -171,6 +159,24 @@ def test_attentive_pooler_forward_equals_multihead_attention_and_a_hand_softmax(
         weights = torch.softmax(k @ qv / 8 ** 0.5, dim=1)  # (B, N): one distribution over the tokens per sample
         by_hand = query + (weights[:, :, None] * v).sum(1) @ att.proj.weight.T + att.proj.bias
         torch.testing.assert_close(single(x)[:, 0], by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_attentive_classifier_leaves_nan_padding_out(single_thread):
+    import torch
+
+    from expmae.probe import AttentiveClassifier, stack_tokens
+
+    rng = np.random.default_rng(3)
+    samples = [rng.normal(size=(k, 8)).astype(np.float32) for k in (5, 2, 7)]
+    stacked = stack_tokens(samples)
+    assert stacked.shape == (3, 7, 8) and np.isnan(stacked[1, 2:]).all() and not np.isnan(stacked[2]).any()
+    torch.manual_seed(0)
+    model = AttentiveClassifier(8, 3, num_queries=2, num_heads=2).eval()
+    with torch.no_grad():
+        alone = torch.cat([model(torch.from_numpy(s)[None]) for s in samples])
+        torch.testing.assert_close(model(torch.from_numpy(stacked)), alone, atol=1e-6, rtol=1e-5)
+    result = attentive_probe(stacked, [0, 1, 2], stacked, [0, 1, 2], epochs=2)  # ragged sets train too
+    assert 0 <= result["accuracy"] <= 1 and result["num_test"] == 3
 
 
 def test_probe_readouts_scores_every_key_with_the_probes_that_apply(single_thread):

@@ -121,6 +121,14 @@ def read_out(tokens, readout: str, num_patches: int):
     raise ValueError(f"readout {readout!r}; expected one of {', '.join(READOUTS)}")
 
 
+def pool_readouts(readouts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """One video's encode_readouts (one row per window) -> one entry per key, pooled as expmae-features pools a
+    video (``pooling="mean"``): "mean" / "position" read-outs averaged over the windows, (F,); "tokens" kept, the
+    windows' tokens one after another, (N_windows * T'*S, D) (for the attentive probe; stack videos of different
+    lengths with expmae.probe.stack_tokens)."""
+    return {key: x.reshape(-1, x.shape[-1]) if x.ndim == 3 else pool(x, "mean") for key, x in readouts.items()}
+
+
 # ----------------------------------------------------------------------------------------------- extractor
 class VisualFeatureExtractor:
     """An expMAE encoder as ``video / frames -> features (N, D)``: ``load`` (CPU: decode, crop, resize) then
@@ -348,6 +356,7 @@ def run_cli(args: argparse.Namespace, out_root: Path):
     summary = extract_visual_features(
         args.input, out_dir, args.model, modality=args.modality, pooling=args.pooling, num_frames=args.num_frames,
         sample_stride=args.sample_stride, clip_stride=args.clip_stride, max_clips=args.max_clips, crop=args.crop,
-        layers=layers, readout=args.readout, layer_reduce=args.layer_reduce, batch_size=args.batch_size, device=args.device, dtype=args.dtype, limit=args.limit,
+        layers=layers, readout=args.readout, layer_reduce=args.layer_reduce, batch_size=args.batch_size,
+        device=args.device, dtype=args.dtype, limit=args.limit,
         retry_failed=args.retry_failed, prefetch=args.prefetch, progress=not args.no_progress)
     return out_dir, summary

@@ -77,6 +77,9 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
     e2e.add_argument("--encoder", help="expmae-export encoder folder (or a pretraining run / checkpoint folder)")
     e2e.add_argument("--freeze-encoder", dest="freeze_encoder", action="store_const", const=True,
                      help="train the head only, the encoder stays as loaded")
+    e2e.add_argument("--unfreeze-blocks", type=parse_unfreeze_blocks, metavar="N",
+                     help="train the encoder's last N blocks (+ its final norm) with the head, the rest frozen (eval "
+                          "mode); 0: frozen encoder (probing end to end), -1 (all): full finetuning")
     e2e.add_argument("--layer-decay", type=float, help="lr of block i = lr * layer_decay^(depth - i); head at lr")
     e2e.add_argument("--warmup-epochs", type=float)
     e2e.add_argument("--min-lr", type=float, help="lr at the end of the cosine schedule")
@@ -90,6 +93,16 @@ def add_video_arguments(p: argparse.ArgumentParser) -> None:
                      help="temporal views per evaluated sample (held-out fold after every epoch, tests, unlabeled "
                           "pool): N windows spread evenly over the clip, each centre-cropped, class probabilities "
                           "and regression averaged; evaluation costs N times as much (default 1: the centre window)")
+
+
+def parse_unfreeze_blocks(value: str) -> int:
+    """``--unfreeze-blocks``: a block count, or "all" (-1)."""
+    if value.strip().lower() == "all":
+        return -1
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a number of blocks, or 'all'") from None
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> FinetuneConfig:

@@ -23,7 +23,7 @@ class FinetuneConfig:
     split_files: list[str] = field(default_factory=list)  # per fold HELD_OUT or TRAIN:HELD_OUT name lists
     metric: str = "auto"  # picks the best epoch, printed first; auto: MER2023 'metric', else 'uar'
     # Heads (expmae.finetune.heads)
-    head: str = "attention"  # attention | mfb | concat | transformer | svm
+    head: str = "attention"  # attention | attentive | mfb | concat | transformer | svm
     compare: str = ""  # comma-separated head specs run on the same folds into one table, e.g. svm,transformer:3,mfb
     hidden_dim: int = 128  # MFB: output size o
     dropout: float = 0.3
@@ -52,6 +52,9 @@ class FinetuneConfig:
     videos: str = ""  # face clips named like the labels: an expmae-crop output folder or a folder of videos
     encoder: str = ""  # expmae-export encoder folder (or a pretraining run / checkpoint folder)
     freeze_encoder: bool = False  # train the head only; the encoder stays as loaded (eval mode)
+    # train the encoder's last N blocks (+ its final norm) with the head, the rest frozen (eval mode); 0: frozen
+    # encoder (probing end to end), -1 (all): full finetuning
+    unfreeze_blocks: int = -1
     layer_decay: float = 0.75  # lr of block i = lr * layer_decay^(depth - i); stem depth + 1; final norm, head 1
     warmup_epochs: float = 5.0
     min_lr: float = 1e-6  # end of the cosine schedule

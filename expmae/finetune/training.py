@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from expmae.finetune.featureset import FeatureSet
+from expmae.finetune.featureset import FeatureSet, input_stats
 
 
 @dataclass
@@ -91,7 +91,7 @@ def fit_head(head, train: FeatureSet, label: np.ndarray, targets: np.ndarray, va
     from expmae.finetune.heads import task_loss
 
     device = next(head.parameters()).device
-    head.set_input_stats({k: (torch.from_numpy(a.mean(0)), torch.from_numpy(a.std(0))) for k, a in train.arrays.items()})
+    head.set_input_stats({k: tuple(map(torch.from_numpy, input_stats(a))) for k, a in train.arrays.items()})
     x = {k: torch.from_numpy(a).to(device) for k, a in train.arrays.items()}
     y_label = torch.from_numpy(np.asarray(label, dtype=np.int64)).to(device)
     y_targets = torch.from_numpy(np.asarray(targets, dtype=np.float32).reshape(len(train), -1)).to(device)

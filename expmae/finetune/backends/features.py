@@ -23,7 +23,10 @@ class FeatureBackend:
         self.branches = parse_feature_specs(cfg.features)
 
     def load(self, names: Sequence[str], missing: str) -> FeatureSet:
-        return load_features(self.branches, names, missing=missing, progress=self.cfg.progress)
+        from expmae.finetune.heads import TOKEN_HEADS
+
+        return load_features(self.branches, names, missing=missing, progress=self.cfg.progress,
+                             tokens=self.cfg.head in TOKEN_HEADS)
 
     def available_names(self) -> set[str]:
         """Samples present in every input (the unlabeled pool of pseudo-labelling is drawn from them)."""

@@ -53,29 +53,44 @@ PRECISIONS = ("fp32", "bf16")
 
 # ----------------------------------------------------------------------------------------------- model
 class VideoFusionModel(nn.Module):
-    """Encoder -> mean-pooled tokens -> LayerNorm (``fc_norm``) -> fusion head (the "visual" branch, beside
-    precomputed feature branches).
+    """Encoder -> mean-pooled tokens (all tokens for a head with ``token_inputs``, e.g. ``attentive``) -> LayerNorm
+    (``fc_norm``) -> fusion head (the "visual" branch, beside precomputed feature branches).
 
     ``fc_norm`` is VideoMAE's / MAE's norm after mean pooling. It stands in for the per-dimension standardisation
     the head applies to precomputed features: statistics measured once would go stale as the encoder (and
-    augmentation) moves the pooled features, and dimensions of small spread would then blow up. With
-    ``freeze_encoder`` the encoder gets no gradients and stays in eval mode (no drop-path): only fc_norm and the
-    head learn.
+    augmentation) moves the pooled features, and dimensions of small spread would then blow up.
+
+    ``unfreeze_blocks`` N >= 0 trains only the encoder's last N blocks and its final norm (MAE's partial
+    finetuning); the rest gets no gradients and stays in eval mode (no drop-path). 0 (or ``freeze_encoder``):
+    the whole encoder is frozen and only fc_norm and the head learn (probing, end to end); -1: all of it learns.
     """
 
-    def __init__(self, encoder: ExpMAEEncoder, head: nn.Module, *, freeze_encoder: bool = False):
+    def __init__(self, encoder: ExpMAEEncoder, head: nn.Module, *, freeze_encoder: bool = False,
+                 unfreeze_blocks: int = -1):
         from expmae.vit import LayerNorm
 
         super().__init__()
-        self.encoder, self.head, self.freeze_encoder = encoder, head, freeze_encoder
+        self.unfreeze_blocks = check_unfreeze_blocks(unfreeze_blocks, len(encoder.blocks), freeze_encoder)
+        self.encoder, self.head, self.freeze_encoder = encoder, head, self.unfreeze_blocks == 0
         self.fc_norm = LayerNorm(encoder.cfg.embed_dim)
-        if freeze_encoder:
+        if self.unfreeze_blocks >= 0:
             encoder.requires_grad_(False)
-            encoder.eval()
+            for module in self.trained_encoder_modules():
+                module.requires_grad_(True)
+            self.train(self.training)
+
+    def trained_encoder_modules(self) -> list[nn.Module]:
+        """The encoder's modules that learn: its last unfreeze_blocks blocks + final norm (all with -1)."""
+        n = self.unfreeze_blocks
+        if n < 0:
+            return [self.encoder]
+        return [*self.encoder.blocks[len(self.encoder.blocks) - n:], self.encoder.norm] if n else []
 
     def pool(self, clips: torch.Tensor) -> torch.Tensor:
-        """Normalised clips (B, C, T, H, W) -> the mean of the encoder's tubelet tokens (B, D), before fc_norm."""
-        return self.encoder.forward_clips(clips)[:, self.encoder.num_prefix_tokens:].mean(dim=1)
+        """Normalised clips (B, C, T, H, W) -> the mean of the encoder's tubelet tokens (B, D), or the tokens
+        themselves (B, T'*S, D) for a head with ``token_inputs``; before fc_norm."""
+        tokens = self.encoder.forward_clips(clips)[:, self.encoder.num_prefix_tokens:]
+        return tokens if getattr(self.head, "token_inputs", False) else tokens.mean(dim=1)
 
     def forward(self, clips: torch.Tensor, features: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
@@ -84,13 +99,24 @@ class VideoFusionModel(nn.Module):
 
     def train(self, mode: bool = True) -> "VideoFusionModel":
         super().train(mode)
-        if self.freeze_encoder:
+        if self.unfreeze_blocks >= 0:  # frozen parts run as the pretrained encoder did at export: eval mode
             self.encoder.eval()
+            for module in self.trained_encoder_modules():
+                module.train(mode)
         return self
 
     def no_weight_decay(self) -> set[str]:
-        """Position codes (when learned), as in timm's ViT; norms and biases are excluded by shape."""
-        return {f"encoder.{n}" for n, _ in self.encoder.named_parameters() if n in ("pos_embed", "time_embed")}
+        """Position codes (when learned) and the class token, as in timm's ViT; norms and biases by shape."""
+        names = ("pos_embed", "time_embed", "cls_token")
+        return {f"encoder.{n}" for n, _ in self.encoder.named_parameters() if n in names}
+
+
+def check_unfreeze_blocks(unfreeze_blocks: int, depth: int, freeze_encoder: bool = False) -> int:
+    """The encoder blocks that learn (-1: all, stem included; 0: none), checked; ``freeze_encoder`` means 0."""
+    if not -1 <= unfreeze_blocks <= depth or (freeze_encoder and unfreeze_blocks > 0):
+        raise ValueError(f"unfreeze_blocks={unfreeze_blocks}: expected -1 (all) or 0..{depth} (the encoder's depth)"
+                         + (", and not above 0 with freeze_encoder" if freeze_encoder else ""))
+    return 0 if freeze_encoder else unfreeze_blocks
 
 
 def load_finetune_encoder(path: str | os.PathLike, drop_path: float = -1.0) -> ExpMAEEncoder:
@@ -109,11 +135,11 @@ def load_finetune_encoder(path: str | os.PathLike, drop_path: float = -1.0) -> E
 # ----------------------------------------------------------------------------------------------- optimisation
 def layer_id(name: str, depth: int) -> int:
     """Layer index of a VideoFusionModel parameter for lr decay (MAE's ``get_layer_id_for_vit``, timm's
-    ViT group_matcher): 0 for the stem and position codes, i + 1 for encoder block i, depth + 1 for the rest
-    (final norm, fc_norm, head)."""
+    ViT group_matcher): 0 for the stem (patch embedding, class token) and position codes, i + 1 for encoder
+    block i, depth + 1 for the rest (final norm, fc_norm, head)."""
     if name.startswith("encoder."):
         rest = name[len("encoder."):]
-        if rest.startswith(("patch_embed.", "pos_embed", "time_embed")):
+        if rest.startswith(("patch_embed.", "pos_embed", "time_embed", "cls_token")):
             return 0
         if rest.startswith("blocks."):
             return int(rest.split(".")[1]) + 1
@@ -123,7 +149,8 @@ def layer_id(name: str, depth: int) -> int:
 def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups, one per (layer, decay or not), each with ``lr_scale = layer_decay ** (depth + 1 - layer)``.
 
-    No weight decay on 1-D parameters (norms, biases) and ``model.no_weight_decay()`` names (position codes).
+    No weight decay on 1-D parameters (norms, biases) and ``model.no_weight_decay()`` names (position codes, class
+    token).
     Frozen parameters are left out. Each group lists its ``param_names``, in model order.
     """
     depth = len(model.encoder.blocks)
@@ -233,7 +260,7 @@ class VideoBackend:
                              f"got videos={cfg.videos!r}, encoder={cfg.encoder!r}")
         if cfg.head == "svm":
             raise ValueError("head 'svm' is fit on precomputed features; end-to-end finetuning needs a trained head "
-                             "(attention, mfb, concat, transformer)")
+                             "(attention, attentive, mfb, concat, transformer)")
         if cfg.missing == "zero":
             raise ValueError("missing='zero' zero-fills feature files; in end-to-end mode a sample needs its clip: "
                              "use missing='drop' or 'error'")
@@ -248,16 +275,17 @@ class VideoBackend:
             if not ok:
                 raise ValueError(f"{name}={getattr(cfg, name)!r}: expected {expected}")
         self.cfg = cfg
-        if cfg.test_views != 1:
-            # Evaluation picks the best epoch, so it is part of a fold's fingerprint; at 1 it adds nothing to it,
-            # so that folds finished or checkpointed before the setting existed (all 1-view) stay valid.
-            self.run_keys = type(self).run_keys + ("test_views",)
+        # Evaluation picks the best epoch, so test_views is part of a fold's fingerprint; these settings join it
+        # only away from their defaults, so that folds finished or checkpointed before they existed stay valid.
+        self.run_keys = type(self).run_keys + tuple(k for k, default in (("test_views", 1), ("unfreeze_blocks", -1))
+                                                    if getattr(cfg, k) != default)
         self.branches = parse_feature_specs(cfg.features) if cfg.features else {}
         if VIDEO_BRANCH in self.branches:
             raise ValueError(f"feature branch {VIDEO_BRANCH!r} is the encoder's in end-to-end mode; "
                              "name the feature folder another branch (BRANCH=FOLDER)")
         self.videos = index_videos(cfg.videos)
         self.pretrained = load_finetune_encoder(cfg.encoder, cfg.drop_path).cpu()  # each fold trains a copy
+        self.unfreeze_blocks = check_unfreeze_blocks(cfg.unfreeze_blocks, self.pretrained.cfg.depth, cfg.freeze_encoder)
         self.encoder_info = _encoder_folder_info(cfg.encoder)
         from expmae.features.visual import DEFAULT_SAMPLE_STRIDE
 
@@ -313,7 +341,8 @@ class VideoBackend:
                 "encoder": str(self.cfg.encoder), "model_name": self.encoder_info.get("model_name"),
                 "encoder_config": {k: getattr(enc, k) for k in ("embed_dim", "depth", "num_heads", "patch_size",
                                                                  "tubelet_size", "img_size", "num_frames")},
-                "frozen": self.cfg.freeze_encoder, "drop_path_rate": enc.drop_path_rate,
+                "frozen": self.unfreeze_blocks == 0, "unfreeze_blocks": self.unfreeze_blocks,
+                "drop_path_rate": enc.drop_path_rate,
                 "sample_stride": self.sample_stride, "test_views": self.cfg.test_views, "num_clips": len(self.videos),
                 # records in the (append-only) log, earlier runs into this folder included
                 "clip_failures": len(JsonlLog(self.failure_log).read()), "clip_failures_log": str(self.failure_log),
@@ -329,7 +358,7 @@ class VideoBackend:
         head = create_head(cfg.head, {VIDEO_BRANCH: self.pretrained.cfg.embed_dim, **in_dims},
                            hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k,
                            num_layers=cfg.head_layers, num_classes=num_classes, num_targets=num_targets)
-        model = VideoFusionModel(copy.deepcopy(self.pretrained), head, freeze_encoder=cfg.freeze_encoder)
+        model = VideoFusionModel(copy.deepcopy(self.pretrained), head, unfreeze_blocks=self.unfreeze_blocks)
         return model.to(self.device)
 
     def _train_loader(self, train: FeatureSet, seed: int):
@@ -457,7 +486,7 @@ class VideoBackend:
         head = {k: v.contiguous().cpu() for k, v in fit.state_dict.items() if not k.startswith("encoder.")}
         with atomic_path(run_dir / "head.safetensors") as tmp:
             save_file(head, str(tmp))
-        if not self.cfg.freeze_encoder:
+        if self.unfreeze_blocks != 0:
             save_encoder(model.encoder, run_dir / "encoder", overwrite=True, sample_stride=self.sample_stride,
                          model_name=self.encoder_info.get("model_name"),
                          source={"finetuned_from": str(Path(self.cfg.encoder).resolve()), "run": str(run_dir.resolve())})

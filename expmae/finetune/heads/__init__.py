@@ -2,7 +2,9 @@
 a file plus an entry in :data:`HEADS`.
 
 - ``attention`` (MER2023 baseline), ``mfb`` (factorized bilinear pooling), ``concat`` (early fusion),
-  ``transformer`` (branches as tokens, ``num_layers`` layers): torch modules trained by gradient steps;
+  ``transformer`` (branches as tokens, ``num_layers`` layers), ``attentive`` (a learned query cross-attending
+  the branches' tokens, V-JEPA's attentive probe; end to end it reads the encoder's tokens, not their mean):
+  torch modules trained by gradient steps;
 - ``svm``: scikit-learn's SVC on the concatenated features (``trainable = False``: fit once, no regression).
 
 A head spec names a head and, for ``transformer``, its depth: ``transformer:6``.
@@ -12,14 +14,16 @@ from __future__ import annotations
 from typing import Callable, Mapping
 
 from expmae.finetune.heads.attention import AttentionFusion
+from expmae.finetune.heads.attentive import AttentiveFusion
 from expmae.finetune.heads.base import FusionHead, Standardize, mlp_encoder, task_loss
 from expmae.finetune.heads.concat import ConcatFusion
 from expmae.finetune.heads.mfb import FactorizedBilinearPooling
 from expmae.finetune.heads.svm import SVMHead
 from expmae.finetune.heads.transformer import TransformerFusion
 
-__all__ = ["HEADS", "AttentionFusion", "ConcatFusion", "FactorizedBilinearPooling", "FusionHead", "SVMHead",
-           "Standardize", "TransformerFusion", "create_head", "is_trainable", "mlp_encoder", "parse_head_spec", "task_loss"]
+__all__ = ["HEADS", "AttentionFusion", "AttentiveFusion", "ConcatFusion", "FactorizedBilinearPooling", "FusionHead",
+           "SVMHead", "Standardize", "TOKEN_HEADS", "TransformerFusion", "create_head", "is_trainable", "mlp_encoder",
+           "parse_head_spec", "task_loss"]
 
 # name -> builder(in_dims, options); options: hidden_dim, dropout, factor_k, num_layers, svm_c, num_classes, num_targets
 HEADS: dict[str, Callable] = {
@@ -33,8 +37,14 @@ HEADS: dict[str, Callable] = {
     "transformer": lambda dims, o: TransformerFusion(dims, hidden_dim=o["hidden_dim"], dropout=o["dropout"],
                                                      num_layers=o["num_layers"], num_classes=o["num_classes"],
                                                      num_targets=o["num_targets"]),
+    "attentive": lambda dims, o: AttentiveFusion(dims, hidden_dim=o["hidden_dim"], dropout=o["dropout"],
+                                                 num_classes=o["num_classes"], num_targets=o["num_targets"]),
     "svm": lambda dims, o: SVMHead(dims, c=o["svm_c"], num_classes=o["num_classes"], num_targets=o["num_targets"]),
 }
+
+
+# heads that read a branch's tokens (B, N, D) (token_inputs): frame-level feature files are kept frame level for them
+TOKEN_HEADS = ("attentive",)
 
 
 def create_head(name: str, in_dims: Mapping[str, int], *, hidden_dim: int = 128, dropout: float = 0.3,

@@ -39,6 +39,8 @@ class Standardize(nn.Module):
 class FusionHead(nn.Module):
     """Shared plumbing: per-branch standardisation, the two task outputs, input checking."""
 
+    token_inputs = False  # True: a branch may also be tokens (B, N, D_m), standardised per token
+
     def __init__(self, in_dims: Mapping[str, int], embed_dim: int, num_classes: int, num_targets: int = 1):
         super().__init__()
         if not in_dims:
@@ -67,8 +69,9 @@ class FusionHead(nn.Module):
             if branch not in inputs:
                 raise KeyError(f"missing input branch {branch!r}; the head was built for {list(self.in_dims)}")
             x = inputs[branch]
-            if x.ndim != 2 or x.shape[1] != dim:
-                raise ValueError(f"branch {branch!r}: got shape {tuple(x.shape)}, expected (B, {dim})")
+            if x.shape[-1:] != (dim,) or not (x.ndim == 2 or (x.ndim == 3 and self.token_inputs)):
+                tokens = f" or (B, N, {dim})" if self.token_inputs else ""
+                raise ValueError(f"branch {branch!r}: got shape {tuple(x.shape)}, expected (B, {dim}){tokens}")
             xs.append(self.standardize[branch](x.to(dtype)))
         return xs
 
