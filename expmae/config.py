@@ -109,6 +109,30 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online evaluation: frozen-feature probes of the current encoder on a labelled set, during pretraining."""
+
+    source: str | None = _f(None, "labelled clips to evaluate on: an expmae-crop output folder or a folder of face "
+                                  "clips (videos or .npy); null = no online evaluation")
+    labels: str | None = _f(None, "CSV with a name column, a label column (discrete or label) and a split column "
+                                  "(train | val / test) or an identity column (then identities are split)")
+    every: int = _f(1000, "optimizer steps between evaluations (also at step 0, the random-init twin, and the end)",
+                    min=1)
+    val_fraction: float = _f(0.3, "without a split column: the share of identities (or clips) held out", gt=0, lt=1)
+    layers: list[int] = _f([-1], "encoder hidden states to probe (0 = embeddings, i = block i, -1 = last); the "
+                                 "first is the headline (eval/knn_acc, eval/probe_acc)")
+    readouts: list[str] = _f(["mean", "position"], "feature read-outs: mean (over all tokens, as expmae-features), "
+                                                   "position (over time, per patch position), tokens (attentive "
+                                                   "probe)", choices=("mean", "position", "tokens"))
+    probes: list[str] = _f(["knn", "linear"], "probes to run on each layer and read-out",
+                           choices=("knn", "linear", "attentive"))
+    knn_k: int = _f(20, "neighbours of the weighted kNN", min=1)
+    knn_temperature: float = _f(0.07, "temperature of the kNN's exp(cosine / T) votes", gt=0)
+    batch_size: int = _f(32, "clips per forward pass", min=1)
+    seed: int = _f(0, "seed of the identity split and of the probes", min=0)
+
+
+@dataclass
 class DebugConfig:
     """Fault injection and probes, so tests can exercise the guards on the real training path."""
 
@@ -131,6 +155,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,6 +322,9 @@ def validate(cfg: PretrainConfig) -> PretrainConfig:
         raise ConfigError(str(exc).replace("ExpMAEConfig.", "model.")) from None
     if cfg.data.source is None:
         raise ConfigError("data.source is not set; expected an expmae-crop output folder or a folder of videos")
+    if (cfg.eval.source is None) != (cfg.eval.labels is None):
+        have, missing = ("source", "labels") if cfg.eval.labels is None else ("labels", "source")
+        raise ConfigError(f"eval.{have} is set but eval.{missing} is not; online evaluation needs both (or neither)")
     return cfg
 
 

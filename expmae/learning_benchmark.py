@@ -12,8 +12,11 @@ Layout of ``out_dir`` (:func:`write_learning_benchmark`)::
 
     pool/<name>.npy                 unlabelled pretraining clips, both tasks' kinds of motion, other people
     pool-labels.csv                 their labels (name,discrete,valence,identity,task): the supervised reference only
-    <task>/clips/<name>.npy         labelled clips of the task (static, dynamic)
-    <task>/labels.csv               name,discrete,valence,identity,split (train | test, split by identity)
+    labelled/clips/<name>.npy       labelled clips of both tasks (static_*, dynamic_*)
+    labelled/labels.csv             name,discrete,valence,identity,split,task (split: train | test, by identity)
+
+``labelled`` is what pretraining's online evaluation reads (``eval.source``, ``eval.labels``): it scores each task
+(the ``task`` column) on its own.
 """
 from __future__ import annotations
 
@@ -98,12 +101,11 @@ def write_learning_benchmark(out_dir: str | os.PathLike, size: LearningBenchmark
     paths = {"pool": out / "pool", "pool_labels": out / "pool-labels.csv"}
     (out / "pool").mkdir(parents=True, exist_ok=True)
     _write_labels(paths["pool_labels"], pool)
-    for task in TASKS:
-        clips = labelled_clips(task, size)
-        (out / task / "clips").mkdir(parents=True, exist_ok=True)
-        _write_labels(out / task / "labels.csv", clips)
-        jobs += [(c, out / task / "clips" / f"{c.name}.npy", size) for c in clips]
-        paths[task] = out / task
+    labelled = [c for task in TASKS for c in labelled_clips(task, size)]
+    paths["labelled"] = out / "labelled"
+    (out / "labelled" / "clips").mkdir(parents=True, exist_ok=True)
+    _write_labels(out / "labelled" / "labels.csv", labelled)
+    jobs += [(c, out / "labelled" / "clips" / f"{c.name}.npy", size) for c in labelled]
     todo = [j for j in jobs[len(pool):] + jobs[:len(pool)] if not j[1].is_file()]  # labelled sets first
     with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as ex:
         for _ in tqdm(ex.map(_render_to, todo, chunksize=16), total=len(todo), disable=not progress,
@@ -125,11 +127,11 @@ class _Serial:
         return map(fn, items)
 
 
-def read_labels(task_dir: str | os.PathLike) -> list[dict]:
-    """Rows of a task's labels.csv, each with its clip's path."""
-    task_dir = Path(task_dir)
-    with open(task_dir / "labels.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+def read_labels(labelled_dir: str | os.PathLike, task: str | None = None) -> list[dict]:
+    """Rows of the labelled set's labels.csv (of one ``task``, or all), each with its clip's path."""
+    labelled_dir = Path(labelled_dir)
+    with open(labelled_dir / "labels.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if task is None or r["task"] == task]
     for r in rows:
-        r["path"] = str(task_dir / "clips" / f"{r['name']}.npy")
+        r["path"] = str(labelled_dir / "clips" / f"{r['name']}.npy")
     return rows

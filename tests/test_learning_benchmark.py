@@ -58,8 +58,9 @@ def test_written_benchmark_layout_and_resume(tmp_path):
     assert pool == sorted(c.name for c in pool_clips(size))
     clip = np.load(paths["pool"] / f"{pool[0]}.npy")
     assert clip.shape == (size.num_frames, size.size, size.size, 3) and clip.dtype == np.uint8
-    rows = read_labels(paths["static"])
+    rows = read_labels(paths["labelled"], "static")
     assert list(rows[0])[:6] == ["name", "discrete", "valence", "identity", "split", "task"]
+    assert {r["task"] for r in read_labels(paths["labelled"])} == {"static", "dynamic"}
     assert {r["split"] for r in rows} == {"train", "test"} and all(np.load(r["path"]).shape == clip.shape for r in rows)
     with open(paths["pool_labels"]) as f:
         assert {r["name"] for r in csv.DictReader(f)} == set(pool)

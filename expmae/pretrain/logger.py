@@ -99,6 +99,19 @@ class TrainLogger:
             self.pending = []
         self.writer.flush()
 
+    def log_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """An online evaluation's scores: their own metrics.jsonl record (no loss key), TensorBoard, one console line."""
+        if not self.enabled:
+            return
+        self.pending.append({"step": step, **metrics})
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, step)
+        shown = {k.removeprefix("eval/"): v for k, v in metrics.items()  # the headlines, not every layer's
+                 if k.endswith(("knn_acc", "probe_acc", "attentive_acc")) and "/L" not in k}
+        self.bar.write(f"step {step}: eval " + " ".join(f"{k} {v:.3f}" for k, v in shown.items())
+                       + f" ({metrics.get('eval/seconds', 0):.0f} s)")
+        self.flush()
+
     def image(self, tag: str, grid, step: int) -> None:
         if self.writer is not None:
             self.writer.add_image(tag, grid, step)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,8 @@ class Run:
     recon_clips: Any
     model_config: dict
     resumed_from: Path | None
+    evaluator: Any = None  # expmae.pretrain.online_eval.OnlineEvaluator when eval.source is set
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
     def out_dir(self) -> Path:
@@ -160,6 +163,8 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
     run, state = setup(cfg, resume)
     data = Batches(make_run_loader(run, state), state, run.plan.batches_per_epoch)
     last_ckpt = run.resumed_from  # stays the answer when a finished run is resumed
+    if run.evaluator is not None and state.step == 0:
+        evaluate(run, 0)  # the random-init twin: every curve starts from it
     run.model.train()
     while state.step < run.plan.total_steps:
         last_ckpt = train_one_epoch(run, state, data) or last_ckpt
@@ -187,6 +192,8 @@ def train_one_epoch(run: Run, state: TrainState, data) -> Path | None:
         step = state.step
         if cfg.log.recon_every and step % cfg.log.recon_every == 0 and step != plan.total_steps:
             reconstruction(run, step)
+        if run.evaluator is not None and (step % cfg.eval.every == 0 or step == plan.total_steps):
+            evaluate(run, step)  # before the checkpoint, whose metrics flush then holds it: a resume never redoes it
         if step % cfg.checkpoint.every == 0 or step == plan.total_steps:
             saved = checkpoint(run, state)
     return saved
@@ -199,6 +206,16 @@ def checkpoint(run: Run, state: TrainState) -> Path:
     return save_checkpoint(run.accelerator, run.model, run.out_dir / "checkpoints", state.step,
                            {**state.to_dict(), "run_shape": run.plan.run_shape}, run.model_config,
                            keep_last=run.cfg.checkpoint.keep_last)
+
+
+def evaluate(run: Run, step: int) -> None:
+    """The online evaluation (every rank encodes, rank 0 probes and logs), without touching the training RNGs."""
+    snapshot = RngSnapshot()
+    metrics = run.evaluator(run.raw_model.encoder)
+    snapshot.restore()  # the probes draw random numbers; the training run must not see that they ran
+    if metrics is not None:
+        metrics["eval/time_share"] = run.evaluator.seconds / max(time.perf_counter() - run.started, 1e-9)
+        run.logger.log_eval(step, metrics)
 
 
 def reconstruction(run: Run, step: int) -> Path:
@@ -311,7 +328,18 @@ def setup(cfg: PretrainConfig, resume: str) -> tuple[Run, TrainState]:
         )
     return Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=raw_model, plan=plan,
                step=build_step_context(cfg, accelerator, model, optimizer, raw_model), logger=logger, dataset=dataset,
-               recon_clips=recon_clips, model_config=model_config, resumed_from=resume_from), state
+               recon_clips=recon_clips, model_config=model_config, resumed_from=resume_from,
+               evaluator=build_evaluator(cfg, accelerator, raw_model)), state
+
+
+def build_evaluator(cfg: PretrainConfig, accelerator, raw_model):
+    """The online evaluation (eval.source set), its clips decoded now; None when it is off."""
+    if cfg.eval.source is None:
+        return None
+    from expmae.pretrain.online_eval import OnlineEvaluator
+
+    return OnlineEvaluator(cfg.eval, raw_model.encoder, sample_stride=cfg.data.sample_stride,
+                           rank=accelerator.process_index, world=accelerator.num_processes, device=accelerator.device)
 
 
 def build_model(cfg: PretrainConfig, resume_from: Path | None):

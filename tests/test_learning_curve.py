@@ -1,0 +1,38 @@
+"""tools/learning_curve.py --quick: the whole study at toy size writes its PNGs, JSON and table, and the
+random-init band's seed 0 is exactly the pretraining run's step 0 (the same encoder, the same evaluator)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_study_writes_curves_table_and_pictures(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "learning_curve.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for name in ("curves.json", "table.md", "curve_static.png", "curve_dynamic.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    study = json.loads((tmp_path / "curves.json").read_text())
+    records = study["curves"]["expmae"]["0"]
+    assert [r["step"] for r in records] == [0, 3, 6]
+    band = study["references"]["random_init"]
+    assert len(band) == 2
+    step0 = records[0]
+    for key, value in band[0].items():  # init seed 0 = the run's own step 0
+        if key.endswith("_acc"):
+            assert step0[key] == value, key
+    summary = study["summary"]["static"]["mean/knn"]
+    assert summary["random_init"]["n"] == 2 and summary["pixels"] is not None and summary["supervised"] is not None
+    assert summary["modes"]["expmae"]["samples"] == [0, 12, 24]  # steps x 4 clips
+    assert "| random init (mean, min-max) |" in (tmp_path / "table.md").read_text()
+    # a rerun resumes: nothing is pretrained again, the references come from their caches
+    log = tmp_path / "runs" / "expmae_seed0" / "console.log"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "learning_curve.py"), "--quick", "--out", str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0 and json.loads((tmp_path / "curves.json").read_text())["curves"] == study["curves"]
+    starts = [line for line in log.read_text().splitlines() if line.startswith("expMAE pretraining")]
+    assert len(starts) == 2 and "resumed from" in starts[1] and "step_0000006" in starts[1]

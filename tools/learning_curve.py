@@ -1,0 +1,375 @@
+"""Learning curves: does pretraining make better expression features, and from how many samples on?
+
+    python tools/learning_curve.py --out runs/learning [--modes expmae,mae,videomae] [--seeds 0,1] [--steps 30000]
+                                   [--eval-every 1000] [--random-seeds 8] [--supervised-steps 3000] [--quick]
+
+On the learning benchmark (expmae.learning_benchmark: an unlabelled pool of other people with real-crop nuisance,
+and per task a labelled set split by identity), it
+
+1. renders the benchmark (once; resumable);
+2. pretrains one run per mode and seed with online evaluation on (``python -m expmae.pretrain --resume auto``:
+   a killed study continues where it stopped, a finished run is not redone);
+3. scores the references with the same evaluator (expmae.pretrain.online_eval): the random-init encoder over
+   ``--random-seeds`` init seeds (a band, not one draw), raw pixels, and a supervised reference (the same encoder
+   trained end to end on the pool's labels of the task);
+4. writes ``curves.json``, ``table.md`` (Table-1 shaped: rows random / supervised / pixels / each mode) and one PNG
+   per task (``curve_<task>.png``): accuracy against samples seen, per probe and read-out, mean and spread over
+   seeds per mode, the random-init band, the pixel and supervised levels.
+
+``--quick``: a toy benchmark and a few steps, for CI (writes every artefact; shows nothing about learning).
+``--launcher CONFIG``: run the pretraining under ``accelerate launch --config_file CONFIG`` (GPUs, several ranks).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(REPO))
+
+MODES = ("expmae", "mae", "videomae")
+PROBES = ("knn", "linear")
+READOUTS = ("mean", "position")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("runs/learning"))
+    p.add_argument("--config", default="learning_small", help="pretraining config (name or YAML path)")
+    p.add_argument("--modes", default="expmae", help=f"comma-separated, of {', '.join(MODES)}")
+    p.add_argument("--seeds", default="0", help="pretraining seeds, comma-separated")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: the config's)")
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--layers", default="-1,2", help="hidden states probed (the first is the headline)")
+    p.add_argument("--random-seeds", type=int, default=8, help="init seeds of the random-init band")
+    p.add_argument("--supervised-steps", type=int, default=3000, help="0: no supervised reference")
+    p.add_argument("--batch-size", type=int, default=None, help="pretraining batch per rank (default: the config's)")
+    p.add_argument("--launcher", default=None, help="accelerate config file: launch pretraining through accelerate")
+    p.add_argument("--device", default="auto", help="references' device (pretraining: the launcher's)")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the benchmark")
+    p.add_argument("--quick", action="store_true", help="toy sizes for CI")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="more pretraining config overrides")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- pretraining
+def run_dir(out: Path, mode: str, seed: int) -> Path:
+    return out / "runs" / f"{mode}_seed{seed}"
+
+
+def pretrain(args, bench: dict, mode: str, seed: int) -> Path:
+    """One pretraining run with online evaluation, resumed if it was started before (finished: returns at once)."""
+    folder = run_dir(args.out, mode, seed)
+    overrides = [f"data.source={bench['pool']}", f"train.output_dir={folder}", f"model.mode={mode}",
+                 f"train.seed={seed}", f"eval.source={bench['labelled']}",
+                 f"eval.labels={bench['labelled'] / 'labels.csv'}", f"eval.every={args.eval_every}",
+                 f"eval.layers=[{args.layers}]", f"checkpoint.every={args.eval_every}", *quick_overrides(args),
+                 *([f"train.max_steps={args.steps}"] if args.steps else []),
+                 *([f"train.batch_size={args.batch_size}"] if args.batch_size else []), *args.overrides]
+    entry = ["-m", "expmae.pretrain", "--config", args.config, "--resume", "auto", *overrides]
+    if args.launcher:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.launcher, *entry]
+    else:
+        cmd = [sys.executable, *entry]
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    with open(folder / "console.log", "a") as log:
+        print(f"[learning_curve] {mode} seed {seed}: {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    if rc:
+        raise SystemExit(f"pretraining {mode} seed {seed} failed (exit status {rc}); see {folder / 'console.log'}")
+    return folder
+
+
+def quick_overrides(args) -> list[str]:
+    if not args.quick:
+        return []
+    return ["train.max_steps=6", "train.warmup_steps=1", "eval.every=3", "checkpoint.every=3", "log.log_every=3",
+            "log.recon_every=0", "train.batch_size=4", "data.num_workers=0", "eval.knn_k=5"]
+
+
+def eval_records(folder: Path) -> list[dict]:
+    """The online evaluation's records of a run's metrics.jsonl, by step."""
+    from expmae.jobs import JsonlLog
+
+    return sorted((r for r in JsonlLog(folder / "metrics.jsonl").read() if any(k.startswith("eval/") for k in r)),
+                  key=lambda r: r["step"])
+
+
+# ---------------------------------------------------------------------------------------------- references
+def load_config(args, extra=()):
+    from expmae.config import load_config as load
+    from expmae.shipped_configs import resolve_config
+
+    return load(resolve_config(args.config, "pretrain"), [*quick_overrides(args), *args.overrides, *extra])
+
+
+def evaluator_for(cfg, encoder, device):
+    from expmae.pretrain.online_eval import OnlineEvaluator
+
+    return OnlineEvaluator(cfg.eval, encoder, sample_stride=cfg.data.sample_stride, rank=0, world=1, device=device)
+
+
+def random_init_band(args, cfg, device) -> list[dict]:
+    """The online evaluation of the random-init encoder for init seeds 0..n-1 (seed s = a run's step 0)."""
+    from accelerate.utils import set_seed
+
+    from expmae.model import create_model
+
+    cache = args.out / "references" / "random_init.json"
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    for seed in range(args.random_seeds):
+        if str(seed) not in done:
+            set_seed(seed)  # as the training loop seeds before it builds the model
+            model = create_model(cfg.model.name, **cfg.model.overrides())
+            done[str(seed)] = evaluator_for(cfg, model.encoder, device)(model.encoder.to(device))
+            write_json(cache, done)
+    return [done[str(s)] for s in range(args.random_seeds)]
+
+
+def pixel_reference(evaluator) -> dict:
+    """The same probes on raw pixels: each clip's windows (3, T, S, S) at half resolution, as "pixels/clip", and
+    their mean over time (one vector per position), as "pixels/position"."""
+    import torch
+    import torch.nn.functional as F
+
+    from expmae.pretrain.online_eval import pool_by_clip
+
+    batch = evaluator.batch
+    pixels = batch["pixels"][:, torch.as_tensor(batch["windows"])].permute(1, 0, 2, 3, 4).float() / 255  # (W, 3, T, S, S)
+    small = F.avg_pool3d(pixels, (1, 2, 2))  # (W, 3, T, S/2, S/2)
+    per_window = {"pixels/clip": small.flatten(1).numpy(), "pixels/position": small.mean(2).flatten(1).numpy()}
+    feats = pool_by_clip(per_window, evaluator.owner, len(evaluator.mine))  # as the encoder's read-outs are
+    saved, evaluator.cfg.probes = evaluator.cfg.probes, [p for p in evaluator.cfg.probes if p != "attentive"]
+    try:
+        return evaluator.score(evaluator.mine, feats)
+    finally:
+        evaluator.cfg.probes = saved
+
+
+def supervised_reference(cfg, bench: dict, out_dir: Path, *, steps: int, device, evaluator) -> dict:
+    """The ceiling: per task, the same encoder trained end to end (tokens mean-pooled, a linear head, AdamW,
+    VideoMAE's crop/flip augmentation) on the labels of the pool's clips of that task, then scored by the same
+    probes. Cached per task in ``out_dir``."""
+    import csv
+
+    import torch
+    import torch.nn.functional as F
+    from accelerate.utils import set_seed
+
+    from expmae.data import VideoClipDataset, normalize_clips
+    from expmae.model import create_model
+    from expmae.optim import cosine_lr
+
+    results = {}
+    for task in ("static", "dynamic"):
+        cache = out_dir / f"supervised_{task}.json"
+        if cache.is_file():
+            results[task] = json.loads(cache.read_text())
+            continue
+        with open(bench["pool_labels"], newline="") as f:
+            labels = {r["name"]: r["discrete"] for r in csv.DictReader(f) if r["task"] == task}
+        classes = sorted(set(labels.values()))
+        set_seed(0)
+        model = create_model(cfg.model.name, **cfg.model.overrides())
+        encoder, m = model.encoder.to(device), model.cfg
+        head = torch.nn.Linear(m.embed_dim, len(classes)).to(device)
+        data = VideoClipDataset(bench["pool"], num_frames=m.num_frames, sample_stride=cfg.data.sample_stride,
+                                input_size=m.img_size, train=True, seed=0, labels=labels)
+        loader = torch.utils.data.DataLoader(data, batch_size=min(32, len(data)), shuffle=True, drop_last=True,
+                                             num_workers=min(cfg.data.num_workers, 4), persistent_workers=False)
+        params = [*encoder.parameters(), *head.parameters()]
+        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+        step, t0 = 0, time.perf_counter()
+        while step < steps:
+            for clips, y in loader:
+                lr = cosine_lr(step, peak_lr=1e-3, min_lr=1e-5, warmup_steps=max(1, steps // 15), total_steps=steps)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                x = normalize_clips(clips.to(device), mean=m.mean, std=m.std)
+                tokens = encoder.forward_clips(x)[:, encoder.num_prefix_tokens:]  # (B, L, D)
+                target = torch.tensor([classes.index(c) for c in y], device=device)
+                loss = F.cross_entropy(head(tokens.mean(1)), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                if step >= steps:
+                    break
+        encoder.eval()
+        scores = {k: v for k, v in evaluator(encoder).items() if k.startswith(f"eval/{task}/")}
+        results[task] = {**scores, "steps": steps, "train_clips": len(data), "last_loss": float(loss),
+                         "seconds": time.perf_counter() - t0}
+        write_json(cache, results[task])
+        print(f"[learning_curve] supervised reference, {task}: {results[task].get(f'eval/{task}/probe_acc')}", flush=True)
+    return results
+
+
+def write_json(path: Path, data) -> None:
+    from expmae.jobs import atomic_path
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from expmae.learning_benchmark import LearningBenchmarkSize, write_learning_benchmark
+
+    if args.quick:
+        args.random_seeds, args.supervised_steps = min(args.random_seeds, 2), min(args.supervised_steps, 4)
+    t0 = time.perf_counter()
+    size = LearningBenchmarkSize.quick() if args.quick else LearningBenchmarkSize()
+    bench = write_learning_benchmark(args.out / "benchmark", size, workers=args.workers, progress=not args.quick)
+    print(f"[learning_curve] benchmark: {args.out / 'benchmark'} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    runs = {mode: {seed: pretrain(args, bench, mode, seed) for seed in map(int, args.seeds.split(","))}
+            for mode in args.modes.split(",")}
+    from expmae.features.common import resolve_device
+
+    device = resolve_device(args.device)
+    cfg = load_config(args, [f"data.source={bench['pool']}", f"eval.source={bench['labelled']}",
+                             f"eval.labels={bench['labelled'] / 'labels.csv'}", f"eval.layers=[{args.layers}]"])
+    band = random_init_band(args, cfg, device)
+    refs = {"random_init": band, "pixels": pixel_reference(evaluator_for(cfg, _any_encoder(cfg), "cpu"))}
+    if args.supervised_steps:
+        refs["supervised"] = supervised_reference(cfg, bench, args.out / "references", steps=args.supervised_steps,
+                                                  device=device,
+                                                  evaluator=lambda enc: evaluator_for(cfg, enc, device)(enc))
+    curves = {mode: {seed: eval_records(folder) for seed, folder in seeds.items()} for mode, seeds in runs.items()}
+    written = write_report(args.out, curves, refs, samples_per_step=samples_per_step(args, cfg),
+                           headline=headline_layer(curves, refs))
+    print(f"[learning_curve] done in {(time.perf_counter() - t0) / 60:.1f} min: " + ", ".join(map(str, written)))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def samples_per_step(args, cfg) -> int:
+    """Clips per optimizer step: batch x accumulation x ranks (the launcher config's num_processes)."""
+    world = 1
+    if args.launcher:
+        import yaml
+
+        launcher = yaml.safe_load(Path(args.launcher).read_text()) or {}
+        world = int(launcher.get("num_processes", 1))  # accelerate's count over all machines
+    return cfg.train.batch_size * cfg.train.grad_accum_steps * world
+
+
+def headline_layer(curves: dict, refs: dict) -> str:
+    """The first probed layer's key ("L4"): the one every run logs as eval/<task>/knn_acc."""
+    record = refs["random_init"][0]
+    for key, value in record.items():
+        if key.endswith("/knn_acc") and "/L" in key:
+            task = key.split("/")[1]
+            if record.get(f"eval/{task}/knn_acc") == value:
+                return key.split("/")[2]
+    raise ValueError("no headline layer in the evaluation records")
+
+
+def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    steps = np.array([r["step"] for r in records if key in r])
+    return steps, np.array([r[key] for r in records if key in r])
+
+
+def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step: int) -> dict:
+    """Per probe and read-out: the references and, per mode, the curve (mean and spread over seeds) and the first
+    samples-seen count where its mean leaves the random-init band upwards (None: never)."""
+    out = {}
+    for readout in READOUTS:
+        for probe in PROBES:
+            key = f"eval/{task}/{layer}/{readout}/{probe}_acc"
+            band = np.array([r[key] for r in refs["random_init"] if key in r])
+            pixel = refs["pixels"].get(f"eval/{task}/pixels/{'clip' if readout == 'mean' else 'position'}/{probe}_acc")
+            entry = {"random_init": {"mean": float(band.mean()), "sd": float(band.std()), "min": float(band.min()),
+                                     "max": float(band.max()), "n": int(len(band))},
+                     "pixels": pixel, "supervised": refs.get("supervised", {}).get(task, {}).get(key), "modes": {}}
+            for mode, seeds in curves.items():
+                runs = [series(records, key) for records in seeds.values()]
+                steps = runs[0][0]
+                accs = np.stack([a[: len(steps)] for _, a in runs if len(a) >= len(steps)])  # (seeds, points)
+                mean = accs.mean(0)
+                above = np.nonzero(mean > band.max())[0]
+                entry["modes"][mode] = {"samples": (steps * samples_per_step).tolist(), "mean": mean.tolist(),
+                                        "min": accs.min(0).tolist(), "max": accs.max(0).tolist(), "seeds": len(accs),
+                                        "last": float(mean[-1]), "best": float(mean.max()),
+                                        "leaves_band_at": int(steps[above[0]] * samples_per_step) if len(above) else None}
+            out[f"{readout}/{probe}"] = entry
+    return out
+
+
+def plot(summary: dict, task: str, layer: str, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(READOUTS), len(PROBES), figsize=(5 * len(PROBES), 3.6 * len(READOUTS)), squeeze=False)
+    for (i, readout), (j, probe) in ((a, b) for a in enumerate(READOUTS) for b in enumerate(PROBES)):
+        ax, entry = axes[i][j], summary[f"{readout}/{probe}"]
+        band = entry["random_init"]
+        ax.axhspan(band["min"], band["max"], color="grey", alpha=0.25, label=f"random init ({band['n']} seeds)")
+        ax.axhline(band["mean"], color="grey", lw=1)
+        if entry["pixels"] is not None:
+            ax.axhline(entry["pixels"], color="black", ls="--", lw=1, label="pixels")
+        if entry["supervised"] is not None:
+            ax.axhline(entry["supervised"], color="green", ls=":", lw=1.5, label="supervised reference")
+        for mode, curve in entry["modes"].items():
+            line, = ax.plot(curve["samples"], curve["mean"], marker=".", label=f"{mode} ({curve['seeds']} seeds)")
+            ax.fill_between(curve["samples"], curve["min"], curve["max"], color=line.get_color(), alpha=0.2)
+        ax.set_title(f"{task}: {probe} probe, {readout} read-out, {layer}")
+        ax.set_xlabel("pretraining samples seen")
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(summaries: dict, layer: str) -> str:
+    """Table-1 shaped: per task, rows random init / pixels / supervised / each mode's last point; columns the
+    probes and read-outs at the headline layer."""
+    cols = [f"{readout}/{probe}" for readout in READOUTS for probe in PROBES]
+    lines = []
+    for task, summary in summaries.items():
+        lines += [f"**{task}** ({layer}; held-out accuracy)", "",
+                  "| encoder | " + " | ".join(c.replace("/", " ") for c in cols) + " |", "|---|" + "---|" * len(cols)]
+        cell = {c: summary[c] for c in cols}
+        lines.append("| random init (mean, min-max) | " + " | ".join(
+            f"{e['random_init']['mean']:.3f} ({e['random_init']['min']:.2f}-{e['random_init']['max']:.2f})" for e in cell.values()) + " |")
+        for name in ("pixels", "supervised"):
+            lines.append(f"| {name} | " + " | ".join("-" if e[name] is None else f"{e[name]:.3f}" for e in cell.values()) + " |")
+        for mode in next(iter(cell.values()))["modes"]:
+            lines.append(f"| {mode} (last; best) | " + " | ".join(
+                f"{e['modes'][mode]['last']:.3f}; {e['modes'][mode]['best']:.3f}" for e in cell.values()) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(out: Path, curves: dict, refs: dict, *, samples_per_step: int, headline: str) -> list[Path]:
+    tasks = sorted({k.split("/")[1] for k in refs["random_init"][0] if k.count("/") >= 3})
+    summaries = {task: summarise(curves, refs, task, headline, samples_per_step) for task in tasks}
+    write_json(out / "curves.json", {"headline_layer": headline, "samples_per_step": samples_per_step,
+                                     "summary": summaries, "references": refs, "curves": curves})
+    (out / "table.md").write_text(markdown(summaries, headline))
+    return [out / "curves.json", out / "table.md",
+            *(plot(summaries[t], t, headline, out / f"curve_{t}.png") for t in tasks)]
+
+
+def _any_encoder(cfg):
+    from expmae.model import create_model
+
+    return create_model(cfg.model.name, **cfg.model.overrides()).encoder  # for decoding clips; weights unused
+
+
+if __name__ == "__main__":
+    sys.exit(main())
