@@ -2,7 +2,6 @@
 processes, real flocks and signals; the launched 2-rank runs are in test_pretrain_dist.py."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from expmae.runlock import LEASE_NAME, FolderInUse, FolderLock, Lease
+from launching import gone, wait_gone
 
 REPO = Path(__file__).resolve().parents[1]
 HOST = socket.gethostname()
@@ -22,24 +22,6 @@ HOST = socket.gethostname()
 def python(code: str, *args: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=subprocess.PIPE, text=True)
-
-
-def gone(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def wait_gone(pids, timeout: float) -> float:
-    """Seconds until every pid is gone (dead or a zombie); fails after ``timeout``."""
-    t0 = time.monotonic()
-    while not all(gone(p) for p in pids):
-        assert time.monotonic() - t0 < timeout, f"still alive after {timeout} s: {[p for p in pids if not gone(p)]}"
-        time.sleep(0.05)
-    return time.monotonic() - t0
 
 
 def snapshot(folder: Path) -> dict:
@@ -228,3 +210,30 @@ def test_a_process_whose_parent_is_already_gone_stops_at_once():
                   "print('survived', flush=True)")
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL and "survived" not in out
+
+
+STUCK_LOADER = """
+import functools, os, time
+import torch
+from expmae.parentdeath import worker_init
+
+class Stuck(torch.utils.data.Dataset):  # a decoder stuck on a bad file
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        print(os.getpid(), flush=True)
+        time.sleep(60)
+
+loader = torch.utils.data.DataLoader(Stuck(), num_workers=1, worker_init_fn=functools.partial(worker_init, os.getpid()))
+next(iter(loader))
+"""
+
+
+def test_a_dataloader_worker_stuck_in_a_decoder_dies_with_its_rank():
+    """torch's own check of the parent runs only between batches: without the death signal this worker would
+    decode on for a minute."""
+    rank = python(STUCK_LOADER)
+    worker = int(rank.stdout.readline())
+    rank.kill()
+    rank.wait()
+    assert wait_gone([worker], timeout=5) < 1

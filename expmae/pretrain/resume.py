@@ -1,6 +1,7 @@
 """Start-up checks of a run folder, taken once for all ranks: does this run own ``train.output_dir`` (no other live
-run writes there; expmae.runlock), is it one folder that every rank sees (a nonce file), which checkpoint to resume (rank 0 decides and broadcasts, so nodes whose NFS caches
-disagree still resume the same one), and does that checkpoint fit this run."""
+run writes there; expmae.runlock), is it one folder that every rank sees (a nonce file), which checkpoint to resume
+(rank 0 decides and broadcasts, so nodes whose NFS caches disagree still resume the same one), and does that
+checkpoint fit this run."""
 from __future__ import annotations
 
 import json

@@ -10,7 +10,8 @@ clipping that DeepSpeed is given. The config is validated before torch is import
 
 A run folder (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step),
 ``tensorboard/``, ``recon/step_*.png``, ``checkpoints/`` (see expmae.checkpoint) and ``data_failures/`` (clips
-that failed to load, one file per rank and worker).
+that failed to load, one file per rank and worker); rank 0 owns it through ``.expmae_lock`` and, while it runs,
+``.expmae_owner.json`` (expmae.runlock: a second live run on the folder stops before writing).
 """
 from __future__ import annotations
 
@@ -156,7 +157,6 @@ class Run:
 def train(cfg: PretrainConfig, resume: str = "none") -> Path:
     """Train (or continue) the run described by ``cfg``; returns the final checkpoint folder."""
     from expmae.pretrain.loader import Batches
-
     from expmae.pretrain.resume import claim_output_dir
 
     accelerator = make_accelerator(cfg)
