@@ -12,7 +12,9 @@ Two mechanisms, both in the folder, because a run folder may sit on a local disk
   that a daemon thread rewrites every ``HEARTBEAT_S`` seconds. A lease from another host is honoured until its
   heartbeat is older than ``STALE_AFTER_S`` (the owner's machine died or lost the filesystem); then it is taken
   over. On the same host the flock decides, and without a working flock a lease whose pid is dead is stale at once.
-  Comparing heartbeats across machines assumes their clocks agree to well within ``STALE_AFTER_S`` (NTP).
+  Comparing heartbeats across machines assumes their clocks agree to well within ``STALE_AFTER_S`` (NTP). Without
+  a working flock, two runs starting at the same moment are ordered by the lease alone: each writes its own, waits
+  ``SETTLE_S`` and keeps the folder only if the lease is still its own (this narrows the race; a lock closes it).
 
 A forked child (a DataLoader worker) closes its inherited copy of the lock at fork, so only the owner process
 holds the folder: its death alone frees it. If the heartbeat thread finds its lease taken over (the owner was
@@ -38,6 +40,7 @@ LOCK_NAME = ".expmae_lock"
 LEASE_NAME = ".expmae_owner.json"
 HEARTBEAT_S = 15.0
 STALE_AFTER_S = 120.0  # 8 missed heartbeats
+SETTLE_S = 1.0  # without a working flock: how long a new lease must survive before it counts as ours
 
 _HELD: set = set()  # the FolderLocks this process holds (closed in forked children)
 
@@ -147,9 +150,15 @@ class FolderLock:
         now = time.time()
         self.lease = Lease(host=socket.gethostname(), pid=os.getpid(), since=now, heartbeat=now,
                            token=secrets.token_hex(8), command=" ".join(sys.argv)[:300])
-        self.lease.write(self.lease_path)
-        theirs = Lease.read(self.lease_path)
-        if theirs is None or theirs.token != self.lease.token:  # two hosts took a stale lease at once: one wins
+        try:
+            self.lease.write(self.lease_path)
+            if got_flock is None:  # no lock to order two starters: the last lease written wins, the other backs off
+                time.sleep(SETTLE_S)
+            theirs = Lease.read(self.lease_path)
+        except BaseException:
+            self._close()
+            raise
+        if theirs is None or theirs.token != self.lease.token:
             self._close()
             raise self._refusal(theirs)
         _HELD.add(self)
@@ -162,7 +171,7 @@ class FolderLock:
         """True: we hold the flock; False: another process does; None: this filesystem has no working flock."""
         import fcntl
 
-        self.fd = os.open(self.folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+        self.fd = os.open(self.folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
