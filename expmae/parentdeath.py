@@ -13,10 +13,15 @@ its parent dies:
 - elsewhere (macOS): a daemon thread polls ``os.getppid()`` every ``POLL_S`` seconds; an orphan is adopted by
   another process, so the parent pid changes.
 
+A rank's parent is the elastic agent under ``accelerate launch`` and ``torchrun``; ``deepspeed.launcher.launch``
+under the ``deepspeed`` launcher (its runner is one level up: killing the runner's pid alone leaves that process and
+its ranks running, killing its process group does not); Slurm's step daemon under ``srun`` without a launcher (Slurm
+also ends a step whose srun is gone). ``mpirun`` sets none of the variables :func:`launched` reads: not armed.
+
 If the parent died before the signal was armed the kernel will never send it; we then find ``os.getppid()``
 already changed and stop at once. The window before the parent's pid is first read (a rank's interpreter start-up)
-stays open when the launcher does not say who it is; a rank whose elastic agent died that early cannot rendezvous
-(the agent hosts the store) and fails at start-up.
+stays open when the launcher does not say who it is; a rank of an elastic agent that died that early waits for the
+store its agent hosted (TORCHELASTIC_USE_AGENT_STORE) and fails at start-up instead of training.
 
 The signal is SIGKILL: nothing is left to escalate if a handler (ours, a library's) delayed or ignored a SIGTERM,
 and nothing needs a clean exit: a checkpoint being written stays an invisible ``step_*.tmp``, a torn last line
