@@ -440,6 +440,24 @@ def _shared_dir(rank, tmp_path):
     return "ok"
 
 
+def _claim(rank, tmp_path):
+    from expmae.pretrain.resume import claim_output_dir
+
+    lock = claim_output_dir(_fake_accelerator(rank), tmp_path / "run")
+    return [rank, lock is not None]
+
+
+def test_rank0_owns_the_run_folder_and_every_rank_gets_its_answer(tmp_path):
+    from expmae.runlock import FolderLock
+
+    assert _two_ranks(_claim, tmp_path) == [[0, True], [1, False]]  # rank 0 held it (released at its exit)
+    with FolderLock(tmp_path / "run"):  # a live owner: both ranks stop with its one line
+        results = _two_ranks(_claim, tmp_path)
+    assert results[0] == results[1] and "\n" not in results[0]
+    assert results[0].startswith(f"FolderInUse: train.output_dir={tmp_path / 'run'} is in use by a live run: pid "
+                                 f"{os.getpid()} on host ")
+
+
 def test_rank0_chooses_the_checkpoint_to_resume_for_every_rank(tmp_path):
     assert _two_ranks(_resume_choice, tmp_path) == [str(tmp_path / "run" / "checkpoints" / "step_0000004")] * 2
 
