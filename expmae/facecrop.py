@@ -30,6 +30,7 @@ import numpy as np
 from expmae import add_version_argument
 from expmae.features.common import resolve_device
 from expmae.jobs import atomic_path, run_jobs
+from expmae.runlock import FolderInUse, FolderLock
 from expmae.video import (DEFAULT_KEYINT, VIDEO_EXTENSIONS, VideoError, VideoInfo, iter_frames, list_videos,
                           open_video, read_frames, stored_encoding, video_info)
 
@@ -512,8 +513,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.reencode:
         try:
-            summary = reencode_folder(args.reencode, crf=args.crf, keyint=args.keyint, progress=not args.quiet)
-        except FileNotFoundError as exc:
+            with FolderLock(args.reencode, what="--reencode", create=False):  # one writer per folder
+                summary = reencode_folder(args.reencode, crf=args.crf, keyint=args.keyint, progress=not args.quiet)
+        except (FileNotFoundError, FolderInUse) as exc:
             p.error(str(exc))
         for f in summary.pop("failures"):
             print(f"failed: {f['input']}: {f['reason']}", file=sys.stderr)
@@ -526,8 +528,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = {f.name: getattr(args, f.name) for f in fields(CropOptions) if hasattr(args, f.name)}
     options["device"] = str(resolve_device(args.device))
     try:
-        summary = crop_folder(args.input_dir, args.output_dir, workers=args.workers, limit=args.limit,
-                              retry_failed=args.retry_failed, progress=not args.quiet, **options)
+        with FolderLock(args.output_dir, what="output_dir"):  # one writer per folder (FolderInUse is an OSError)
+            summary = crop_folder(args.input_dir, args.output_dir, workers=args.workers, limit=args.limit,
+                                  retry_failed=args.retry_failed, progress=not args.quiet, **options)
     except (ValueError, TypeError, OSError) as exc:
         p.error(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
     if summary["total"] == 0:

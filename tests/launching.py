@@ -89,6 +89,28 @@ def kill_hard(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def gone(pid: int) -> bool:
+    """Dead, or a zombie waiting for its (new) parent to reap it."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids, timeout: float) -> float:
+    """Seconds until every pid in ``pids`` is gone; fails the test after ``timeout``."""
+    import time
+
+    t0 = time.monotonic()
+    while not all(gone(p) for p in pids):
+        if time.monotonic() - t0 > timeout:
+            pytest.fail(f"still alive after {timeout} s: {[p for p in pids if not gone(p)]}")
+        time.sleep(0.05)
+    return time.monotonic() - t0
+
+
 def finish(proc: subprocess.Popen, log: Path, timeout: float = LAUNCH_TIMEOUT) -> int:
     try:
         return proc.wait(timeout=timeout)

@@ -1,7 +1,8 @@
 """Distributed pretraining on 2 CPU ranks (gloo), beyond the ZeRO-2 fp32 path of test_pretrain.py: exact targets
 under bf16, the host synchronisations of a step, per-rank failure logs, the DataLoader stall guard, the partitioned
-ZeRO-3 path (stage3_param_persistence_threshold 0: no parameter stays whole), and the start-up checks every rank
-takes together (shared output folder, rank 0's resume choice, ZeRO-3 weight gathering).
+ZeRO-3 path (stage3_param_persistence_threshold 0: no parameter stays whole), the start-up checks every rank
+takes together (shared output folder, rank 0's resume choice, ZeRO-3 weight gathering), a launcher killed alone (no
+rank or DataLoader worker outlives it) and a second run on a live run's folder (refused before writing).
 
 Launched runs are shared between tests by module-scoped fixtures.
 """
@@ -16,7 +17,10 @@ import pytest
 import torch
 
 from conftest import write_moving_clips
-from launching import LAUNCH_TIMEOUT, finish, launch, read_metrics, run_ok, trained, write_launcher, write_tiny_config
+from launching import (
+    LAUNCH_TIMEOUT, finish, gone, kill_hard, launch, read_metrics, run_ok, trained, wait_gone, write_launcher,
+    write_tiny_config,
+)
 
 TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
             decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=32, video_decoder_depth=1,
@@ -280,6 +284,103 @@ def test_zero3_partitioned_checkpoint_exports_the_trained_encoder(zero3, tmp_pat
                                    atol=1e-6, rtol=0)
 
 
+# ------------------------------------------------------- a killed launcher, and a second run on a live folder
+
+
+def run_processes(launcher_pid: int) -> tuple[dict[int, int], list[int]]:
+    """A launched run's ranks ({RANK: pid}, the launcher's children) and every process below them (DataLoader
+    workers)."""
+    import psutil
+
+    ranks, below = {}, []
+    for child in psutil.Process(launcher_pid).children():
+        rank = child.environ().get("RANK")
+        if rank is not None:
+            ranks[int(rank)] = child.pid
+            below += [p.pid for p in child.children(recursive=True)]
+    return ranks, below
+
+
+def folder_state(run: Path) -> dict:
+    """Every file's size and mtime, but the owner's lease (its heartbeat rewrites it)."""
+    from expmae.runlock import LEASE_NAME
+
+    return {p.relative_to(run).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in run.rglob("*") if p.name != LEASE_NAME}
+
+
+@pytest.fixture(scope="module")
+def orphaned(tmp_path_factory, videos):
+    """Run A (2 DeepSpeed ranks, one DataLoader worker each) checkpoints at step 3 and then waits on a decoder stuck
+    in epoch 1 (debug.hang_clip). While it lives, B (--resume auto) and C (a fresh run) start on its folder. Then
+    the launcher's process group alone gets SIGKILL, and B runs again. A straight run (no hang) is the reference."""
+    import signal
+    import time
+
+    from expmae.checkpoint import latest_checkpoint
+
+    work = tmp_path_factory.mktemp("orphaned")
+    run = work / "run"
+    common = dict(train={"max_steps": 6}, checkpoint={"every": 3}, log={"recon_every": 0})
+    config = write_tiny_config(work / "tiny.yaml", videos, run, debug={"hang_clip": 5, "hang_epoch": 1}, **common)
+    straight = write_tiny_config(work / "straight.yaml", videos, work / "straight", **common)
+    procs, ranks, workers = [], {}, []
+    try:
+        procs += [launch(config, log=work / "a.txt"), launch(straight, log=work / "straight.txt")]
+        a = procs[0]
+        deadline = time.monotonic() + 2 * LAUNCH_TIMEOUT  # two runs start at once (both build DeepSpeed's shm op)
+        while latest_checkpoint(run / "checkpoints") is None and a.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert latest_checkpoint(run / "checkpoints") is not None and a.poll() is None, (work / "a.txt").read_text()[-3000:]
+        time.sleep(1)  # past the checkpoint: the ranks wait for the stuck clip's batch
+        ranks, workers = run_processes(a.pid)
+        before = folder_state(run)
+        procs += [launch(config, "--resume", "auto", "debug.hang_clip=-1", log=work / "b.txt"),
+                  launch(config, "debug.hang_clip=-1", log=work / "c.txt")]
+        refused = {"b": finish(procs[2], work / "b.txt"), "c": finish(procs[3], work / "c.txt")}
+        after = folder_state(run)
+        os.killpg(a.pid, signal.SIGKILL)  # the launcher alone: its ranks run in sessions of their own
+        a.wait()
+        orphans_lived = wait_gone(list(ranks.values()) + workers, timeout=30)
+        run_ok(config, "--resume", "auto", "debug.hang_clip=-1", log=work / "b_again.txt")
+        assert finish(procs[1], work / "straight.txt") == 0, (work / "straight.txt").read_text()[-3000:]
+    finally:
+        for proc in procs:
+            kill_hard(proc)
+        for pid in [*ranks.values(), *workers]:  # only if the test failed: the death signal took them already
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
+    return dict(work=work, run=run, ranks=ranks, workers=workers, refused=refused, before=before, after=after,
+                orphans_lived=orphans_lived)
+
+
+@pytest.mark.timeout(6 * LAUNCH_TIMEOUT)
+def test_a_killed_launcher_leaves_no_rank_or_worker_alive_and_resume_auto_ends_as_a_straight_run(orphaned):
+    assert sorted(orphaned["ranks"]) == [0, 1] and len(orphaned["workers"]) >= 2  # one DataLoader worker per rank
+    assert orphaned["orphans_lived"] < 5, orphaned  # measured: well under a second (PR_SET_PDEATHSIG)
+    work, run = orphaned["work"], orphaned["run"]
+    assert f"resumed from {run / 'checkpoints' / 'step_0000003'}" in (work / "b_again.txt").read_text()
+    resumed, straight = read_metrics(run), read_metrics(work / "straight")
+    assert [r["step"] for r in straight] == list(range(1, 7))
+    assert resumed == straight  # steps, losses, lr, grad norms: bit for bit
+
+
+@pytest.mark.timeout(6 * LAUNCH_TIMEOUT)
+def test_a_second_run_on_a_live_folder_stops_before_writing_and_takes_over_once_the_owner_is_dead(orphaned):
+    import socket
+
+    work, run, owner = orphaned["work"], orphaned["run"], orphaned["ranks"][0]
+    for name, rc in orphaned["refused"].items():
+        text = (work / f"{name}.txt").read_text()
+        errors = [line for line in text.splitlines() if line.startswith("error:")]
+        assert rc != 0 and len(errors) == 1, text[-3000:]  # every rank stopped; rank 0 says why, once
+        assert errors[0].startswith(f"error: train.output_dir={run} is in use by a live run: pid {owner} on host "
+                                    f"{socket.gethostname()} since "), errors[0]
+        assert f"kill {owner} on {socket.gethostname()}" in errors[0] and "or use another train.output_dir" in errors[0]
+    assert orphaned["after"] == orphaned["before"]  # neither wrote a byte: no config.yaml, nonce, metrics line
+    assert read_metrics(run) == read_metrics(work / "straight")  # B, once A was gone, finished it exactly
+
+
 # ---------------------------------------------------------------------------- start-up checks (unit)
 
 
@@ -337,6 +438,24 @@ def _shared_dir(rank, tmp_path):
     check_shared_output_dir(_fake_accelerator(rank), shared, seen_as=tmp_path / f"local{rank}" if rank else None,
                             wait_s=0.5)
     return "ok"
+
+
+def _claim(rank, tmp_path):
+    from expmae.pretrain.resume import claim_output_dir
+
+    lock = claim_output_dir(_fake_accelerator(rank), tmp_path / "run")
+    return [rank, lock is not None]
+
+
+def test_rank0_owns_the_run_folder_and_every_rank_gets_its_answer(tmp_path):
+    from expmae.runlock import FolderLock
+
+    assert _two_ranks(_claim, tmp_path) == [[0, True], [1, False]]  # rank 0 held it (released at its exit)
+    with FolderLock(tmp_path / "run"):  # a live owner: both ranks stop with its one line
+        results = _two_ranks(_claim, tmp_path)
+    assert results[0] == results[1] and "\n" not in results[0]
+    assert results[0].startswith(f"FolderInUse: train.output_dir={tmp_path / 'run'} is in use by a live run: pid "
+                                 f"{os.getpid()} on host ")
 
 
 def test_rank0_chooses_the_checkpoint_to_resume_for_every_rank(tmp_path):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from expmae.jobs import JobSummary, JsonlLog, atomic_path, run_jobs, save_npy_atomic
+from expmae.runlock import FolderLock
 
 POOLINGS = ("mean", "none")
 LAYER_REDUCTIONS = ("sum", "mean")
@@ -231,24 +232,23 @@ def run_extraction(
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, {**settings, "pooling": pooling})
+    with FolderLock(out_dir, what="feature folder"):  # one writer per folder; FolderInUse (an OSError) otherwise
+        check_settings(out_dir, {**settings, "pooling": pooling})
+        done = JsonlLog(out_dir / "manifest.jsonl").keys()
+        if not retry_failed:
+            done |= JsonlLog(out_dir / "failures.jsonl").keys()
+        loader = _Prefetcher(items, load, key, done, prefetch)
 
-    done = JsonlLog(out_dir / "manifest.jsonl").keys()
-    if not retry_failed:
-        done |= JsonlLog(out_dir / "failures.jsonl").keys()
-    loader = _Prefetcher(items, load, key, done, prefetch)
+        def work(item) -> dict:
+            frames, info = encode(loader(item))
+            feature = pool(frames, pooling)
+            if not np.isfinite(feature).all():
+                raise ValueError(f"{item}: the model produced NaN or inf (try --dtype float32)")
+            save_npy_atomic(out_dir / f"{key(item)}.npy", feature)
+            return {"shape": list(feature.shape), "frames": int(np.shape(frames)[0]), **info}
 
-    def work(item) -> dict:
-        frames, info = encode(loader(item))
-        feature = pool(frames, pooling)
-        if not np.isfinite(feature).all():
-            raise ValueError(f"{item}: the model produced NaN or inf (try --dtype float32)")
-        save_npy_atomic(out_dir / f"{key(item)}.npy", feature)
-        return {"shape": list(feature.shape), "frames": int(np.shape(frames)[0]), **info}
-
-    try:
-        return run_jobs(items, work, out_dir, key=key, workers=0, limit=limit, retry_failed=retry_failed,
-                        desc=desc, progress=progress)
-    finally:
-        loader.close()
+        try:
+            return run_jobs(items, work, out_dir, key=key, workers=0, limit=limit, retry_failed=retry_failed,
+                            desc=desc, progress=progress)
+        finally:
+            loader.close()

@@ -115,11 +115,12 @@ def config_from_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     from expmae.finetune.compare import run_compare
     from expmae.finetune.protocol import run_finetune
+    from expmae.runlock import FolderInUse
 
     try:
         cfg = config_from_args(argv)
         run_compare(cfg) if cfg.compare else run_finetune(cfg)
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, FileNotFoundError, KeyError, FolderInUse) as exc:
         print(f"expmae-finetune: error: {exc}", file=sys.stderr)
         return 2
     return 0

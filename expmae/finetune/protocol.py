@@ -34,6 +34,7 @@ from expmae.finetune.datasets import LabelFormat, LabelSet, is_label_file, label
 from expmae.finetune.featureset import FeatureSet, describe_missing
 from expmae.finetune.metrics import Scorer, confusion_matrix, plot_confusion_matrix
 from expmae.finetune.splits import check_folds, column_folds, file_folds, stratified_folds
+from expmae.runlock import FolderLock
 
 # A fold's resume state (end-to-end backend), in its run dir while it trains; removed once its result.json is written.
 RESUME_CHECKPOINT = "resume.pt"
@@ -227,18 +228,19 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fmt_ = label_format(cfg.labels, cfg.dataset, label_column=cfg.label_column, classes=cfg.classes, targets=cfg.targets)
-    labels = read_labels(cfg.labels, fmt_)
-    scorer = Scorer(labels.classes, labels.target_names, mer=fmt_.is_mer, metric=cfg.metric)
-    if scorer.metric not in scorer.names():
-        raise ValueError(f"metric={cfg.metric!r}: expected 'auto' or one of {scorer.names()}")
-    minority = minority_spec(cfg, labels.classes)
-    backend = make_backend(cfg)
-    data = load_data(cfg, backend, labels, fmt_)
-    fold_names, splits = make_folds(cfg, labels, data.train.names, data.label)
-    fold_runs, fold_pseudo = run_folds(cfg, data, splits, scorer, minority, backend, out_dir)
-    return report(cfg, fmt_, labels, data, fold_names, splits, fold_runs, fold_pseudo, scorer, backend, out_dir)
+    with FolderLock(out_dir, what="out_dir"):  # one live run per folder (FolderInUse names the owner)
+        fmt_ = label_format(cfg.labels, cfg.dataset, label_column=cfg.label_column, classes=cfg.classes,
+                            targets=cfg.targets)
+        labels = read_labels(cfg.labels, fmt_)
+        scorer = Scorer(labels.classes, labels.target_names, mer=fmt_.is_mer, metric=cfg.metric)
+        if scorer.metric not in scorer.names():
+            raise ValueError(f"metric={cfg.metric!r}: expected 'auto' or one of {scorer.names()}")
+        minority = minority_spec(cfg, labels.classes)
+        backend = make_backend(cfg)
+        data = load_data(cfg, backend, labels, fmt_)
+        fold_names, splits = make_folds(cfg, labels, data.train.names, data.label)
+        fold_runs, fold_pseudo = run_folds(cfg, data, splits, scorer, minority, backend, out_dir)
+        return report(cfg, fmt_, labels, data, fold_names, splits, fold_runs, fold_pseudo, scorer, backend, out_dir)
 
 
 def run_folds(cfg: FinetuneConfig, data: Data, splits, scorer: Scorer, minority, backend, out_dir: Path):

@@ -31,6 +31,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from expmae.parentdeath import die_with_parent, launched
+
+    if launched():  # first: a rank must not outlive its launcher (whose agent starts it in a session of its own)
+        die_with_parent()
     args = parse_args(argv)
     if args.help_config:
         print(describe())
@@ -48,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from expmae.pretrain.train import DataStallError, NonFiniteLossError, train
+    from expmae.runlock import FolderInUse
 
     try:
         train(cfg, resume=args.resume)
-    except (ConfigError, NonFiniteLossError, DataStallError, FileExistsError) as exc:
+    except (ConfigError, NonFiniteLossError, DataStallError, FileExistsError, FolderInUse) as exc:
         say(f"error: {exc}")
         return 1
     return 0

@@ -57,11 +57,16 @@ class EpochItems:
 def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int, timeout: float,
                 pin_memory: bool, repeated_samples: int = 1, repeat_spread: int = 1, hang: tuple[int, int] | None = None):
     """One DataLoader for the whole run, starting at the state's data position; ``repeated_samples`` = k: each
-    worker decodes a clip once for its k samples, which go to k different batches (expmae.data.EpochBatchSampler)."""
+    worker decodes a clip once for its k samples, which go to k different batches (expmae.data.EpochBatchSampler).
+    Its workers die with this process (expmae.parentdeath)."""
+    import functools
+    import os
+
     import torch
     from torch.utils.data import DataLoader
 
     from expmae.data import EpochBatchSampler, collate_samples
+    from expmae.parentdeath import worker_init
 
     sampler = EpochBatchSampler(len(dataset), batch_size=plan.batch_size, batches_per_epoch=plan.batches_per_epoch,
                                 rank=rank, world=plan.world, seed=seed, start_epoch=state.epoch,
@@ -70,7 +75,7 @@ def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int,
     dataset.keep_decoded = sampler.keep_decoded  # set before the workers fork: each keeps its own
     # Worker seeds come from the loader's own generator: the global RNG (masking) stays untouched.
     return DataLoader(EpochItems(dataset, num_workers, hang), batch_sampler=sampler, num_workers=num_workers,
-                      collate_fn=collate_samples,
+                      collate_fn=collate_samples, worker_init_fn=functools.partial(worker_init, os.getpid()),
                       pin_memory=pin_memory, timeout=timeout if num_workers else 0,
                       generator=torch.Generator().manual_seed(seed), persistent_workers=False)
 

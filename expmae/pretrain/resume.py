@@ -1,6 +1,7 @@
-"""Start-up checks of a run folder, taken once for all ranks: is ``train.output_dir`` one folder that every rank
-sees (a nonce file), which checkpoint to resume (rank 0 decides and broadcasts, so nodes whose NFS caches
-disagree still resume the same one), and does that checkpoint fit this run."""
+"""Start-up checks of a run folder, taken once for all ranks: does this run own ``train.output_dir`` (no other live
+run writes there; expmae.runlock), is it one folder that every rank sees (a nonce file), which checkpoint to resume
+(rank 0 decides and broadcasts, so nodes whose NFS caches disagree still resume the same one), and does that
+checkpoint fit this run."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from expmae.config import ConfigError
+from expmae.runlock import FolderInUse
 
 NONCE_NAME = ".expmae_nonce"
 
@@ -39,7 +41,7 @@ def _from_rank0(accelerator, compute):
     if accelerator.is_main_process:
         try:
             box[0] = ("ok", compute())
-        except (ConfigError, FileExistsError) as exc:
+        except (ConfigError, FileExistsError, FolderInUse) as exc:
             box[0] = ("error", exc)
     if accelerator.num_processes > 1:
         import torch.distributed as dist
@@ -49,6 +51,17 @@ def _from_rank0(accelerator, compute):
     if kind == "error":
         raise value
     return value
+
+
+def claim_output_dir(accelerator, out_dir: Path):
+    """Rank 0 creates ``out_dir`` and takes its lock (expmae.runlock) before anything is written there; every rank
+    gets the answer, so a folder that a live run owns stops all ranks with the same one-line FolderInUse. Returns
+    the lock on rank 0 (release it when the run ends), None on the other ranks."""
+    from expmae.runlock import FolderLock
+
+    held = []
+    _from_rank0(accelerator, lambda: held.append(FolderLock(out_dir, what="train.output_dir").acquire()))
+    return held[0] if held else None
 
 
 def choose_resume(accelerator, resume: str, ckpt_dir: Path) -> Path | None:

@@ -10,7 +10,8 @@ clipping that DeepSpeed is given. The config is validated before torch is import
 
 A run folder (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step),
 ``tensorboard/``, ``recon/step_*.png``, ``checkpoints/`` (see expmae.checkpoint) and ``data_failures/`` (clips
-that failed to load, one file per rank and worker).
+that failed to load, one file per rank and worker); rank 0 owns it through ``.expmae_lock`` and, while it runs,
+``.expmae_owner.json`` (expmae.runlock: a second live run on the folder stops before writing).
 """
 from __future__ import annotations
 
@@ -159,16 +160,23 @@ class Run:
 def train(cfg: PretrainConfig, resume: str = "none") -> Path:
     """Train (or continue) the run described by ``cfg``; returns the final checkpoint folder."""
     from expmae.pretrain.loader import Batches
+    from expmae.pretrain.resume import claim_output_dir
 
-    run, state = setup(cfg, resume)
-    data = Batches(make_run_loader(run, state), state, run.plan.batches_per_epoch)
-    last_ckpt = run.resumed_from  # stays the answer when a finished run is resumed
-    if run.evaluator is not None and state.step == 0:
-        evaluate(run, 0)  # the random-init twin: every curve starts from it
-    run.model.train()
-    while state.step < run.plan.total_steps:
-        last_ckpt = train_one_epoch(run, state, data) or last_ckpt
-    return finish(run, state, last_ckpt)
+    accelerator = make_accelerator(cfg)
+    lock = claim_output_dir(accelerator, Path(cfg.train.output_dir))  # before any write: one live run per folder
+    try:
+        run, state = setup(cfg, resume, accelerator)
+        data = Batches(make_run_loader(run, state), state, run.plan.batches_per_epoch)
+        last_ckpt = run.resumed_from  # stays the answer when a finished run is resumed
+        if run.evaluator is not None and state.step == 0:
+            evaluate(run, 0)  # the random-init twin: every curve starts from it
+        run.model.train()
+        while state.step < run.plan.total_steps:
+            last_ckpt = train_one_epoch(run, state, data) or last_ckpt
+        return finish(run, state, last_ckpt)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def train_one_epoch(run: Run, state: TrainState, data) -> Path | None:
@@ -283,18 +291,16 @@ def make_run_loader(run: Run, state: TrainState):
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def setup(cfg: PretrainConfig, resume: str) -> tuple[Run, TrainState]:
-    """Accelerator, run-folder checks, model, data, plan, DeepSpeed, resume, logger: everything but the loop."""
+def setup(cfg: PretrainConfig, resume: str, accelerator) -> tuple[Run, TrainState]:
+    """Run-folder checks, model, data, plan, DeepSpeed, resume, logger: everything but the loop. The folder exists
+    and this run owns it (expmae.pretrain.resume.claim_output_dir)."""
     from accelerate.utils import set_seed
 
     from expmae.checkpoint import load_checkpoint
     from expmae.pretrain.resume import check_resumable, check_shared_output_dir, choose_resume
 
     t = cfg.train
-    accelerator = make_accelerator(cfg)
     out_dir = Path(t.output_dir)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
     check_shared_output_dir(accelerator, out_dir)
     resume_from = choose_resume(accelerator, resume, out_dir / "checkpoints")
     accelerator.wait_for_everyone()
