@@ -222,8 +222,14 @@ def report_reconstruction(recon: dict) -> None:
         r = recon[name]
         branches = ", ".join(f"{k.removeprefix('loss_')} {r[k]:.4f}" for k in ("loss_mae", "loss_video") if k in r)
         print(f"    {name:13s} {r['loss']:.4f}  ({branches})")
-    below = {name: recon["pretrained"]["loss"] < recon[name]["loss"] for name in ("random_init", "patch_mean", "copy_visible")}
-    print("    pretrained below: " + ", ".join(f"{name} {'yes' if b else 'no'}" for name, b in below.items()))
+    # per branch too: a total below a reference can hide a branch that learned nothing beyond it
+    mine = recon["pretrained"]
+    verdicts = []
+    for name in ("random_init", "patch_mean", "copy_visible"):
+        says = [f"{k.removeprefix('loss_')} {'yes' if mine[k] < recon[name][k] else 'no'}"
+                for k in ("loss", "loss_mae", "loss_video") if k in mine]
+        verdicts.append(f"{name}: {', '.join(says)}")
+    print(f"    pretrained below {'; '.join(verdicts)}")
 
 
 def report_probes(summary: dict) -> None:
