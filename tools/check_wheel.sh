@@ -70,7 +70,7 @@ for s in $SCRIPTS; do
 done
 expmae-configs --list-configs
 "$VPY" -m expmae.pretrain --list-configs >/dev/null
-expmae-finetune --list-configs | grep -q mer2023_attention
+expmae-finetune --list-configs | grep mer2023_attention >/dev/null  # not -q: an early exit breaks the pipe
 
 say "expmae-crop on synthetic face videos (written by this environment's PyAV)"
 "$VPY" -c 'from expmae.synthetic import make_face_videos; make_face_videos("videos", n=2, num_frames=16, size=128, seed=0)'
