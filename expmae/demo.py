@@ -132,8 +132,10 @@ def reconstruction(run_dir: Path, clips_dir: Path) -> dict:
     cfg = load_config(run_dir / "config.yaml")
     pretrained, _ = load_pretrained(run_dir)
     random_init = random_init_model(cfg.model.name, cfg.model.overrides(), seed=cfg.train.seed).eval()
-    clips = torch.stack(evaluation_clips(video_paths([str(clips_dir)]), pretrained.cfg, cfg.data.sample_stride))
-    losses = heldout_recon(pretrained, random_init, clips)
+    clips = evaluation_clips(video_paths([str(clips_dir)]), pretrained.cfg, cfg.data.sample_stride)
+    if not clips:
+        raise SystemExit(f"error: no readable held-out clip in {clips_dir}; see its failures.jsonl")
+    losses = heldout_recon(pretrained, random_init, torch.stack(clips))
     say(5, f"held-out masked reconstruction: {len(clips)} clips x {RECON_DRAWS} mask draws "
            f"({time.perf_counter() - t0:.0f} s)")
     return {"clips": len(clips), "draws": RECON_DRAWS, **losses}
