@@ -13,8 +13,9 @@
 # pip's cache (~/.cache/pip, or PIP_CACHE_DIR) keeps downloads and the wheel it builds for deepspeed (an sdist),
 # so a second run downloads and builds nothing; keep that folder between CI runs to save the downloads. What stays
 # is unpacking about 6 GB (torch's CUDA build and its nvidia libraries) into the fresh venv.
-# Measured on the 2-core machine with other jobs running (2026-12-07): install 3.2 min, the whole script 19.7 min
-# (the demo 13.7 min of it; about 2.5 min on an idle machine).
+# Measured on the 2-core machine with other jobs running (2026-12-07, three runs): install 2.8-4.5 min (no faster
+# with a warm cache: here every file comes from local disk), the whole script 13.9 and 19.7 min, of which the demo
+# 9.6 and 13.7 min (it takes about 2.5 min on an idle machine).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PY="${1:-$REPO/.venv/bin/python}"
