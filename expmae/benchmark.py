@@ -43,15 +43,22 @@ def read_clips(csv_path: str | os.PathLike) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def save_random_init_encoder(model_name: str, overrides: dict, out_dir: str | os.PathLike, seed: int) -> Path:
-    """The encoder a pretraining run with this model config and ``train.seed`` starts from, as an encoder folder."""
+def random_init_model(model_name: str, overrides: dict, seed: int):
+    """The whole ExpMAE (encoder and decoders) a pretraining run with this model config and ``train.seed`` starts
+    from."""
     from accelerate.utils import set_seed
 
-    from expmae.export import save_encoder
     from expmae.model import create_model
 
     set_seed(seed)  # as the training loop seeds before it builds the model: the same initial weights
-    model = create_model(model_name, **overrides)
+    return create_model(model_name, **overrides)
+
+
+def save_random_init_encoder(model_name: str, overrides: dict, out_dir: str | os.PathLike, seed: int) -> Path:
+    """The encoder a pretraining run with this model config and ``train.seed`` starts from, as an encoder folder."""
+    from expmae.export import save_encoder
+
+    model = random_init_model(model_name, overrides, seed)
     return save_encoder(model, out_dir, model_name=model_name, overwrite=True,
                         source={"kind": "random-init", "seed": seed})
 

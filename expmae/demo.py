@@ -7,10 +7,13 @@
    through the same ``accelerate launch -m expmae.pretrain`` command as a real run (the shipped configs
    ``tiny_demo`` and ``cpu_deepspeed_2proc``);
 4. export of the encoder (expmae-export), and the same architecture at its random initialisation;
-5. features of every crop from both encoders (expmae.features);
-6. the 5-fold finetune protocol (expmae-finetune, unimodal visual, attention head) and a linear probe, both
+5. the held-out masked-reconstruction loss (what a short pretraining does show): the pretrained model, its random
+   initialisation and two trivial predictors (patch mean, copy the nearest visible patch; expmae.recon_baselines)
+   on the held-out identities' crops, the same mask draws for all four (expmae.visualize.reconstruction_losses);
+6. features of every crop from both encoders (expmae.features);
+7. the 5-fold finetune protocol (expmae-finetune, unimodal visual, attention head) and a linear probe, both
    scored on the held-out identities;
-7. ``summary.json`` (pretrained vs random-init) and the paths of every artefact.
+8. ``summary.json`` (heldout_recon, then pretrained vs random-init probe and metric) and the paths of every artefact.
 
     python -m expmae.demo [--out demo_out] [section.key=value ...]   # overrides go to the training config
 
@@ -34,7 +37,8 @@ from expmae.shipped_configs import find_config
 
 ACCELERATE_CONFIG = find_config("cpu_deepspeed_2proc", ("accelerate",))
 TRAIN_CONFIG = find_config("tiny_demo", ("pretrain",))
-STEPS = 7
+STEPS = 8
+RECON_DRAWS = 8  # mask draws averaged per held-out loss (seeds 0..7), the same for every predictor
 
 
 def free_port() -> int:
@@ -100,6 +104,43 @@ def encoders(run_dir: Path, out: Path) -> dict[str, Path]:
     return {"random_init": random_init, "pretrained": pretrained}
 
 
+def heldout_recon(pretrained, random_init, clips_uint8, *, draws: int = RECON_DRAWS, seed: int = 0) -> dict:
+    """Masked-reconstruction losses on held-out clips (uint8 (B, C, T, H, W)) of the pretrained model, its random
+    initialisation and the trivial predictors, all on the same ``draws`` mask draws (seeds seed, seed + 1, ...):
+    {name: {"loss", "loss_mae", "loss_video"}} for random_init, patch_mean, copy_visible, pretrained."""
+    import torch
+
+    from expmae.recon_baselines import PREDICTORS
+    from expmae.visualize import reconstruction_losses
+
+    cpu = torch.device("cpu")
+    scored = reconstruction_losses(pretrained, clips_uint8, seed=seed, draws=draws, device=cpu, baselines=PREDICTORS)
+    init = reconstruction_losses(random_init, clips_uint8, seed=seed, draws=draws, device=cpu)["model"]
+    return {"random_init": init, **{name: scored[name] for name in PREDICTORS}, "pretrained": scored["model"]}
+
+
+def reconstruction(run_dir: Path, clips_dir: Path) -> dict:
+    """heldout_recon of the run's last checkpoint (encoder and decoders) and of the model it started from, on the
+    evaluation views (centre window and crop, the run's frame stride) of every clip in ``clips_dir``."""
+    import torch
+
+    from expmae.benchmark import random_init_model
+    from expmae.config import load_config
+    from expmae.visualize import evaluation_clips, load_pretrained, video_paths
+
+    t0 = time.perf_counter()
+    cfg = load_config(run_dir / "config.yaml")
+    pretrained, _ = load_pretrained(run_dir)
+    random_init = random_init_model(cfg.model.name, cfg.model.overrides(), seed=cfg.train.seed).eval()
+    clips = evaluation_clips(video_paths([str(clips_dir)]), pretrained.cfg, cfg.data.sample_stride)
+    if not clips:
+        raise SystemExit(f"error: no readable held-out clip in {clips_dir}; see its failures.jsonl")
+    losses = heldout_recon(pretrained, random_init, torch.stack(clips))
+    say(5, f"held-out masked reconstruction: {len(clips)} clips x {RECON_DRAWS} mask draws "
+           f"({time.perf_counter() - t0:.0f} s)")
+    return {"clips": len(clips), "draws": RECON_DRAWS, **losses}
+
+
 def evaluate(encoder_dirs: dict[str, Path], benchmark: dict[str, Path], crops_dir: Path, out: Path) -> dict:
     from expmae.benchmark import evaluate_encoder
 
@@ -111,8 +152,8 @@ def evaluate(encoder_dirs: dict[str, Path], benchmark: dict[str, Path], crops_di
     for name, encoder_dir in encoder_dirs.items():
         results[name] = evaluate_encoder(encoder_dir, benchmark, out / "eval" / name,
                                          videos=[crops_dir / "train", crops_dir / "test"])
-    say(5, f"features -> {out / 'eval' / '*' / 'features'}")
-    say(6, f"5-fold finetune + linear probe, scored on held-out identities ({time.perf_counter() - t0:.0f} s)")
+    say(6, f"features -> {out / 'eval' / '*' / 'features'}")
+    say(7, f"5-fold finetune + linear probe, scored on held-out identities ({time.perf_counter() - t0:.0f} s)")
     return results
 
 
@@ -149,32 +190,65 @@ def main(argv: list[str] | None = None) -> int:
     if rc != 0:
         print(f"error: pretraining failed (exit status {rc}); its output is above", file=sys.stderr)
         return rc
-    results = evaluate(encoders(run_dir, out), benchmark, crops_dir, out)
+    encoder_dirs = encoders(run_dir, out)
+    recon = reconstruction(run_dir, crops_dir / "test")
+    results = evaluate(encoder_dirs, benchmark, crops_dir, out)
     summary = {
+        "heldout_recon": {k: recon[k]["loss"] for k in ("random_init", "patch_mean", "copy_visible", "pretrained")},
         "probe": {k: r["probe"]["accuracy"] for k, r in results.items()},
         "metric": {k: r["finetune"]["metric"] for k, r in results.items()},
     }
     # Said as measured: a short CPU pretraining need not beat random features (see the README's demo section).
     summary["pretrained_better"] = {k: summary[k]["pretrained"] > summary[k]["random_init"] for k in ("probe", "metric")}
-    summary["details"] = results
+    summary["pretrained_better"]["heldout_recon"] = summary["heldout_recon"]["pretrained"] < summary["heldout_recon"]["random_init"]
+    summary["details"] = {**results, "heldout_recon": recon}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report(summary, run_dir, out, time.perf_counter() - t0)
     return 0
 
 
 def report(summary: dict, run_dir: Path, out: Path, seconds: float) -> None:
-    from expmae.checkpoint import latest_checkpoint
+    say(STEPS, f"demo finished in {seconds / 60:.1f} min; held-out identities:")
+    report_reconstruction(summary["details"]["heldout_recon"])
+    # The online evaluation curve's first and last points (pretraining's eval/* metrics) go here, labelled as what a
+    # 2-minute CPU pretraining gives, with a pointer to the long run.
+    report_probes(summary)
+    report_paths(summary, run_dir, out)
 
-    pngs = sorted((run_dir / "recon").glob("step_*.png"))
-    details = summary["details"]
-    say(7, f"demo finished in {seconds / 60:.1f} min; held-out identities:")
+
+def report_reconstruction(recon: dict) -> None:
+    """What a short pretraining does show: the held-out masked-reconstruction loss against its references."""
+    print(f"  masked-reconstruction loss, lower is better ({recon['clips']} clips x {recon['draws']} mask draws; "
+          "loss = the branches as the model weighs them):")
+    for name in ("random_init", "patch_mean", "copy_visible", "pretrained"):
+        r = recon[name]
+        branches = ", ".join(f"{k.removeprefix('loss_')} {r[k]:.4f}" for k in ("loss_mae", "loss_video") if k in r)
+        print(f"    {name:13s} {r['loss']:.4f}  ({branches})")
+    # per branch too: a total below a reference can hide a branch that learned nothing beyond it
+    mine = recon["pretrained"]
+    verdicts = []
+    for name in ("random_init", "patch_mean", "copy_visible"):
+        says = [f"{k.removeprefix('loss_')} {'yes' if mine[k] < recon[name][k] else 'no'}"
+                for k in ("loss", "loss_mae", "loss_video") if k in mine]
+        verdicts.append(f"{name}: {', '.join(says)}")
+    print(f"    pretrained below {'; '.join(verdicts)}")
+
+
+def report_probes(summary: dict) -> None:
     for name in ("random_init", "pretrained"):
-        f = details[name]["finetune"]
+        f = summary["details"][name]["finetune"]
         print(f"  {name:12s} probe accuracy {summary['probe'][name]:.3f} | metric {f['metric']:.3f} "
               f"(metric_e {f['metric_e']:.3f}, metric_v {f['metric_v']:.3f})")
     better = summary["pretrained_better"]
     print(f"  pretrained beats random init: probe {'yes' if better['probe'] else 'no'}, "
           f"metric {'yes' if better['metric'] else 'no'}")
+
+
+def report_paths(summary: dict, run_dir: Path, out: Path) -> None:
+    from expmae.checkpoint import latest_checkpoint
+
+    pngs = sorted((run_dir / "recon").glob("step_*.png"))
+    details = summary["details"]
     print(f"  checkpoint:       {latest_checkpoint(run_dir / 'checkpoints')}")
     print(f"  tensorboard:      {run_dir / 'tensorboard'}   (tensorboard --logdir {run_dir / 'tensorboard'})")
     print(f"  reconstruction:   {pngs[-1] if pngs else 'missing'}")

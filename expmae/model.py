@@ -454,9 +454,14 @@ class ExpMAE(nn.Module):
             out.update(self.mae_loss(mae, latent_mae))
         if video is not None:
             out.update(self.video_loss(video, latent_video))
-        out["loss"] = (self.cfg.mae_loss_weight * out["loss_mae"] if mae is not None else 0.0) + (
-            self.cfg.video_loss_weight * out["loss_video"] if video is not None else 0.0)
+        out["loss"] = self.weighted_loss(out)
         return out
+
+    def weighted_loss(self, losses: dict) -> torch.Tensor | float:
+        """The total the model trains on: its branches' losses (loss_mae, loss_video; a missing one is an absent
+        branch) weighted by cfg.mae_loss_weight / cfg.video_loss_weight."""
+        return (self.cfg.mae_loss_weight * losses["loss_mae"] if "loss_mae" in losses else 0.0) + (
+            self.cfg.video_loss_weight * losses["loss_video"] if "loss_video" in losses else 0.0)
 
     def forward_mae(self, clips, frame_idx=None, mask=None, generator=None) -> dict[str, torch.Tensor]:
         """MAE branch: one frame per clip, random patch masking, reconstruct its masked patches."""

@@ -10,7 +10,8 @@ checkpoint and any clips:
 (also ``python tools/visualize_reconstruction.py``). The masks come from ``--seed``, so grids of two checkpoints
 made with the same seed and clips show the same masks. ``--loss-draws N`` also prints, as one JSON line, the
 model's losses on those clips averaged over N mask draws (seeds seed .. seed+N-1): runs compared on clips none of
-them trained on (held-out identities) with the same masks.
+them trained on (held-out identities) with the same masks; ``--baselines`` adds, on the same draws, the losses of
+the trivial predictors a model must beat (patch mean, copy the nearest visible patch: expmae.recon_baselines).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from expmae import add_version_argument
 
@@ -69,18 +71,28 @@ def reconstruction_grid(model, clips_uint8, *, seed: int, device):
 def reconstruction_loss(model, clips_uint8, *, seed: int, draws: int, device) -> dict[str, float]:
     """The model's losses (loss, loss_mae, loss_video) on uint8 clips (B, C, T, H, W), one batch, averaged over
     ``draws`` mask draws from generators seeded seed, seed + 1, ..."""
+    return reconstruction_losses(model, clips_uint8, seed=seed, draws=draws, device=device)["model"]
+
+
+def reconstruction_losses(model, clips_uint8, *, seed: int, draws: int, device,
+                          baselines: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """{"model": losses, baseline: losses, ...}: reconstruction_loss's numbers and, on the very same mask draws
+    (and MAE frames), those of the trivial predictors named in ``baselines`` (expmae.recon_baselines)."""
     import torch
 
     from expmae.data import normalize_clips
+    from expmae.recon_baselines import baseline_losses
 
     clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
-    totals: dict[str, float] = {}
+    totals: dict[str, dict[str, float]] = {name: {} for name in ("model", *baselines)}
     with torch.no_grad():
         for draw in range(draws):
             out = model(clips, generator=torch.Generator(device=device).manual_seed(seed + draw))
-            for key in ("loss", "loss_mae", "loss_video"):
-                if key in out:
-                    totals[key] = totals.get(key, 0.0) + float(out[key]) / draws
+            scored = {"model": out, **{name: baseline_losses(model, clips, out, name) for name in baselines}}
+            for name, losses in scored.items():
+                for key in ("loss", "loss_mae", "loss_video"):
+                    if key in losses:
+                        totals[name][key] = totals[name].get(key, 0.0) + float(losses[key]) / draws
     return totals
 
 
@@ -126,6 +138,24 @@ def video_paths(inputs: list[str]) -> list[Path]:
     return paths
 
 
+def evaluation_clips(paths: Sequence[Path], cfg, stride: int, limit: int | None = None) -> list:
+    """The deterministic evaluation view (centre window, centre crop) of each readable clip as the model ``cfg``
+    sees it, uint8 (C, T, H, W), the first ``limit``; an unreadable one is said on stderr and skipped."""
+    from expmae.data import VideoClipDataset
+    from expmae.jobs import one_line
+
+    dataset = VideoClipDataset([str(p) for p in paths], cfg.num_frames, stride, cfg.img_size, train=False)
+    clips = []
+    for i, path in enumerate(paths):
+        if len(clips) == limit:
+            break
+        try:
+            clips.append(dataset.transform(dataset.load_frames(i, None), None))
+        except Exception as exc:  # noqa: BLE001 - one unreadable clip is reported and skipped
+            print(f"expmae-visualize: skipping {path}: {one_line(exc)}", file=sys.stderr)
+    return clips
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expmae-visualize", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seeds the masks and the MAE frame choice")
     parser.add_argument("--loss-draws", type=int, default=0,
                         help="also print the losses on the clips, averaged over this many mask draws (JSON)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="with --loss-draws: also the trivial predictors' losses on the same mask draws "
+                             "(patch_mean, copy_visible: expmae.recon_baselines)")
     parser.add_argument("--sample-stride", type=int,
                         help="frames between sampled frames (default: the run's data.sample_stride, else 4)")
     parser.add_argument("--weights", default="auto", choices=("auto", "weights", "zero", "accelerate"),
@@ -153,10 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--loss-draws {args.loss_draws}: expected >= 0")
     if args.sample_stride is not None and args.sample_stride < 1:
         raise SystemExit(f"--sample-stride {args.sample_stride}: expected >= 1")
+    if args.baselines and not args.loss_draws:
+        raise SystemExit("--baselines: expected with --loss-draws N (the baselines are scored on its mask draws)")
     import torch
 
     from expmae.config import DataConfig
-    from expmae.data import VideoClipDataset
     from expmae.features.common import resolve_device
     from expmae.jobs import one_line
 
@@ -168,16 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"expmae-visualize: {one_line(exc)}") from None
     cfg = model.cfg
     stride = args.sample_stride or info.get("sample_stride") or DataConfig().sample_stride
-    # The deterministic evaluation view of each clip: centre window, centre crop.
-    dataset = VideoClipDataset([str(p) for p in paths], cfg.num_frames, stride, cfg.img_size, train=False)
-    clips = []
-    for i, path in enumerate(paths):
-        if len(clips) == args.num_clips:
-            break
-        try:
-            clips.append(dataset.transform(dataset.load_frames(i, None), None))
-        except Exception as exc:  # noqa: BLE001 - one unreadable clip is reported and skipped
-            print(f"expmae-visualize: skipping {path}: {one_line(exc)}", file=sys.stderr)
+    clips = evaluation_clips(paths, cfg, stride, args.num_clips)
     if not clips:
         raise SystemExit(f"expmae-visualize: none of the {len(paths)} inputs could be read as a clip")
     grid = reconstruction_grid(model, torch.stack(clips), seed=args.seed, device=device)
@@ -185,9 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     step = f" at step {info['step']}" if info.get("step") is not None else ""
     print(f"{out}: {len(clips)} clips reconstructed by {info['checkpoint']}{step} (mode {cfg.mode}, seed {args.seed})")
     if args.loss_draws:
-        losses = reconstruction_loss(model, torch.stack(clips), seed=args.seed, draws=args.loss_draws, device=device)
+        from expmae.recon_baselines import PREDICTORS
+
+        scored = reconstruction_losses(model, torch.stack(clips), seed=args.seed, draws=args.loss_draws,
+                                       device=device, baselines=PREDICTORS if args.baselines else ())
+        rounded = {name: {k: round(v, 6) for k, v in losses.items()} for name, losses in scored.items()}
         print(json.dumps({"checkpoint": str(info["checkpoint"]), "step": info.get("step"), "clips": len(clips),
-                          "draws": args.loss_draws, **{k: round(v, 6) for k, v in losses.items()}}))
+                          "draws": args.loss_draws, **rounded.pop("model"), **rounded}))
     return 0
 
 

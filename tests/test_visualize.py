@@ -10,7 +10,7 @@ from conftest import write_checkpoint
 from expmae.checkpoint import MODEL_CONFIG_NAME
 from expmae.data import VideoClipDataset, normalize_clips
 from expmae.model import create_model
-from expmae.visualize import main, reconstruction_grid
+from expmae.visualize import main, reconstruction_grid, reconstruction_losses
 
 # 64 px, patch 16 -> 4 x 4 patches; 4 frames, tubelet 2
 TINY = dict(img_size=64, num_frames=4, patch_size=16, depth=1, embed_dim=64, num_heads=2, decoder_embed_dim=32,
@@ -34,7 +34,7 @@ def test_cli_grid_is_the_checkpoints_model_on_the_centre_views(tmp_path, make_vi
     videos = [make_video(f"clip{i}.mp4", num_frames=12, size=64, seed=i) for i in range(3)]
     out = tmp_path / "recon" / "grid.png"
     assert main([str(run), *map(str, videos), "--out", str(out), "--num-clips", "2", "--seed", "3",
-                 "--sample-stride", "2", "--device", "cpu", "--loss-draws", "2"]) == 0
+                 "--sample-stride", "2", "--device", "cpu", "--loss-draws", "2", "--baselines"]) == 0
     printed = capsys.readouterr().out
     assert f"{out}: 2 clips reconstructed by" in printed and "at step 7" in printed
 
@@ -54,6 +54,11 @@ def test_cli_grid_is_the_checkpoints_model_on_the_centre_views(tmp_path, make_vi
     for key in ("loss", "loss_mae", "loss_video"):
         assert losses[key] == pytest.approx(sum(float(d[key]) for d in draws) / 2, abs=1e-5)
     assert float(draws[0]["loss"]) != float(draws[1]["loss"])  # the draws differ: the mean is of two mask draws
+    # --baselines: the trivial predictors on those same draws
+    baselines = reconstruction_losses(model, clips, seed=3, draws=2, device=torch.device("cpu"),
+                                      baselines=("patch_mean", "copy_visible"))
+    for name in ("patch_mean", "copy_visible"):
+        assert losses[name] == pytest.approx(baselines[name], abs=1e-5)
 
 
 def test_unreadable_clips_are_skipped_and_none_readable_fails_in_one_line(tmp_path, make_video, capsys):
@@ -76,6 +81,7 @@ def test_unreadable_clips_are_skipped_and_none_readable_fails_in_one_line(tmp_pa
     (["--num-clips", "0"], "--num-clips 0: expected >= 1"),
     (["--sample-stride", "0"], "--sample-stride 0: expected >= 1"),
     (["--loss-draws", "-1"], "--loss-draws -1: expected >= 0"),
+    (["--baselines"], "--baselines: expected with --loss-draws N (the baselines are scored on its mask draws)"),
 ])
 def test_bad_arguments_fail_in_one_line(tmp_path, argv_tail, message):
     with pytest.raises(SystemExit) as err:
