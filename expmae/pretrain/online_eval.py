@@ -87,9 +87,11 @@ def read_eval_set(cfg: EvalConfig) -> EvalSet:
         if part.all() or not part.any():
             raise ConfigError(f"eval.labels={labels_csv}: the split leaves no {'train' if part.all() else 'held-out'} "
                               f"clips{f' of task {task}' if task else ''}")
+    tasks = np.array([r.get("task", "") for r in rows])
+    if len(set(tasks)) == 1:  # one task: its scores are the headline eval/knn_acc, ..., not eval/<task>/...
+        tasks[:] = ""
     return EvalSet(paths=[clips[r["name"]] for r in rows], names=[r["name"] for r in rows],
-                   labels=np.array([r[label_key] for r in rows]), held_out=held_out,
-                   tasks=np.array([r.get("task", "") for r in rows]))
+                   labels=np.array([r[label_key] for r in rows]), held_out=held_out, tasks=tasks)
 
 
 def layer_key(layer: int, depth: int) -> int:
