@@ -436,8 +436,9 @@ def output_path(output_dir: str | os.PathLike, key: str, fmt: str = "mp4") -> Pa
     return Path(output_dir) / "clips" / f"{key}.{fmt}"
 
 
-def _crop_job(path: str, output_dir: str, root: str | None, options: CropOptions, plan: CropPlan | None = None) -> dict:
-    # Top-level (picklable) worker for run_jobs' spawn pool.
+def crop_job(path: str, output_dir: str, root: str | None, options: CropOptions, plan: CropPlan | None = None) -> dict:
+    """One video of a folder job: its clip under ``output_dir/clips`` and its manifest record (a top-level,
+    picklable function for run_jobs' process pool)."""
     key = _key(Path(path), Path(root) if root else None)
     out = output_path(output_dir, key, options.format)
     record = crop_video(path, out, options, plan=plan)
@@ -459,8 +460,8 @@ class CropPipeline:
         self.output_dir, self.root, self.options = output_dir, root, options
         key = functools.partial(_path_key, root=root)
         self.prefetcher = Prefetcher(paths, self._open, key, skip, prefetch)
-        self.writers = ThreadPoolExecutor(max(1, write_threads), thread_name_prefix="crop-write")
-        self.slots = threading.BoundedSemaphore(max(1, write_threads) + 1)  # plans waiting to be written: bounded
+        self.writers = ThreadPoolExecutor(write_threads, thread_name_prefix="crop-write") if write_threads > 0 else None
+        self.slots = threading.BoundedSemaphore(write_threads + 1)  # plans waiting to be written: bounded (memory)
 
     def _open(self, path: str) -> DetectionInput:
         return detection_input(path, self.options, prefetch=2)
@@ -468,14 +469,17 @@ class CropPipeline:
     def __call__(self, path: str):
         video = self.prefetcher(path)
         plan = plan_from_detections(video, detect_video(video, self.options), self.options)
+        if self.writers is None:  # write_threads=0: cut and encode here, between detections
+            return crop_job(path, self.output_dir, self.root, self.options, plan)
         self.slots.acquire()
-        future = self.writers.submit(_crop_job, path, self.output_dir, self.root, self.options, plan)
+        future = self.writers.submit(crop_job, path, self.output_dir, self.root, self.options, plan)
         future.add_done_callback(lambda _: self.slots.release())
         return future
 
     def close(self) -> None:
         self.prefetcher.close()
-        self.writers.shutdown(wait=True)
+        if self.writers is not None:
+            self.writers.shutdown(wait=True)
 
 
 def _path_key(path: str, root: str | None) -> str:
@@ -508,7 +512,7 @@ def crop_folder(input_dir: str | os.PathLike | Sequence[str | os.PathLike], outp
     job = dict(key=key, limit=limit, retry_failed=retry_failed, desc="crop faces", progress=progress, shard=shard,
                output_of=lambda k: output_path(output_dir, k, opt.format))
     if workers > 0:
-        work = functools.partial(_crop_job, output_dir=str(output_dir), root=root_s, options=opt)
+        work = functools.partial(crop_job, output_dir=str(output_dir), root=root_s, options=opt)
         summary = run_jobs(items, work, output_dir, workers=workers, **job)
     else:
         skip = {r["key"] for r in read_manifest(output_dir)}  # a hint for the prefetcher only

@@ -103,6 +103,10 @@ def test_launched_processes_crop_what_one_process_crops(videos, single, tmp_path
     assert by_key(read_manifest(out)) == by_key(read_manifest(single))  # equal up to order
     assert clips(out) == clips(single)  # byte for byte
     assert [r["key"] for r in read_manifest(out, "failures")] == ["background"]
+    from expmae.data import VideoClipDataset  # pretraining reads the shards as they are, before any merge
+
+    dataset = VideoClipDataset(out, num_frames=4, input_size=32)
+    assert dataset.names == sorted(by_key(read_manifest(single))) and all(Path(p).is_file() for p in dataset.paths)
 
     # the merge writes the single files downstream tools read, sorted by key; a second merge changes nothing
     capsys.readouterr()
