@@ -80,6 +80,29 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         tmp.unlink(missing_ok=True)
 
 
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Write a complete file at ``path`` unless one exists (then False): a hard link of a finished temporary file,
+    atomic on local and network filesystems, so of several processes exactly one creates it and none sees it half
+    written. On a filesystem without hard links the last writer wins."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TEMP_MARK}", suffix=path.suffix or ".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would (mkstemp makes 0600)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this filesystem
+            os.replace(tmp, path)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def save_npy_atomic(path: str | os.PathLike, array) -> Path:
     """np.save through :func:`atomic_path` (np.save appends .npy unless the name already ends with it)."""
     import numpy as np
@@ -161,10 +184,6 @@ def process_shard() -> str:
 
 
 # ----------------------------------------------------------------------------------------- shares of a job
-SHARD_ENV_HELP = ("RANK / WORLD_SIZE (accelerate launch, torchrun) and SLURM_ARRAY_TASK_ID with SLURM_ARRAY_TASK_COUNT "
-                  "or SLURM_ARRAY_TASK_MIN/MAX")
-
-
 def key_hash(key: str) -> int:
     """A stable 64-bit hash of an input key (Python's hash() differs between processes)."""
     return int.from_bytes(hashlib.sha1(key.encode("utf-8")).digest()[:8], "big")

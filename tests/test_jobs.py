@@ -216,3 +216,11 @@ def test_background_iter_hands_over_items_and_errors():
     assert next(it) == 1
     with pytest.raises(OSError, match="decoder died"):
         next(it)
+
+
+def test_create_exclusive_first_writer_wins(tmp_path):
+    from expmae.jobs import create_exclusive
+
+    assert create_exclusive(tmp_path / "s.json", "first") is True
+    assert create_exclusive(tmp_path / "s.json", "second") is False
+    assert (tmp_path / "s.json").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["s.json"]

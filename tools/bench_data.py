@@ -22,7 +22,7 @@ crop (one object per setting): frames/s and videos/s of the face-crop job in one
 crop_pipeline (one object, with ``--only crop`` too): the default setting on ``--device`` two ways, in turns, in
         one process: today's per-video crop (plan_crop + crop_video, what each --workers process runs) and the
         pipelined job expmae-crop runs in a process of its own (--workers 0, e.g. one per GPU under accelerate
-        launch: decoding in background threads, MTCNN batches of ``batch_size`` frames, a writer thread);
+        launch: decoding in background threads, MTCNN batches of ``batch_size`` frames, on a GPU a writer thread);
         ``frames_per_s`` of wall time (per GPU on cuda: one process drives one GPU), ``frames_per_core_s`` =
         source frames / CPU seconds of the process (all its threads), ``per_core_ratio`` = pipelined / today's,
         and whether both wrote the same bytes.
@@ -313,7 +313,7 @@ def bench_crop_pipeline(videos: list[Path], out: Path, base, device, emitter: Em
     times (a load change on a shared machine hits both); both through run_jobs (manifest, resume bookkeeping)."""
     import functools
 
-    from expmae.facecrop import CropOptions, crop_folder, crop_job, get_detector
+    from expmae.facecrop import CropOptions, crop_folder, crop_job, default_write_threads, get_detector
     from expmae.jobs import run_jobs
 
     opt = CropOptions(**{**base.__dict__, **CROP_SETTINGS[DEFAULT], "device": str(device)})
@@ -335,7 +335,8 @@ def bench_crop_pipeline(videos: list[Path], out: Path, base, device, emitter: Em
         for i in range(rounds):
             for name, crop in (("today", today), ("pipelined", pipelined)):
                 runs[name].append(timed_crop(lambda: crop(out / f"{name}_{i}")))
-    fields = {"setting": DEFAULT, "device": str(device), "batch_size": opt.batch_size, "write_threads": 1,
+    fields = {"setting": DEFAULT, "device": str(device), "batch_size": opt.batch_size,
+              "write_threads": default_write_threads(device),
               "videos": len(videos), "rounds": rounds}
     for name, rs in runs.items():
         frames, wall, cpu = (sum(r[k] for r in rs) for k in ("frames", "seconds", "cpu_seconds"))

@@ -10,13 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from expmae.jobs import TEMP_MARK, JobSummary, Prefetcher, Shard, read_manifest, run_jobs, save_npy_atomic
+from expmae.jobs import JobSummary, Prefetcher, Shard, create_exclusive, read_manifest, run_jobs, save_npy_atomic
 
 POOLINGS = ("mean", "none")
 LAYER_REDUCTIONS = ("sum", "mean")
@@ -171,19 +170,8 @@ def check_settings(out_dir: str | os.PathLike, settings: dict) -> None:
     every other process compares its own with them before it writes anything."""
     path = Path(out_dir) / SETTINGS_FILE
     settings = json.loads(json.dumps(settings))  # tuples -> lists, so a reread compares equal
-    if not path.is_file():
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}{TEMP_MARK}", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the folder's settings from the group
-            os.link(tmp, path)
-        except FileExistsError:  # another process was first: compare with its settings below
-            pass
-        finally:
-            os.unlink(tmp)
+    if not path.is_file():  # another process may have been first: compare with its settings below
+        create_exclusive(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     old = json.loads(path.read_text(encoding="utf-8"))
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
