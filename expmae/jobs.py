@@ -455,17 +455,7 @@ def run_jobs(
     clean = _cleaner(out_dir, shard, [k for k, _ in mine], output_of)
     clean()  # a killed earlier run's half-written outputs
     manifest, failures = job_logs(out_dir, shard)
-    finished = {r["key"] for r in read_manifest(out_dir)}  # by any earlier process, with any number of processes
-    known_failed = set() if retry_failed else {r["key"] for r in read_manifest(out_dir, "failures")}
-
-    summary = JobSummary(total=len(mine))
-    todo = []
-    for k, item in mine:
-        if k in finished or k in known_failed:
-            summary.skipped += k in finished
-            summary.failed += k in known_failed and k not in finished
-        else:
-            todo.append((k, item))
+    summary, todo = _todo(mine, out_dir, retry_failed)
     if limit is not None:
         todo = todo[:limit]
 
@@ -493,6 +483,21 @@ def run_jobs(
     if latest or failures.path.exists():
         failures.rewrite(latest.values())
     return summary
+
+
+def _todo(mine: list[tuple[str, Any]], out_dir: Path, retry_failed: bool) -> tuple[JobSummary, list[tuple[str, Any]]]:
+    """This share's summary so far and its unfinished (key, item) pairs: finished means finished by any earlier
+    process, with any number of processes (the merged manifest)."""
+    finished = {r["key"] for r in read_manifest(out_dir)}
+    known_failed = set() if retry_failed else {r["key"] for r in read_manifest(out_dir, "failures")}
+    summary, todo = JobSummary(total=len(mine)), []
+    for k, item in mine:
+        if k in finished or k in known_failed:
+            summary.skipped += k in finished
+            summary.failed += k in known_failed and k not in finished
+        else:
+            todo.append((k, item))
+    return summary, todo
 
 
 def _keyed(items: Sequence[Any], key: Callable[[Any], str]) -> dict[str, tuple[str, Any]]:
