@@ -127,14 +127,15 @@ def crop_resize_frames(frames: np.ndarray, box: tuple[int, int, int, int], size:
 
 def _resolve_source(source) -> tuple[list[str], list[str]]:
     """(paths, names) from a crop output folder (manifest.jsonl), a manifest file, a folder, or a list."""
-    from expmae.jobs import JsonlLog
+    from expmae.jobs import JsonlLog, manifest_files, read_manifest
     from expmae.video import list_videos
 
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
         manifest = source / "manifest.jsonl" if source.is_dir() else source
-        if manifest.suffix == ".jsonl" and manifest.is_file():
-            records = JsonlLog(manifest).read()
+        sharded = source.is_dir() and bool(manifest_files(source))  # a crop folder, maybe of several processes
+        if sharded or (manifest.suffix == ".jsonl" and manifest.is_file()):
+            records = read_manifest(source) if sharded else JsonlLog(manifest).read()
             if any("path" not in r or "key" not in r for r in records):
                 raise ValueError(f"{manifest}: every record needs 'key' and 'path' (an expmae-crop manifest)")
             seen: dict[str, dict] = {r["key"]: r for r in records}  # a repeated key (should not happen): last wins

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -24,12 +26,17 @@ def test_gpu_check_dry_run_runs_every_step_and_prints_one_json_summary(tmp_path)
     data = summary["bench_data"]
     assert data["loader_best_per_core"] > 0 and data["demand"][0]["cores_per_gpu_needed"] > 0
     assert data["pipeline"][0]["pipeline_clips_per_s"] > 0
+    crop = summary["bench_crop"]  # the crop step: every setting, and today's crop vs the pipelined one of a process
+    assert len(crop["settings_frames_per_s"]) == 5 and min(crop["settings_frames_per_s"].values()) > 0
+    assert crop["device"] == "cpu" and crop["frames_per_s_per_gpu"] is None and crop["same_output"] is True
+    assert crop["per_core_ratio"] == pytest.approx(crop["pipelined_frames_per_core_s"] / crop["today_frames_per_core_s"],
+                                                   rel=1e-2)
     train = summary["train"]
     assert train["steps"] == 4 and math.isfinite(train["last_loss"]) and train["clips_per_s"] > 0
     assert 0 <= train["data_wait_fraction"] <= 1
     assert train["mfu"] is None and train["peak_mem_gib"] is None  # a CPU run has neither
     assert any(name.endswith(".safetensors") for name in summary["export"]) and summary["features"] == 1
-    for step in ("bench_pretrain", "bench_data", "augment_check", "clips", "train", "export", "features"):
+    for step in ("bench_pretrain", "bench_data", "bench_crop", "augment_check", "clips", "train", "export", "features"):
         assert (out / f"{step}.log").is_file(), step
     assert "[gpu_check] train: done" in proc.stderr
 

@@ -112,3 +112,115 @@ def test_stale_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_pat
     assert remove_stale_temp_files(tmp_path, "a") == [left[0]]
     assert remove_stale_temp_files(tmp_path) == [left[1]]
     assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+
+
+# ------------------------------------------------------------------------------------------- shares of a job
+
+
+def test_shard_from_flag_launcher_and_slurm_array():
+    from expmae.jobs import Shard, parse_shard, resolve_shard, slurm_array_shard
+
+    assert parse_shard("3/8") == Shard(3, 8) and str(Shard(3, 8)) == "3/8"
+    for bad in ("8/8", "-1/4", "3", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="I/N"):
+            parse_shard(bad)
+    assert resolve_shard(None, {}) == Shard(0, 1)  # alone: everything
+    launched = {"RANK": "5", "WORLD_SIZE": "16", "LOCAL_RANK": "5"}
+    assert resolve_shard(None, launched) == Shard(5, 16)
+    array = {"SLURM_ARRAY_TASK_ID": "12", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_MAX": "73"}
+    assert slurm_array_shard(array) == Shard(2, 64)  # --array=10-73
+    assert slurm_array_shard({**array, "SLURM_ARRAY_TASK_COUNT": "64"}) == Shard(2, 64)
+    assert slurm_array_shard({**array, "SLURM_ARRAY_TASK_ID": "14", "SLURM_ARRAY_TASK_STEP": "2"}) == Shard(2, 32)
+    with pytest.raises(ValueError, match="evenly spaced"):  # --array=10-73:2 but task 13: not a step of it
+        slurm_array_shard({**array, "SLURM_ARRAY_TASK_ID": "13", "SLURM_ARRAY_TASK_STEP": "2"})
+    with pytest.raises(ValueError, match="pass --shard"):
+        slurm_array_shard({"SLURM_ARRAY_TASK_ID": "3"})
+    # an array task that launches 8 processes: task 2 of 64, rank 5 of 8 -> share 2 * 8 + 5 of 512
+    assert resolve_shard(None, {**array, "RANK": "5", "WORLD_SIZE": "8"}) == Shard(21, 512)
+    assert resolve_shard("1/4", {**array, "RANK": "1", "WORLD_SIZE": "2"}) == Shard(3, 8)  # the flag wins over Slurm
+    assert resolve_shard(None, {"SLURM_PROCID": "3", "SLURM_NTASKS": "8"}) == Shard(0, 1)  # not a share (see docs)
+
+
+def test_shards_split_keys_disjointly_completely_and_stably():
+    import hashlib
+
+    from expmae.jobs import Shard, key_hash
+
+    keys = [f"video_{i:05d}" for i in range(500)]
+    assert key_hash("video_00000") == int(hashlib.sha1(b"video_00000").hexdigest()[:16], 16)
+    for n in (1, 2, 3, 7):
+        owners = [[i for i in range(n) if Shard(i, n).owns(k)] for k in keys]
+        assert all(len(o) == 1 for o in owners)  # every key in exactly one share
+        sizes = np.bincount([o[0] for o in owners], minlength=n)
+        assert sizes.min() > 500 / n * 0.7  # roughly balanced (sqrt(500 / n) spread)
+    # nested shares (Slurm task x launched rank) partition the keys too
+    nested = [Shard(t, 2).split(Shard(r, 3)) for t in range(2) for r in range(3)]
+    assert sorted(s.index for s in nested) == list(range(6)) and {s.count for s in nested} == {6}
+
+
+def test_sharded_run_restarted_with_another_count_does_each_input_once(tmp_path):
+    from expmae.jobs import Shard, TEMP_MARK, manifest_files, merge_job_logs, read_manifest
+
+    items = [str(i) for i in range(-2, 10)]  # -2, -1 fail
+    for i in range(2):  # 2 processes, each stopped after 2 inputs
+        s = run_jobs(items, _work(tmp_path), tmp_path, key=str, limit=2, progress=False, shard=Shard(i, 2),
+                     output_of=lambda k: tmp_path / f"{k}.npy")
+        assert s.total == sum(Shard(i, 2).owns(k) for k in items)
+    first = {r["key"] for r in read_manifest(tmp_path)} | {r["key"] for r in read_manifest(tmp_path, "failures")}
+    assert len(first) == 4 and not (tmp_path / "manifest.jsonl").exists()
+    # stale temp files of unfinished keys: a process cleans those of its own share only
+    todo = [k for k in items if k not in first and int(k) >= 0]
+    mine, other = next(k for k in todo if Shard(0, 3).owns(k)), next(k for k in todo if not Shard(0, 3).owns(k))
+    for k in (mine, other):
+        (tmp_path / f".{k}{TEMP_MARK}zz.npy").write_bytes(b"half")
+    restart = lambda i: run_jobs(items, _work(tmp_path), tmp_path, key=str, progress=False, shard=Shard(i, 3),  # noqa: E731
+                                 output_of=lambda k: tmp_path / f"{k}.npy")
+    summaries = [restart(0)]
+    assert (tmp_path / f".{other}{TEMP_MARK}zz.npy").exists() and not (tmp_path / f".{mine}{TEMP_MARK}zz.npy").exists()
+    summaries += [restart(1), restart(2)]
+    assert sum(s.total for s in summaries) == len(items)
+    assert not list(tmp_path.glob(f".*{TEMP_MARK}*"))
+    done = [r["key"] for f in manifest_files(tmp_path) for r in JsonlLog(f).read()]
+    assert sorted(done, key=int) == [str(i) for i in range(10)]  # each once, over every process's file
+    shards = len(manifest_files(tmp_path))
+    assert merge_job_logs(tmp_path) == {"done": 10, "failed": 2, "shards": shards}
+    merged = (tmp_path / "manifest.jsonl").read_text()
+    assert [r["key"] for r in JsonlLog(tmp_path / "manifest.jsonl").read()] == sorted(done)
+    assert [r["key"] for r in JsonlLog(tmp_path / "failures.jsonl").read()] == ["-1", "-2"]
+    assert merge_job_logs(tmp_path)["done"] == 10 and (tmp_path / "manifest.jsonl").read_text() == merged
+    again = run_jobs(items, _work(tmp_path), tmp_path, key=str, progress=False)  # one process: nothing left
+    assert (again.done, again.skipped, again.failed) == (0, 10, 2)
+
+
+def test_pipelined_work_is_recorded_when_its_future_completes(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        work = lambda item: pool.submit(square_to_npy, item, str(tmp_path))  # noqa: E731
+        s = run_jobs(["2", "-3", "4"], work, tmp_path, key=str, progress=False)
+    assert (s.done, s.failed) == (2, 1)
+    assert {r["key"]: r["value"] for r in JsonlLog(tmp_path / "manifest.jsonl").read()} == {"2": 4, "4": 16}
+    assert JsonlLog(tmp_path / "failures.jsonl").read()[0]["reason"] == "ValueError: negative input -3"
+
+
+def test_background_iter_hands_over_items_and_errors():
+    from expmae.jobs import background_iter
+
+    assert list(background_iter(iter(range(5)), depth=2)) == [0, 1, 2, 3, 4]
+
+    def broken():
+        yield 1
+        raise OSError("decoder died")
+
+    it = background_iter(broken())
+    assert next(it) == 1
+    with pytest.raises(OSError, match="decoder died"):
+        next(it)
+
+
+def test_create_exclusive_first_writer_wins(tmp_path):
+    from expmae.jobs import create_exclusive
+
+    assert create_exclusive(tmp_path / "s.json", "first") is True
+    assert create_exclusive(tmp_path / "s.json", "second") is False
+    assert (tmp_path / "s.json").read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["s.json"]

@@ -3,11 +3,13 @@
 
     python tools/bench_data.py                         # all parts, CPU (a few minutes with ../shared/data)
     python tools/bench_data.py --only pipeline         # is the data path or the model the bottleneck?
+    python tools/bench_data.py --only crop --device cuda   # crop settings; today's vs the pipelined crop per GPU
     python tools/bench_data.py --quick --synthetic     # seconds: tiny synthetic inputs and a toy model
     python tools/bench_data.py --only pipeline --device cuda --workers 4,8 --out runs/bench_data.jsonl
 
 Inputs: the first ``--frames`` frames of the real videos in ../shared/data (re-encoded as plain H.264, so every
-video is cut to the same length), or synthetic talking faces with ``--synthetic`` or when that folder is absent.
+video is cut to the same length), or ``--videos`` synthetic talking faces with ``--synthetic`` or when that folder is
+absent.
 Face clips are cut from them with the crop tool (the default settings' boxes) in each stored form below.
 
 Output: one JSON object per configuration per line on stdout (and appended to ``--out``), each with ``bench``,
@@ -17,6 +19,13 @@ measurement, git commit, UTC time), to compare across commits. A one-line summar
 crop (one object per setting): frames/s and videos/s of the face-crop job in one process for naive every-frame
         detection at native resolution and for sampled / downscaled settings, the crop-centre jitter, and how far
         each setting's per-frame crop box lies from the naive one (centre and size error, fraction of the side).
+crop_pipeline (one object, with ``--only crop`` too): the default setting on ``--device`` two ways, in turns, in
+        one process: today's per-video crop (plan_crop + crop_video, what each --workers process runs) and the
+        pipelined job expmae-crop runs in a process of its own (--workers 0, e.g. one per GPU under accelerate
+        launch: decoding in background threads, MTCNN batches of ``batch_size`` frames, on a GPU a writer thread);
+        ``frames_per_s`` of wall time (per GPU on cuda: one process drives one GPU), ``frames_per_core_s`` =
+        source frames / CPU seconds of the process (all its threads), ``per_core_ratio`` = pipelined / today's,
+        and whether both wrote the same bytes.
 loader (one object per dataset and worker count): VideoClipDataset (``--num-frames`` frames, stride 4, 224 px,
         VideoMAE augmentation) over the face clips in each stored form, under each (augment_on, repeated_samples)
         of LOADER_SETTINGS, through a DataLoader with collate_samples and batches of ``--loader-batch-size``
@@ -103,6 +112,7 @@ MODE = {  # input and measurement sizes per mode; the model's geometry comes fro
     "quick": dict(frames=24, samples=8, loader_batch_size=4, synthetic_size=96, real=3, steps=3),
 }
 CUDA_STEPS = 20
+PARTS = ("crop", "loader", "pipeline")
 DEFAULT_PEAK_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM (expmae.flops.PEAK_BF16_FLOPS)
 SAMPLE_STRIDE = DataConfig().sample_stride  # what a pretraining run uses unless its config says otherwise
 DATA_WAIT_LIMIT = 0.1
@@ -153,7 +163,7 @@ def shared_data_dir() -> Path:
     return Path(os.environ.get("EXPMAE_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def make_inputs(work: Path, frames: int, mode: dict, synthetic: bool) -> tuple[list[Path], str]:
+def make_inputs(work: Path, frames: int, mode: dict, synthetic: bool, n: int = 4) -> tuple[list[Path], str]:
     """Raw input videos in ``work/raw`` and a description of where they came from."""
     raw = work / "raw"
     raw.mkdir(parents=True)
@@ -164,7 +174,7 @@ def make_inputs(work: Path, frames: int, mode: dict, synthetic: bool) -> tuple[l
     from expmae.synthetic import make_face_videos
 
     why = "--synthetic" if synthetic else f"{shared} absent or incomplete"
-    return make_face_videos(raw, n=4, num_frames=frames, size=mode["synthetic_size"]), f"synthetic ({why})"
+    return make_face_videos(raw, n=n, num_frames=frames, size=mode["synthetic_size"]), f"synthetic ({why})"
 
 
 def video_size(path: Path) -> str:
@@ -288,6 +298,62 @@ def bench_crop(videos: list[Path], out: Path, base, emitter: Emitter) -> tuple[l
             f"{name}: {fields['frames_per_s']} frames/s, jitter {fields['jitter_mean']}, centre error vs naive "
             f"{err['centre_err_mean'] if err else None}")))
     return out_records, plans[DEFAULT]
+
+
+def timed_crop(crop) -> dict:
+    """Run ``crop() -> source frames`` once: frames, wall seconds, CPU seconds of this process (every thread)."""
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    frames = crop()
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    return {"frames": frames, "seconds": wall, "cpu_seconds": cpu}
+
+
+def bench_crop_pipeline(videos: list[Path], out: Path, base, device, emitter: Emitter, rounds: int = 2) -> dict:
+    """Today's per-video crop job vs the pipelined in-process job, at the default setting, alternating ``rounds``
+    times (a load change on a shared machine hits both); both through run_jobs (manifest, resume bookkeeping)."""
+    import functools
+
+    from expmae.facecrop import CropOptions, crop_folder, crop_job, default_write_threads, get_detector
+    from expmae.jobs import run_jobs
+
+    opt = CropOptions(**{**base.__dict__, **CROP_SETTINGS[DEFAULT], "device": str(device)})
+    get_detector(str(device), opt.min_face_size)  # load MTCNN before timing
+
+    def today(folder: Path) -> int:  # what expmae-crop --workers 0 ran, and each --workers process runs per video
+        work = functools.partial(crop_job, output_dir=str(folder), root=None, options=opt)
+        run_jobs([str(v) for v in videos], work, folder, workers=0, progress=False)
+        return sum(r["source_frames"] for r in read_jsonl(folder / "manifest.jsonl"))
+
+    def pipelined(folder: Path) -> int:
+        summary = crop_folder(videos, folder, workers=0, progress=False, **opt.__dict__)
+        if summary["failed"]:
+            raise SystemExit(f"crop_pipeline: the pipelined crop failed on {summary['failures']}")
+        return sum(r["source_frames"] for r in read_jsonl(folder / "manifest.jsonl"))
+
+    runs: dict[str, list[dict]] = {"today": [], "pipelined": []}
+    with Measurement() as m:
+        for i in range(rounds):
+            for name, crop in (("today", today), ("pipelined", pipelined)):
+                runs[name].append(timed_crop(lambda: crop(out / f"{name}_{i}")))
+    fields = {"setting": DEFAULT, "device": str(device), "batch_size": opt.batch_size,
+              "write_threads": default_write_threads(device),
+              "videos": len(videos), "rounds": rounds}
+    for name, rs in runs.items():
+        frames, wall, cpu = (sum(r[k] for r in rs) for k in ("frames", "seconds", "cpu_seconds"))
+        fields[name] = {"frames": frames, "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3),
+                        "frames_per_s": round(frames / wall, 1), "frames_per_core_s": round(frames / cpu, 1)}
+    fields["per_core_ratio"] = round(fields["pipelined"]["frames_per_core_s"] / fields["today"]["frames_per_core_s"], 3)
+    fields["frames_per_s_per_gpu"] = fields["pipelined"]["frames_per_s"] if device.type == "cuda" else None
+    fields["same_output"] = all((out / "today_0" / "clips" / f"{v.stem}.{opt.format}").read_bytes()
+                                == (out / "pipelined_0" / "clips" / f"{v.stem}.{opt.format}").read_bytes() for v in videos)
+    return emitter.emit("crop_pipeline", fields, m, (
+        f"per core: today {fields['today']['frames_per_core_s']}, pipelined {fields['pipelined']['frames_per_core_s']} "
+        f"frames/s (ratio {fields['per_core_ratio']}); wall {fields['pipelined']['frames_per_s']} frames/s on {device}; "
+        f"same output: {fields['same_output']}"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -660,7 +726,9 @@ def bench_pipeline(videos: list[Path], plans: dict, work: Path, form: tuple[str,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("crop", "loader", "pipeline"), help="run one part (default: all)")
+    parser.add_argument("--only", type=parse_parts, default=list(PARTS),
+                        help=f"comma-separated parts to run, of {', '.join(PARTS)} (default: all)")
+    parser.add_argument("--videos", type=int, default=4, help="synthetic input videos (default %(default)s)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N for the pipeline's step (default: cpu)")
     parser.add_argument("--model", help="registry size: tiny | small | base | large (small on CPU, base on GPU)")
     parser.add_argument("--img-size", type=int, help="model input size (112 on CPU, 224 on GPU)")
@@ -692,6 +760,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     return parser
+
+
+def parse_parts(text: str) -> list[str]:
+    parts = [p for p in text.split(",") if p]
+    if not parts or set(parts) - set(PARTS):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated list of {', '.join(PARTS)}")
+    return [p for p in PARTS if p in parts]
 
 
 def parse_workers(text: str) -> list[int]:
@@ -728,10 +803,10 @@ def resolve_args(args: argparse.Namespace):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("batch_size", "loader_batch_size", "steps", "frames", "samples", "num_frames", "img_size"):
+    for key in ("batch_size", "loader_batch_size", "steps", "frames", "samples", "num_frames", "img_size", "videos"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} {getattr(args, key)}: expected an integer >= 1")
-    if args.only in (None, "loader") and args.samples <= args.loader_batch_size:
+    if "loader" in args.only and args.samples <= args.loader_batch_size:
         raise SystemExit(f"--samples {args.samples}: the loader part needs more than one batch "
                          f"(--loader-batch-size {args.loader_batch_size}); the first batch is not timed")
     if args.threads is not None and args.threads < 1:
@@ -767,14 +842,15 @@ def main(argv: list[str] | None = None) -> int:
     forms = STORED_FORMS["quick" if args.quick else "full"]
     default_form = next(iter(forms.items()))
     base = CropOptions(**default_form[1])  # the crop tool's defaults, at the stored size of this mode
-    parts = [args.only] if args.only else ["crop", "loader", "pipeline"]
+    parts = args.only
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         work = Path(tmp)
-        videos, source = make_inputs(work, args.frames, mode, args.synthetic)
+        videos, source = make_inputs(work, args.frames, mode, args.synthetic, args.videos)
         emitter = Emitter(args.out, device, {"source": source, "frames_per_video": args.frames,
                                              "videos": {v.stem: video_size(v) for v in videos}})
         if "crop" in parts:
             _, plans = bench_crop(videos, work / "crops", base, emitter)
+            bench_crop_pipeline([v for v in videos if v in plans], work / "crop_pipeline", base, device, emitter)
             failed = {v.stem: "the default crop setting failed on it" for v in videos if v not in plans}
         else:
             plans, failed = plan_default_crops(videos, base)

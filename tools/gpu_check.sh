@@ -4,7 +4,9 @@
 #   tools/gpu_check.sh [--out DIR] [--dry-run]
 #
 #   1. bench_pretrain --device cuda   the expMAE step alone: clips/s, MFU, peak memory (ViT-B 16x224, bf16)
-#   2. bench_data --device cuda       crop, loader (clips/s per core, device augmentation), demand, pipeline
+#   2. bench_data --device cuda       loader (clips/s per core, device augmentation), demand, pipeline
+#   2b. bench_data --only crop        crop settings, and today's per-video crop vs the pipelined job of one process
+#                                     (the one of each GPU under accelerate launch): frames/s per GPU and per core
 #   3. device augmentation on CUDA    expmae.data.augment_on_device gives the CPU path's bytes
 #   4. pretraining                    ~100 steps of 1-GPU DeepSpeed ZeRO-2 bf16, ViT-B 16x224, on synthetic face
 #                                     clips, through `accelerate launch` (4 samples per decode, device augmentation)
@@ -33,7 +35,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 mkdir -p "$OUT"
-rm -f "$OUT"/bench_pretrain.jsonl "$OUT"/bench_data.jsonl  # the benchmarks append: start this run's afresh
+rm -f "$OUT"/bench_pretrain.jsonl "$OUT"/bench_data.jsonl "$OUT"/bench_crop.jsonl  # the benchmarks append: start afresh
 cd "$REPO"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS="ignore::FutureWarning"
 say() { echo "[gpu_check] $*" >&2; }
@@ -62,6 +64,7 @@ if [[ $DRY_RUN == 1 ]]; then
   PRECISION=no
   BENCH_PRETRAIN=(--quick --configs expmae)
   BENCH_DATA=(--quick --workers 0 --samples 8 --repeated-samples 2 --augment-on device)
+  BENCH_CROP=(--quick)
   CLIPS=(8 12 64)  # videos, frames, size
   TRAIN=(--config pretrain/configs/tiny_demo.yaml model.img_size=32 model.num_frames=4 model.depth=2
          data.num_workers=1 data.sample_stride=2 data.repeated_samples=2 train.batch_size=2 train.max_steps=4
@@ -73,6 +76,7 @@ else
   PRECISION=bf16
   BENCH_PRETRAIN=(--configs expmae,videomae)
   BENCH_DATA=(--workers 8 --repeated-samples 4 --augment-on device)
+  BENCH_CROP=(--videos 16 --frames 192)  # 16 x 192 frames at 224 px, twice each way: a few seconds of GPU time per way
   CLIPS=(64 96 224)
   TRAIN=(--config pretrain/configs/vit_base_16x224.yaml data.num_workers=8 data.repeated_samples=4 train.batch_size=32
          train.max_steps=100 train.warmup_steps=10 log.log_every=10)
@@ -82,7 +86,9 @@ fi
 
 # ---- 1-3. benchmarks and the device augmentation check
 step bench_pretrain "$PY" tools/bench_pretrain.py --device "$DEVICE" "${BENCH_PRETRAIN[@]}" --out "$OUT/bench_pretrain.jsonl"
-step bench_data "$PY" tools/bench_data.py --device "$DEVICE" --synthetic "${BENCH_DATA[@]}" --out "$OUT/bench_data.jsonl"
+step bench_data "$PY" tools/bench_data.py --device "$DEVICE" --synthetic --only loader,pipeline "${BENCH_DATA[@]}" \
+  --out "$OUT/bench_data.jsonl"
+step bench_crop "$PY" tools/bench_data.py --device "$DEVICE" --synthetic --only crop "${BENCH_CROP[@]}" --out "$OUT/bench_crop.jsonl"
 step augment_check "$PY" - "$DEVICE" "$OUT/augment_check.json" <<'EOF'
 import json, sys
 import numpy as np, torch
@@ -147,6 +153,8 @@ metrics = [r for r in lines("run/metrics.jsonl") if "loss" in r]
 pretrain = {r["config"]: r for r in lines("bench_pretrain.jsonl") if "config" in r}
 data = lines("bench_data.jsonl")
 pick = lambda kind: [r for r in data if r["bench"] == kind]
+crop = lines("bench_crop.jsonl")
+(cp,) = [r for r in crop if r["bench"] == "crop_pipeline"]
 keep = lambda r, keys: {k: r.get(k) for k in keys}
 summary = {
     "dry_run": dry,
@@ -156,6 +164,10 @@ summary = {
                    "demand": [keep(r, ("demand_clips_per_s", "cores_per_gpu_needed", "best_loader")) for r in pick("demand")],
                    "pipeline": [keep(r, ("workers", "step_clips_per_s", "loader_clips_per_s", "pipeline_clips_per_s",
                                          "data_wait_fraction", "bottleneck")) for r in pick("pipeline")]},
+    "bench_crop": {"settings_frames_per_s": {r["setting"]: r["frames_per_s"] for r in crop if r["bench"] == "crop"},
+                   **keep(cp, ("device", "frames_per_s_per_gpu", "per_core_ratio", "same_output")),
+                   "today_frames_per_core_s": cp["today"]["frames_per_core_s"],
+                   "pipelined_frames_per_core_s": cp["pipelined"]["frames_per_core_s"]},
     "augment_on_device_equals_cpu": json.loads((out / "augment_check.json").read_text()),
     "train": {"steps": metrics[-1]["step"], "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"],
               "clips_per_s": perf.get("perf/clips_per_s"), "mfu": perf.get("perf/mfu"),

@@ -30,6 +30,7 @@ from expmae.features.common import (
     resolve_dtype,
     run_extraction,
 )
+from expmae.jobs import Shard
 
 SAMPLE_RATE = 16_000
 DEFAULT_LAYERS = (-1,)
@@ -149,6 +150,7 @@ def extract_audio_features(
     dtype: str = "float32",
     limit: int | None = None,
     retry_failed: bool = False,
+    shard: Shard = Shard(),
     prefetch: int = 2,
     progress: bool = True,
 ):
@@ -166,7 +168,7 @@ def extract_audio_features(
                 "layers": list(encoder.layers), "layer_reduce": layer_reduce, "sample_rate": sample_rate,
                 "chunk_seconds": chunk_seconds, "dtype": dtype}
     return run_extraction(videos, out_dir, load=lambda p: load_audio(p, sample_rate), encode=encode,
-                          pooling=pooling, settings=settings, limit=limit, retry_failed=retry_failed,
+                          pooling=pooling, settings=settings, limit=limit, retry_failed=retry_failed, shard=shard,
                           prefetch=prefetch, desc="audio features", progress=progress)
 
 
@@ -184,5 +186,5 @@ def run_cli(args: argparse.Namespace, out_root: Path):
     summary = extract_audio_features(args.input, out_dir, args.model, layers=args.layers, layer_reduce=args.layer_reduce,
                                      pooling=args.pooling, chunk_seconds=args.chunk_seconds, batch_size=args.batch_size,
                                      device=args.device, dtype=args.dtype, limit=args.limit,
-                                     retry_failed=args.retry_failed, prefetch=args.prefetch, progress=not args.no_progress)
+                                     retry_failed=args.retry_failed, shard=args.shard, prefetch=args.prefetch, progress=not args.no_progress)
     return out_dir, summary

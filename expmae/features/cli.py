@@ -9,6 +9,8 @@
 
 Each run writes ``FEATURES/<extractor>/<sample>.npy``, the folder named as in the MER2023 baseline
 (``chinese-hubert-large-UTT``; ``--name`` overrides). Rerunning resumes; failures go to failures.jsonl.
+Across GPUs and machines: ``accelerate launch [...] -m expmae.features video ...`` (or ``--shard I/N``, or a Slurm
+array) gives each process a share; then ``expmae-features --merge FEATURES/<extractor>`` (docs/cluster.md).
 A new modality is one more entry in ``MODALITIES``: a module with ``add_arguments(parser)`` and
 ``run_cli(args, out_root) -> (out_dir, JobSummary)``.
 """
@@ -49,13 +51,19 @@ def _add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retry-failed", action="store_true", help="retry samples recorded in failures.jsonl")
     parser.add_argument("--prefetch", type=int, default=2, help="inputs decoded ahead in background threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="process share I of N of the inputs (default: from accelerate launch / torchrun or a "
+                             "Slurm array; see docs/cluster.md); each share writes its own manifest shard")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expmae-features", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_version_argument(parser)
-    sub = parser.add_subparsers(dest="modality", required=True, metavar="{" + ",".join(MODALITIES) + "}")
+    parser.add_argument("--merge", metavar="FEATURE_DIR", type=Path,
+                        help="instead of extracting: write the single manifest.jsonl / failures.jsonl of an extractor "
+                             "folder from the shards of its processes (idempotent)")
+    sub = parser.add_subparsers(dest="modality", metavar="{" + ",".join(MODALITIES) + "}")
     for name, (module_name, help_text) in MODALITIES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _add_common_arguments(p)
@@ -64,18 +72,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expmae.jobs import one_line
+    from expmae.jobs import merge_job_logs, one_line, resolve_shard
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.merge:
+        try:
+            print(json.dumps({"out_dir": str(args.merge), **merge_job_logs(args.merge)}))
+        except OSError as exc:
+            parser.error(one_line(exc))
+        return 0
+    if not args.modality:
+        parser.error(f"choose a modality ({', '.join(MODALITIES)}) or --merge FEATURE_DIR")
+    try:
+        args.shard = resolve_shard(args.shard)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.no_progress:  # transformers' own "Loading weights" bars too (read when transformers is imported)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     module = importlib.import_module(MODALITIES[args.modality][0])
     try:
-        out_dir, summary = module.run_cli(args, args.output)
+        out_dir, summary = module.run_cli(args, args.output)  # each process of a launch: its share, its own logs
     except (OSError, ValueError, LookupError, ImportError) as exc:  # setup errors: one line, no traceback
         print(f"expmae-features {args.modality}: error: {one_line(exc)}", file=sys.stderr)
         return 2
-    print(json.dumps({"out_dir": str(out_dir), **summary.as_dict()}))
+    print(json.dumps({"out_dir": str(out_dir), **({"shard": str(args.shard)} if args.shard.count > 1 else {}),
+                      **summary.as_dict()}))
     if summary.failed:
         print(f"expmae-features {args.modality}: {summary.failed} sample(s) failed, reasons in {out_dir / 'failures.jsonl'}",
               file=sys.stderr)

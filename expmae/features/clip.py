@@ -26,6 +26,7 @@ from expmae.features.common import (
     resolve_dtype,
     run_extraction,
 )
+from expmae.jobs import Shard
 
 MODEL_EXAMPLE = "openai/clip-vit-large-patch14"
 
@@ -102,6 +103,7 @@ def extract_clip_features(
     dtype: str = "float32",
     limit: int | None = None,
     retry_failed: bool = False,
+    shard: Shard = Shard(),
     prefetch: int = 2,
     progress: bool = True,
 ):
@@ -116,7 +118,7 @@ def extract_clip_features(
     settings = {"modality": "clip", "model": encoder.model_dir.name, "model_config": model_fingerprint(encoder.model_dir),
                 "num_frames": num_frames, "dtype": dtype}
     return run_extraction(videos, out_dir, load=lambda p: read_face_frames(p, num_frames), encode=encode,
-                          pooling=pooling, settings=settings, limit=limit, retry_failed=retry_failed,
+                          pooling=pooling, settings=settings, limit=limit, retry_failed=retry_failed, shard=shard,
                           prefetch=prefetch, desc="CLIP features", progress=progress)
 
 
@@ -130,5 +132,5 @@ def run_cli(args: argparse.Namespace, out_root: Path):
     out_dir = out_root / (args.name or feature_dir_name(args.model, args.pooling))
     summary = extract_clip_features(args.input, out_dir, args.model, num_frames=args.num_frames, pooling=args.pooling,
                                     batch_size=args.batch_size, device=args.device, dtype=args.dtype, limit=args.limit,
-                                    retry_failed=args.retry_failed, prefetch=args.prefetch, progress=not args.no_progress)
+                                    retry_failed=args.retry_failed, shard=args.shard, prefetch=args.prefetch, progress=not args.no_progress)
     return out_dir, summary

@@ -7,16 +7,16 @@ the folder, so a resumed run can never mix two settings in one folder).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from expmae.jobs import JobSummary, JsonlLog, atomic_path, run_jobs, save_npy_atomic
+from expmae.jobs import JobSummary, Prefetcher, Shard, create_exclusive, read_manifest, run_jobs, save_npy_atomic
 from expmae.runlock import FolderLock
 
 POOLINGS = ("mean", "none")
@@ -57,11 +57,14 @@ def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 
 # ----------------------------------------------------------------------------------------------- models
 def resolve_device(device: str | None = "auto"):
-    """"auto" -> the first GPU when there is one, else the CPU."""
+    """"auto" -> a GPU when there is one, else the CPU. "auto" and "cuda" (no index) mean this process's own GPU
+    under a launcher (``LOCAL_RANK`` of accelerate launch / torchrun), so 8 launched processes use 8 GPUs."""
     import torch
 
     if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(device)
 
 
@@ -162,50 +165,21 @@ def feature_dir_name(model_dir: str | os.PathLike, pooling: str, layers: Sequenc
 
 # ----------------------------------------------------------------------------------------------- the job
 def check_settings(out_dir: str | os.PathLike, settings: dict) -> None:
-    """Record ``settings`` in ``out_dir/extractor.json``, or refuse to add to a folder made with other settings."""
+    """Record ``settings`` in ``out_dir/extractor.json``, or refuse to add to a folder made with other settings.
+
+    Several processes may start on one folder at once: the file is created exclusively (a hard link of a complete
+    temporary file, atomic on local and network filesystems), so the first one's settings are the folder's and
+    every other process compares its own with them before it writes anything."""
     path = Path(out_dir) / SETTINGS_FILE
     settings = json.loads(json.dumps(settings))  # tuples -> lists, so a reread compares equal
-    if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff:
-            k = diff[0]
-            raise ValueError(f"{path}: this folder was made with {k}={old.get(k)!r}, not {settings.get(k)!r}; "
-                             "write to another folder (--name) or delete this one")
-        return
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-class _Prefetcher:
-    """Loads (decodes) the next few inputs in background threads while the model encodes the current one.
-
-    ``run_jobs`` calls us in ``items`` order, minus finished inputs; ``skip`` (the finished keys) is only a
-    hint to avoid decoding those: a wrong guess costs time, never correctness.
-    """
-
-    def __init__(self, items: Sequence, load: Callable, key: Callable, skip: set[str], depth: int):
-        self.load, self.key, self.depth = load, key, depth
-        self.order = [it for it in items if key(it) not in skip]
-        self.position = {key(it): i for i, it in enumerate(self.order)}
-        self.pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="prefetch") if depth > 0 else None
-        self.futures: dict[str, Any] = {}
-
-    def __call__(self, item):
-        k = self.key(item)
-        i = self.position.get(k)
-        if self.pool is None or i is None:
-            return self.load(item)
-        for nxt in self.order[i : i + 1 + self.depth]:
-            nk = self.key(nxt)
-            if nk not in self.futures:
-                self.futures[nk] = self.pool.submit(self.load, nxt)
-        return self.futures.pop(k).result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-        self.futures.clear()
+    if not path.is_file():  # another process may have been first: compare with its settings below
+        create_exclusive(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    old = json.loads(path.read_text(encoding="utf-8"))
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        k = diff[0]
+        raise ValueError(f"{path}: this folder was made with {k}={old.get(k)!r}, not {settings.get(k)!r}; "
+                         "write to another folder (--name) or delete this one")
 
 
 def run_extraction(
@@ -222,22 +196,27 @@ def run_extraction(
     prefetch: int = 2,
     desc: str = "features",
     progress: bool = True,
+    shard: Shard = Shard(),
 ) -> JobSummary:
     """Per input: ``load`` (CPU, prefetched in threads) -> ``encode`` -> (N, D) + info -> pool -> ``<key>.npy``.
 
     Resumable, atomic and failure-recording through :func:`expmae.jobs.run_jobs`; a failing input becomes a
     line in ``failures.jsonl`` and the job goes on. The model runs in this process (``workers=0``): it is
-    loaded once, on the GPU when there is one.
+    loaded once, on the GPU when there is one. ``shard``: this process's share of ``items`` (``expmae.jobs``);
+    every process checks the folder's settings (model and weights hashes included) before it writes anything.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling {pooling!r}; expected one of {', '.join(POOLINGS)}")
     out_dir = Path(out_dir)
-    with FolderLock(out_dir, what="feature folder"):  # one writer per folder; FolderInUse (an OSError) otherwise
+    # A lone process owns the folder (one writer, expmae.runlock); the processes of a sharded run write disjoint
+    # shard logs and clean the temporary files of their own share only, so they share it (docs/cluster.md).
+    with FolderLock(out_dir, what="feature folder") if shard.count == 1 else contextlib.nullcontext():
+        out_dir.mkdir(parents=True, exist_ok=True)
         check_settings(out_dir, {**settings, "pooling": pooling})
-        done = JsonlLog(out_dir / "manifest.jsonl").keys()
+        skip = {r["key"] for r in read_manifest(out_dir)}
         if not retry_failed:
-            done |= JsonlLog(out_dir / "failures.jsonl").keys()
-        loader = _Prefetcher(items, load, key, done, prefetch)
+            skip |= {r["key"] for r in read_manifest(out_dir, "failures")}
+        loader = Prefetcher([it for it in items if shard.owns(key(it))], load, key, skip, prefetch)
 
         def work(item) -> dict:
             frames, info = encode(loader(item))
@@ -249,6 +228,6 @@ def run_extraction(
 
         try:
             return run_jobs(items, work, out_dir, key=key, workers=0, limit=limit, retry_failed=retry_failed,
-                            desc=desc, progress=progress)
+                            desc=desc, progress=progress, shard=shard, output_of=lambda k: out_dir / f"{k}.npy")
         finally:
             loader.close()

@@ -37,6 +37,7 @@ import numpy as np
 
 from expmae.features.audio import load_audio
 from expmae.features.common import feature_dir_name, list_inputs, model_fingerprint, resolve_device, run_extraction
+from expmae.jobs import Shard
 
 EMBEDDINGS = ("posterior", "reference")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")
@@ -254,6 +255,7 @@ def extract_tacotron_var_features(
     device: str = "auto",
     limit: int | None = None,
     retry_failed: bool = False,
+    shard: Shard = Shard(),
     prefetch: int = 2,
     progress: bool = True,
 ):
@@ -290,7 +292,7 @@ def extract_tacotron_var_features(
                 "sample_rate": encoder.sample_rate, "text": encoder.needs_text,
                 "language": language if encoder.needs_text else None, "column": column if encoder.needs_text else None}
     return run_extraction(paths, out_dir, load=load, encode=encode, pooling=pooling, settings=settings, limit=limit,
-                          retry_failed=retry_failed, prefetch=prefetch, desc="Tacotron-Var features", progress=progress)
+                          retry_failed=retry_failed, shard=shard, prefetch=prefetch, desc="Tacotron-Var features", progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -322,6 +324,6 @@ def run_cli(args: argparse.Namespace, out_root: Path):
     summary = extract_tacotron_var_features(args.input, out_dir, args.model, config=args.config, embedding=args.embedding,
                                             transcripts=args.transcripts, language=args.language, column=args.text_column,
                                             pooling=args.pooling, device=args.device, limit=args.limit,
-                                            retry_failed=args.retry_failed, prefetch=args.prefetch,
+                                            retry_failed=args.retry_failed, shard=args.shard, prefetch=args.prefetch,
                                             progress=not args.no_progress)
     return out_dir, summary

@@ -37,6 +37,7 @@ from expmae.features.common import (
     resolve_dtype,
     run_extraction,
 )
+from expmae.jobs import Shard
 
 DEFAULT_LAYERS = (-4, -3, -2, -1)
 TEXT_COLUMNS = {"zh": ("chinese", "sentence"), "en": ("english",)}
@@ -137,6 +138,7 @@ def extract_text_features(
     dtype: str = "float32",
     limit: int | None = None,
     retry_failed: bool = False,
+    shard: Shard = Shard(),
     progress: bool = True,
 ):
     """One ``<name>.npy`` per sample in ``names`` (default: every row of the CSV). A name without a row in
@@ -157,7 +159,7 @@ def extract_text_features(
                 "layers": list(encoder.layers), "layer_reduce": layer_reduce, "language": language,
                 "column": column, "dtype": dtype}
     return run_extraction(names, out_dir, load=load, encode=encoder, pooling=pooling, settings=settings, key=str,
-                          limit=limit, retry_failed=retry_failed, prefetch=0, desc="text features", progress=progress)
+                          limit=limit, retry_failed=retry_failed, shard=shard, prefetch=0, desc="text features", progress=progress)
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -187,5 +189,5 @@ def run_cli(args: argparse.Namespace, out_root: Path):
     summary = extract_text_features(transcripts, out_dir, args.model, names=names, language=args.language,
                                     column=args.text_column, layers=args.layers, layer_reduce=args.layer_reduce,
                                     pooling=args.pooling, device=args.device, dtype=args.dtype, limit=args.limit,
-                                    retry_failed=args.retry_failed, progress=not args.no_progress)
+                                    retry_failed=args.retry_failed, shard=args.shard, progress=not args.no_progress)
     return out_dir, summary

@@ -34,6 +34,7 @@ import numpy as np
 from expmae.features.clip import frame_indices
 from expmae.features.common import (LAYER_REDUCTIONS, check_layers, list_inputs, model_fingerprint, parse_layers, pool,
                                     resolve_device, resolve_dtype, run_extraction, weights_fingerprint)
+from expmae.jobs import Shard
 
 MODALITIES = ("video", "frame")
 DEFAULT_SAMPLE_STRIDE = 4  # expmae.config's data.sample_stride default, for encoders that do not record theirs
@@ -308,6 +309,7 @@ def extract_visual_features(
     dtype: str = "float32",
     limit: int | None = None,
     retry_failed: bool = False,
+    shard: Shard = Shard(),
     prefetch: int = 2,
     progress: bool = True,
 ):
@@ -319,7 +321,7 @@ def extract_visual_features(
                                        batch_size=batch_size, device=device, dtype=dtype, crop=crop, layers=layers,
                                        readout=readout, layer_reduce=layer_reduce)
     return run_extraction(videos, out_dir, load=extractor.load, encode=extractor.encode, pooling=pooling,
-                          settings=extractor.settings, limit=limit, retry_failed=retry_failed, prefetch=prefetch,
+                          settings=extractor.settings, limit=limit, retry_failed=retry_failed, shard=shard, prefetch=prefetch,
                           desc=f"expMAE {modality} features", progress=progress)
 
 
@@ -358,5 +360,5 @@ def run_cli(args: argparse.Namespace, out_root: Path):
         sample_stride=args.sample_stride, clip_stride=args.clip_stride, max_clips=args.max_clips, crop=args.crop,
         layers=layers, readout=args.readout, layer_reduce=args.layer_reduce, batch_size=args.batch_size,
         device=args.device, dtype=args.dtype, limit=args.limit,
-        retry_failed=args.retry_failed, prefetch=args.prefetch, progress=not args.no_progress)
+        retry_failed=args.retry_failed, shard=args.shard, prefetch=args.prefetch, progress=not args.no_progress)
     return out_dir, summary
