@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if crop(benchmark["videos"], crops_dir, args.crop_size, args.workers) == 0:
         print(f"error: no face clips in {crops_dir}; see its failures.jsonl", file=sys.stderr)
         return 1
-    rc = pretrain(crops_dir / "train", run_dir, args.overrides)
+    rc = pretrain(crops_dir / "train", run_dir,
+                  [f"eval.source={crops_dir}", f"eval.labels={benchmark['clips']}", *args.overrides])
     if rc != 0:
         print(f"error: pretraining failed (exit status {rc}); its output is above", file=sys.stderr)
         return rc
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     # Said as measured: a short CPU pretraining need not beat random features (see the README's demo section).
     summary["pretrained_better"] = {k: summary[k]["pretrained"] > summary[k]["random_init"] for k in ("probe", "metric")}
     summary["pretrained_better"]["heldout_recon"] = summary["heldout_recon"]["pretrained"] < summary["heldout_recon"]["random_init"]
+    summary["online_eval"] = online_curve(run_dir)
     summary["details"] = {**results, "heldout_recon": recon}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     report(summary, run_dir, out, time.perf_counter() - t0)
@@ -210,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 def report(summary: dict, run_dir: Path, out: Path, seconds: float) -> None:
     say(STEPS, f"demo finished in {seconds / 60:.1f} min; held-out identities:")
     report_reconstruction(summary["details"]["heldout_recon"])
-    # The online evaluation curve's first and last points (pretraining's eval/* metrics) go here, labelled as what a
-    # 2-minute CPU pretraining gives, with a pointer to the long run.
+    report_online_curve(summary["online_eval"])
     report_probes(summary)
     report_paths(summary, run_dir, out)
 
@@ -232,6 +233,30 @@ def report_reconstruction(recon: dict) -> None:
                 for k in ("loss", "loss_mae", "loss_video") if k in mine]
         verdicts.append(f"{name}: {', '.join(says)}")
     print(f"    pretrained below {'; '.join(verdicts)}")
+
+
+def online_curve(run_dir: Path) -> dict:
+    """The pretraining's online evaluation (kNN and linear probe of the frozen encoder on the held-out people) at
+    its first step (the random-init twin) and its last."""
+    from expmae.jobs import JsonlLog
+
+    records = [r for r in JsonlLog(run_dir / "metrics.jsonl").read() if "eval/knn_acc" in r]
+    keys = ("eval/knn_acc", "eval/probe_acc", "eval/probe_uar")
+    return {"steps": [r["step"] for r in records],
+            **({"first": {k: records[0][k] for k in keys}, "last": {k: records[-1][k] for k in keys}} if records else {})}
+
+
+def report_online_curve(curve: dict) -> None:
+    if "first" not in curve:
+        print("  online evaluation: not logged (eval.source unset)")
+        return
+    first, last = curve["first"], curve["last"]
+    print(f"  online probes of the frozen encoder during this 2-minute CPU pretraining, held-out people "
+          f"(step {curve['steps'][0]} = random init -> step {curve['steps'][-1]}):")
+    for key, name in (("eval/knn_acc", "kNN"), ("eval/probe_acc", "linear probe")):
+        print(f"    {name:13s} {first[key]:.3f} -> {last[key]:.3f}")
+    print("    (a few hundred CPU steps; what a long run shows: tools/learning_curve.py and the learning-curve study in "
+          "the docs)")
 
 
 def report_probes(summary: dict) -> None:
