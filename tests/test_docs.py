@@ -5,7 +5,7 @@
   exists and flags its --help accepts, and every shipped config it names must exist. GPU-sized and hub-dependent
   commands are checked this way, not run.
 - Blocks marked ``<!-- docs-test: run -->`` run, in page order, in one scratch folder holding a synthetic labelled
-  set: first the README's quick start (``run quickstart``; its ``config=tiny_demo`` gets ``train.max_steps=4``),
+  set: first the README's quick start (``run quickstart``; its ``config=...`` line gets ``train.max_steps=4``),
   then the guides' blocks, which build on its outputs.
 - The MER2023 recipe's commands produce exactly the folders the shipped mer2023_* finetune configs read.
 """
@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 RUN_MARK = re.compile(r"<!--\s*docs-test:\s*run(?:\s+(\w+))?\s*-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
-QUICKSTART_SETTING = "config=tiny_demo"
-TOY_SETTING = 'config="tiny_demo train.max_steps=4 checkpoint.every=4 log.recon_every=4"'
+QUICKSTART_SETTING = 'config="tiny_demo eval.source=null eval.labels=null"'
+TOY_SETTING = 'config="tiny_demo eval.source=null eval.labels=null train.max_steps=4 checkpoint.every=4 log.recon_every=4"'
 
 
 # ------------------------------------------------------------------------------------------------ reading pages
@@ -179,6 +179,16 @@ def check_pretrain_args(where: str, args: list[str]) -> None:
             assert key in sections.get(section, ()), f"{where}: unknown pretraining config key {section}.{key}"
 
 
+def check_module(where: str, module: str, args: list[str]) -> None:
+    """``python -m MODULE args`` (or launched by accelerate); expmae.features takes its modality first."""
+    if module == "expmae.pretrain":
+        check_pretrain_args(where, args)
+    elif module == "expmae.features" and args and not args[0].startswith("-"):
+        assert_flags(where, f"{module} {args[0]}", args[1:], help_text(sys.executable, "-m", module, args[0]))
+    else:
+        assert_flags(where, module, args, help_text(sys.executable, "-m", module))
+
+
 def check_command(where: str, cmd: list[str]) -> bool:
     """Check one command if it is one of the project's; returns whether it was."""
     while cmd and re.match(r"^[A-Za-z_]\w*=", cmd[0]):  # leading variable assignments
@@ -201,10 +211,7 @@ def check_command(where: str, cmd: list[str]) -> bool:
     if prog.startswith("expmae-"):
         raise AssertionError(f"{where}: {prog} is not a console script of setup.cfg")
     if prog in ("python", "python3") and args[:1] == ["-m"] and args[1].startswith("expmae"):
-        if args[1] == "expmae.pretrain":
-            check_pretrain_args(where, args[2:])
-        else:
-            assert_flags(where, args[1], args[2:], help_text(sys.executable, "-m", args[1]))
+        check_module(where, args[1], args[2:])
         return True
     if prog in ("python", "python3") and args and args[0].startswith("tools/"):
         assert (REPO / args[0]).is_file(), f"{where}: {args[0]} does not exist"
@@ -220,8 +227,8 @@ def check_command(where: str, cmd: list[str]) -> bool:
         target = next(i for i, t in enumerate(rest) if t == "-m" or t.endswith(".py"))
         assert_flags(where, "accelerate launch", rest[:target], help_text(sys.executable, "-m", "accelerate.commands.launch"))
         if rest[target] == "-m":
-            assert rest[target + 1] == "expmae.pretrain", f"{where}: accelerate launches {rest[target + 1]}"
-            check_pretrain_args(where, rest[target + 2:])
+            assert rest[target + 1].startswith("expmae."), f"{where}: accelerate launches {rest[target + 1]}"
+            check_module(where, rest[target + 1], rest[target + 2:])
         else:
             assert (REPO / rest[target]).is_file(), f"{where}: {rest[target]} does not exist"
             check_pretrain_args(where, rest[target + 1:])
