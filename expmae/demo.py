@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no face clips in {crops_dir}; see its failures.jsonl", file=sys.stderr)
         return 1
     rc = pretrain(crops_dir / "train", run_dir,
-                  [f"eval.source={crops_dir}", f"eval.labels={benchmark['clips']}", *args.overrides])
+                  # online evaluation at steps 0, 100, 200, 300: every crop, the split column's train people fit
+                  # the probes, the held-out people score them
+                  [f"eval.source={crops_dir}", f"eval.labels={benchmark['clips']}", "eval.every=100", "eval.knn_k=10",
+                   *args.overrides])
     if rc != 0:
         print(f"error: pretraining failed (exit status {rc}); its output is above", file=sys.stderr)
         return rc

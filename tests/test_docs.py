@@ -31,8 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 RUN_MARK = re.compile(r"<!--\s*docs-test:\s*run(?:\s+(\w+))?\s*-->")
 FENCE = re.compile(r"^```(\w*)\s*$")
-QUICKSTART_SETTING = 'config="tiny_demo eval.source=null eval.labels=null"'
-TOY_SETTING = 'config="tiny_demo eval.source=null eval.labels=null train.max_steps=4 checkpoint.every=4 log.recon_every=4"'
+QUICKSTART_SETTING = "config=tiny_demo"
+TOY_SETTING = 'config="tiny_demo train.max_steps=4 checkpoint.every=4 log.recon_every=4"'
 
 
 # ------------------------------------------------------------------------------------------------ reading pages
