@@ -29,7 +29,8 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from expmae.model import IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
+from expmae.labels import read_label_csv
+from expmae.model_config import IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
 from expmae.video import VIDEO_EXTENSIONS
 
 VIDEOMAE_SCALES = (1.0, 0.875, 0.75, 0.66)  # GroupMultiScaleCrop scales of VideoMAE pretraining
@@ -186,8 +187,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.labels = None
         if labels is not None:
             if isinstance(labels, (str, os.PathLike)):
-                from expmae.finetune.datasets import read_label_csv
-
                 labels = read_label_csv(labels, require_valence=False)
             keep = [i for i, n in enumerate(self.names) if n in labels]
             if len(keep) < len(self.names):

@@ -112,8 +112,8 @@ def save_png(grid, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------- command line
 def load_pretrained(checkpoint: str | Path, weights: str = "auto", device="cpu"):
     """The whole ExpMAE (encoder and decoders) of a pretraining checkpoint or run folder, in eval mode, and the
-    checkpoint's info (expmae.export.read_model_checkpoint)."""
-    from expmae.export import read_model_checkpoint
+    checkpoint's info (expmae.checkpoint.read_model_checkpoint)."""
+    from expmae.checkpoint import read_model_checkpoint
     from expmae.model import ExpMAE
 
     cfg, state, info = read_model_checkpoint(checkpoint, weights)

@@ -191,7 +191,7 @@ def test_bad_clips_are_skipped_logged_and_counted(tmp_path, grey_sources, caplog
 
 
 def test_dataset_sources_manifest_folder_and_labels(tmp_path):
-    from expmae.finetune.datasets import MerLabel
+    from expmae.labels import MerLabel
 
     clips = tmp_path / "crops"
     (clips / "clips").mkdir(parents=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from expmae.jobs import TEMP_MARK
-from expmae.finetune.datasets import MER_CLASSES
+from expmae.labels import MER_CLASSES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -65,7 +65,7 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
 
     from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups, set_scaled_lr
     from expmae.finetune.heads import create_head
-    from expmae.model import timm_create_kwargs
+    from expmae.weights.timm_frame import timm_create_kwargs
 
     # learned position codes and a class token: they must land in the stem, without decay (MAE, timm)
     model = tiny_model(learn_pos_embed=True, class_token=True)
@@ -200,7 +200,7 @@ def test_one_command_finetunes_the_encoder_end_to_end_fused_with_features(mer_vi
     from expmae.export import load_encoder
     from expmae.finetune.cli import main
     from expmae.finetune.heads import create_head
-    from expmae.finetune.datasets import read_label_csv
+    from expmae.labels import read_label_csv
     from expmae.optim import cosine_lr
 
     data, out = mer_videos, tmp_path / "run"

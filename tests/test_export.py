@@ -20,8 +20,9 @@ from launching import CPU_DEEPSPEED, LAUNCH_TIMEOUT, REPO, finish, free_port, wr
 
 from expmae.export import (ENCODER_WEIGHTS, TIMM_WEIGHTS, convert_state_dict, create_timm_model, export_encoder,
                            load_encoder, load_pretrained_weights, read_checkpoint, save_encoder)
-from expmae.model import create_model, frame_encoder_timm_state_dict, get_config
+from expmae.model import create_model, get_config
 from expmae.pos_embed import get_2d_sincos_pos_embed, spatiotemporal_pos_embed
+from expmae.weights.timm_frame import frame_encoder_timm_state_dict
 
 # The pretraining tests' tiny geometry: 32 px, patch 8 (16 patches), 4 frames, tubelet 2, width 48, 2 blocks.
 TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,

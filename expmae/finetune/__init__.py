@@ -9,7 +9,7 @@ The parts, each importing only those listed before it (nothing here imports the 
 
 - ``common``       digest, JSON, log lines
 - ``config``       FinetuneConfig (every setting, once) and its YAML reader
-- ``datasets``     label CSVs: any set (name, class column, regression columns), MER2023 as one format
+- (label CSVs: ``expmae.labels``, shared with the pretraining data)
 - ``featureset``   feature folders -> FeatureSet (the fusion branches)
 - ``splits``       folds: stratified k-fold, a split column, split files / official train-test lists
 - ``metrics``      WAR, UAR, F1s, per-class recall, MSE / CCC, MER2023's metric; ``Scorer`` (report + select)

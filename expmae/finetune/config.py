@@ -12,7 +12,7 @@ class FinetuneConfig:
     features: list[str] = field(default_factory=list)  # BRANCH=FOLDER or FOLDER; same branch = concatenated
     out_dir: str = "runs/finetune"
     test: list[str] = field(default_factory=list)  # label CSVs or name lists to predict (MER2023: test1/2/3)
-    # The label set (expmae.finetune.datasets): format, class column, class order, regression columns
+    # The label set (expmae.labels): format, class column, class order, regression columns
     dataset: str = "auto"  # auto | csv | mer2023 (auto: csv for a file with a 'label' column or a label_column, else mer2023)
     label_column: str = ""  # the class column; "": the format's ('label'; MER2023 'discrete')
     classes: str = ""  # comma-separated class names in index order; "": the format's (MER2023's six) or sorted

@@ -30,7 +30,7 @@ import numpy as np
 from expmae.finetune.backends import make_backend
 from expmae.finetune.common import clean, digest, fmt, log, write_json
 from expmae.finetune.config import FinetuneConfig
-from expmae.finetune.datasets import LabelFormat, LabelSet, is_label_file, label_format, read_labels, read_name_list, write_predictions
+from expmae.labels import LabelFormat, LabelSet, is_label_file, label_format, read_labels, read_name_list, write_predictions
 from expmae.finetune.featureset import FeatureSet, describe_missing
 from expmae.finetune.metrics import Scorer, confusion_matrix, plot_confusion_matrix
 from expmae.finetune.splits import check_folds, column_folds, file_folds, stratified_folds

@@ -357,7 +357,7 @@ def build_model(cfg: PretrainConfig, resume_from: Path | None):
         raise ConfigError(f"model: {exc}") from None
     init_note = ""
     if cfg.train.init_from and resume_from is None:  # a resumed run continues from its own weights
-        from expmae.export import init_from
+        from expmae.weights import init_from
 
         try:
             init_note = init_from(model, cfg.train.init_from)

@@ -14,8 +14,9 @@ import torch
 from expmae.checkpoint import config_from_dict, find_checkpoint, read_model_checkpoint, read_state_dict
 from expmae.model import ExpMAEEncoder, get_config
 from expmae.weights.folder import CONFIG_NAME, ENCODER_WEIGHTS, read_encoder_config
-from expmae.weights.hf import config_from_hf, hf_weights_file, read_hf_config
-from expmae.weights.layouts import ImportReport, check_class_token, check_position_code, convert, fit
+from expmae.weights.convert import convert
+from expmae.weights.hf_import import config_from_hf, hf_weights_file, read_hf_config
+from expmae.weights.layouts import ImportReport, check_class_token, check_position_code, fit
 
 
 @dataclass

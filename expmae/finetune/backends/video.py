@@ -122,7 +122,7 @@ def check_unfreeze_blocks(unfreeze_blocks: int, depth: int, freeze_encoder: bool
 def load_finetune_encoder(path: str | os.PathLike, drop_path: float = -1.0) -> ExpMAEEncoder:
     """The encoder of an expmae-export folder (or pretraining checkpoint) with stochastic depth ``drop_path``
     (linearly increasing over the blocks); ``drop_path < 0`` keeps the encoder config's ``drop_path_rate``."""
-    from expmae.export import load_encoder
+    from expmae.weights import load_encoder
 
     encoder = load_encoder(path)
     if drop_path >= 0 and drop_path != encoder.cfg.drop_path_rate:
@@ -479,7 +479,7 @@ class VideoBackend:
     def save(self, model: VideoFusionModel, fit: FitResult, run_dir: Path) -> None:
         from safetensors.torch import save_file
 
-        from expmae.export import save_encoder
+        from expmae.weights import save_encoder
         from expmae.jobs import atomic_path
 
         # fc_norm + head: what turns the encoder's mean-pooled tokens into predictions
@@ -543,7 +543,7 @@ class VideoBackend:
 
 def _encoder_folder_info(path: str | os.PathLike) -> dict:
     """model_name and pretraining sample_stride recorded in an encoder folder's config.json ({} for a checkpoint)."""
-    from expmae.export import CONFIG_NAME, read_encoder_config
+    from expmae.weights import CONFIG_NAME, read_encoder_config
 
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file():
