@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from expmae.labels import read_label_csv
-from expmae.model_config import IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE, IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
 from expmae.video import VIDEO_EXTENSIONS
 
 VIDEOMAE_SCALES = (1.0, 0.875, 0.75, 0.66)  # GroupMultiScaleCrop scales of VideoMAE pretraining
@@ -167,7 +167,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
     which match MER2023 sample names.
     """
 
-    def __init__(self, source, num_frames: int = 16, sample_stride: int = 4, input_size: int = 224, train: bool = True,
+    def __init__(self, source, num_frames: int = 16, sample_stride: int = DEFAULT_SAMPLE_STRIDE, input_size: int = 224, train: bool = True,
                  seed: int = 0, *, scales: Sequence[float] = VIDEOMAE_SCALES, flip: bool = True,
                  short_clip: str = "pad", normalize: bool = False, labels: Mapping[str, Any] | str | os.PathLike | None = None,
                  max_retries: int = 10, failure_log: str | os.PathLike | None = None, repeated_samples: int = 1,

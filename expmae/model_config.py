@@ -12,6 +12,7 @@ MODES = ("expmae", "mae", "videomae")
 POSITION_CODES = ("separable", "videomae")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_SAMPLE_STRIDE = 4  # frames between a clip's frames, unless a run or an encoder folder records its own
 
 
 def _f(default: Any, help: str, **checks: Any) -> Any:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 from expmae import add_version_argument
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 
 
 def reconstruction_rows(images: dict):
@@ -171,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --loss-draws: also the trivial predictors' losses on the same mask draws "
                              "(patch_mean, copy_visible: expmae.recon_baselines)")
     parser.add_argument("--sample-stride", type=int,
-                        help="frames between sampled frames (default: the run's data.sample_stride, else 4)")
+                        help="frames between sampled frames (default: the run's data.sample_stride, else "
+                             f"{DEFAULT_SAMPLE_STRIDE})")
     parser.add_argument("--weights", default="auto", choices=("auto", "weights", "zero", "accelerate"),
                         help="which weights of the checkpoint (see expmae-export)")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")

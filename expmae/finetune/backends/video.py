@@ -46,6 +46,7 @@ from expmae.finetune.featureset import FeatureSet, list_feature_names, load_feat
 from expmae.finetune.backends.resume import FoldCheckpoint
 from expmae.finetune.training import FitResult, fit_epochs
 from expmae.model import ExpMAEEncoder
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 
 VIDEO_BRANCH = "visual"  # the head's input branch fed by the encoder
 PRECISIONS = ("fp32", "bf16")
@@ -287,8 +288,6 @@ class VideoBackend:
         self.pretrained = load_finetune_encoder(cfg.encoder, cfg.drop_path).cpu()  # each fold trains a copy
         self.unfreeze_blocks = check_unfreeze_blocks(cfg.unfreeze_blocks, self.pretrained.cfg.depth, cfg.freeze_encoder)
         self.encoder_info = _encoder_folder_info(cfg.encoder)
-        from expmae.features.visual import DEFAULT_SAMPLE_STRIDE
-
         self.sample_stride = int(cfg.sample_stride or self.encoder_info.get("sample_stride") or DEFAULT_SAMPLE_STRIDE)
         self.device = resolve_device(cfg.device)
         self.failure_log = Path(cfg.out_dir) / "clip_failures.jsonl"
