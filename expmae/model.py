@@ -567,60 +567,6 @@ class ExpMAE(nn.Module):
             denominator[:, :, c].add_(1e-6 / s)
         return deviation.div_(denominator).transpose(-1, -2).reshape(B, -1, t * p * p * C)
 
-    # ---- visualisation -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def reconstruct(self, clips: torch.Tensor, *, frame_idx=None, mask_mae=None, mask_video=None,
-                    generator=None) -> dict[str, torch.Tensor]:
-        """Images in [0, 1] (float32) for the enabled branches, in eval mode (no drop-path):
-        mae_target / mae_masked / mae_pred (B, C, H, W) for the chosen frame, video_target / video_masked /
-        video_pred (B, C, T, H, W). *_masked shows masked patches in the mean colour; *_pred pastes the
-        prediction into the masked patches and keeps the visible ones from the input (as the MAE demo)."""
-        cfg = self.cfg
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(clips, frame_idx=frame_idx, mask_mae=mask_mae, mask_video=mask_video, generator=generator)
-        finally:
-            self.train(was_training)
-
-        def to_image(x):  # normalised -> [0, 1]
-            return unnormalize(x, cfg.mean, cfg.std).clamp(0, 1)
-
-        def on_grid(pred, mask):  # (B, M, D) predictions of the masked tokens -> (B, N, D), zero where visible
-            full = pred.new_zeros(mask.shape + pred.shape[-1:])
-            full[mask] = pred.reshape(-1, pred.shape[-1])  # masked ids ascend, as the boolean index walks them
-            return full
-
-        images = {}
-        if "pred_mae" in out:
-            B = clips.shape[0]
-            frames = clips.float().transpose(1, 2)[torch.arange(B, device=clips.device), out["frame_idx"]]
-            patches = patchify_frames(frames, cfg.patch_size)
-            pred = on_grid(out["pred_mae"].float(), out["mask_mae"])
-            if cfg.norm_pix_loss:  # back from per-patch normalised to the patch's own mean / variance
-                pred = pred * (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-            mask = out["mask_mae"][..., None].float()
-            images["mae_target"] = to_image(frames)
-            images["mae_masked"] = to_image(unpatchify_frames(patches * (1 - mask), cfg.patch_size, cfg.img_size))
-            images["mae_pred"] = to_image(unpatchify_frames(patches * (1 - mask) + pred * mask, cfg.patch_size,
-                                                            cfg.img_size))
-        if "pred_video" in out:
-            t, p, C = cfg.tubelet_size, cfg.patch_size, cfg.in_chans
-            video = clips.float()
-            pix = patchify_clips(unnormalize(video, cfg.mean, cfg.std), t, p)  # [0, 1], VideoMAE's target space
-            pred = on_grid(out["pred_video"].float(), out["mask_video"])
-            if cfg.norm_pix_loss:  # back from normalised to each tubelet channel's own mean / std
-                B, L, _ = pix.shape
-                stats = pix.reshape(B, L, -1, C)
-                pred = pred.reshape(B, L, -1, C) * (stats.std(dim=-2, keepdim=True) + 1e-6)
-                pred = (pred + stats.mean(dim=-2, keepdim=True)).reshape(B, L, -1)
-            mask = out["mask_video"][..., None].float()
-            images["video_target"] = to_image(video)
-            images["video_masked"] = to_image(unpatchify_clips(patchify_clips(video, t, p) * (1 - mask), t, p,
-                                                               cfg.img_size))
-            images["video_pred"] = unpatchify_clips(pix * (1 - mask) + pred * mask, t, p, cfg.img_size).clamp(0, 1)
-        return images
-
     # ---- training helpers ----------------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay (timm convention): mask / class tokens, learned position codes."""

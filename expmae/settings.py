@@ -105,6 +105,20 @@ def coerce(value: Any, tp: Any) -> Any:
     return value
 
 
+def strict_type(key: str, value: Any, tp: Any) -> Any:
+    """``value`` as ``tp`` when it already is one (an int for a float, a list of numbers for a tuple of floats), for
+    settings given from Python rather than as text; else a one-line ConfigError."""
+    numbers = (int, float)
+    ok = (isinstance(value, tp) and not (tp is int and isinstance(value, bool))) if tp in (bool, int, str) else \
+        (isinstance(value, numbers) and not isinstance(value, bool)) if tp is float else \
+        (isinstance(value, (list, tuple)) and all(isinstance(v, numbers) and not isinstance(v, bool) for v in value))
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not {type_name(tp)}")
+    if tp is float:
+        return float(value)
+    return tuple(float(v) for v in value) if tp not in (bool, int, str) else value
+
+
 def check(key: str, value: Any, meta: dict) -> None:
     """Range and choice checks from the field's metadata; ``None`` (keep default/preset) always passes."""
     if value is None:
@@ -174,3 +188,9 @@ def _help(text: str, default: Any, tp: Any) -> str:
     if tp is bool or default in ("", [], None):
         return text
     return f"{text} (default: {default})" if text else f"default: {default}"
+
+
+def given(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The fields of ``cls`` that the command line set (flags from :func:`add_arguments` default to None)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(namespace).items() if k in names and v is not None}

@@ -352,7 +352,7 @@ def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
         (["--missing", "zero"], "missing='zero'"),
         (["--layer-decay", "1.5"], "layer_decay=1.5"),
         (["--videos", str(data["root"] / "audio")], "audio"),  # no videos there
-        (["--test-views", "0"], "test_views=0: expected >= 1 (--test-views"),
+        (["--test-views", "0"], "test_views=0 is out of range; expected a value >= 1"),
         (["--head", "svm"], "head 'svm' is fit on precomputed features"),
         (["--unfreeze-blocks", "4"], "unfreeze_blocks=4: expected -1 (all) or 0..3 (the encoder's depth)"),
     ]

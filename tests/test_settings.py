@@ -54,9 +54,9 @@ def test_head_choices_are_the_registry():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("epochs", 0, "FinetuneConfig.epochs=0 is out of range; expected a value >= 1"),
-    ("dropout", 1.0, "FinetuneConfig.dropout=1.0 is out of range; expected a value >= 0 and < 1"),
-    ("missing", "skip", "FinetuneConfig.missing='skip' is not allowed; allowed values: drop, zero, error"),
+    ("epochs", 0, "epochs=0 is out of range; expected a value >= 1"),
+    ("dropout", 1.0, "dropout=1.0 is out of range; expected a value >= 0 and < 1"),
+    ("missing", "skip", "missing='skip' is not allowed; allowed values: drop, zero, error"),
 ])
 def test_finetune_config_checks_itself(field, value, message):
     with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace("[", r"\[") + "$"):

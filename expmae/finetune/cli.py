@@ -7,7 +7,7 @@ from typing import Sequence
 
 from expmae import add_version_argument
 from expmae.finetune.config import FinetuneConfig, load_config
-from expmae.settings import add_arguments
+from expmae.settings import add_arguments, given
 from expmae.shipped_configs import add_list_configs_argument, resolve_config
 
 
@@ -29,10 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(argv: Sequence[str] | None = None) -> FinetuneConfig:
-    args = vars(build_parser().parse_args(argv))
-    settings = load_config(resolve_config(args.pop("config"), "finetune")) if args.get("config") else {}
-    settings.update({k: v for k, v in args.items() if v is not None and k != "config"})
-    return FinetuneConfig(**settings)
+    args = build_parser().parse_args(argv)
+    settings = load_config(resolve_config(args.config, "finetune")) if args.config else {}
+    return FinetuneConfig(**{**settings, **given(args, FinetuneConfig)})
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -103,7 +103,7 @@ class FinetuneConfig:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
-            check(f"FinetuneConfig.{f.name}", getattr(self, f.name), dict(f.metadata))
+            check(f.name, getattr(self, f.name), dict(f.metadata))  # the name is also the YAML key
 
 
 # Settings that change what a fold computes; a finished fold is reused only if these match (the fold's own
