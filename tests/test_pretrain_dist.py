@@ -167,7 +167,7 @@ def test_a_stuck_data_worker_stops_the_run_with_a_checkpoint_and_the_clip_named_
     from itertools import islice
 
     from expmae.checkpoint import latest_checkpoint
-    from expmae.data import EpochBatchSampler
+    from expmae.data_batches import EpochBatchSampler
 
     run = tmp_path / "run"
     # clip_05 hangs from epoch 1 on; 12 clips / (2 ranks x batch 2) = 3 steps per epoch
