@@ -579,9 +579,14 @@ class ExpMAE(nn.Module):
                 module.grad_checkpointing = enable
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DeepSpeed engine wrapper, or the model itself."""
+    return getattr(model, "module", model)
+
+
 def unwrap_encoder(model: nn.Module) -> ExpMAEEncoder:
     """The ExpMAEEncoder of an ExpMAE model (DDP / DeepSpeed-wrapped or not), or the encoder itself."""
-    model = getattr(model, "module", model)  # DistributedDataParallel / DeepSpeed engine
+    model = unwrap_model(model)
     encoder = getattr(model, "encoder", model)
     if not isinstance(encoder, ExpMAEEncoder):
         raise TypeError(f"expected an ExpMAE model or ExpMAEEncoder, got {type(model).__name__}")

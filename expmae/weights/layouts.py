@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from expmae.checkpoint import describe_config
-from expmae.model import ExpMAE, ExpMAEConfig, ExpMAEEncoder
+from expmae.model import ExpMAE, ExpMAEConfig, ExpMAEEncoder, unwrap_model
 
 POSITION_CODE_HELP = {"separable": "the 2-D + temporal sin-cos code", "videomae": "VideoMAE's 1-D sin-cos table"}
 PARTS = ("encoder", "decoder", "video_decoder")
@@ -169,7 +169,7 @@ def fit(conv: Converted, model: torch.nn.Module, report: ImportReport, source: s
 
     Raises a one-line ValueError for an encoder of another size (naming the key and both shapes) and for a
     position code other than the model's. Fills report.loaded / dropped / missing / decoders / notes."""
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     if isinstance(model, ExpMAE):
         full, cfg = model, model.cfg
     elif isinstance(model, ExpMAEEncoder):
