@@ -1,26 +1,13 @@
 """expMAE: one ViT encoder trained by two masked-autoencoding branches at once.
 
-- MAE branch (appearance): one random frame per clip, random patch masking (MAE), light MAE decoder.
-- VideoMAE branch (dynamics): t x p x p tubelets, tube masking (VideoMAE), VideoMAE decoder.
-Both branches run the same encoder (stem, blocks, final norm). A frame enters the Conv3d stem as a static
-tubelet (the frame repeated t times, as OmniMAE does), computed as a Conv2d with the kernel summed over time,
-so the frame path is exactly a timm VisionTransformer (expmae.weights.timm_frame exports it).
-In training the stem sees only the visible patches / tubelets (a matmul on gathered pixels, the same tokens), the
-decoders' heads and the targets only the masked ones, and with cfg.pack_branches both branches' visible tokens go
-through the encoder in one pass: no matmul work beyond the algorithm's FLOPs (tools/bench_pretrain.py).
+- MAE branch (appearance): one random frame per clip, random patch masking, a light frame decoder.
+- VideoMAE branch (dynamics): t x p x p tubelets, tube masking, the clip decoder.
+A frame enters the Conv3d stem as a static tubelet (the kernel summed over time), so the frame path is exactly a
+timm ViT (expmae.weights.timm_frame). :meth:`ExpMAE.forward` reads as the table of contents: mask and embed each
+branch, encode both in one packed pass, decode and score each branch.
 
-Position codes (cfg.position_code, see position_codes): "separable" adds MAE's 2-D code plus a 1-D temporal code;
-"videomae" adds VideoMAE's fixed 1-D table over all T' x N tubelets (what public VideoMAE weights were trained with).
-A frame always gets the code of the first tubelet time step, so the frame path stays an exact timm ViT.
-
-Class token (cfg.class_token, off by default): as MAE / ViTMAE, a learned token is prepended to the visible tokens of
-every sequence the encoder runs, with position code zero (MAE's class slot); encoder outputs then have it first
-(num_prefix_tokens = 1, timm's name). The MAE frame decoder carries it as MAE's decoder does (code zero, dropped
-before the prediction); the VideoMAE clip decoder never sees it (VideoMAE has no class token).
-
-Layout conventions (shared with MAE / VideoMAE / HF transformers):
-- clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
-- MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.
+Layouts (as MAE / VideoMAE / transformers): clips (B, C, T, H, W) normalised; tokens in (t, y, x) order; masks
+(B, N) bool, True = masked; MAE patch pixels (p, p, C), VideoMAE tubelet pixels (t, p, p, C), C last.
 """
 from typing import NamedTuple, Sequence
 

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from conftest import TINY_MODEL as TINY
 from expmae.model import (ExpMAE, ExpMAEConfig, create_model, get_config,
                           list_models, masking_from_mask, patchify_clips, patchify_frames,
                           tube_masking, unpatchify_clips, unpatchify_frames)
@@ -13,10 +14,6 @@ from expmae.pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, 
 from expmae.visualize import reconstruct
 from expmae.weights.timm_frame import frame_encoder_timm_state_dict, timm_create_kwargs
 
-# 32 px, patch 8 -> 16 patches per frame; 4 frames, tubelet 2 -> 2 time steps, 32 tubelets.
-TINY = dict(img_size=32, num_frames=4, patch_size=8, depth=2, embed_dim=64, num_heads=4,
-            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
-            video_decoder_embed_dim=32, video_decoder_depth=2, video_decoder_num_heads=4)
 
 
 def tiny_model(**overrides) -> ExpMAE:

@@ -24,7 +24,7 @@ The parts, each importing only those listed before it (nothing here imports the 
 
 
 def main(argv=None) -> int:
-    """``expmae-finetune`` (kept here for scripts installed before the entry point moved to ``cli:main``)."""
+    """``expmae-finetune``: the target of console scripts installed with the entry point ``expmae.finetune:main``."""
     from expmae.finetune.cli import main as cli_main
 
     return cli_main(argv)

@@ -42,7 +42,7 @@ def make_accelerator(cfg: PretrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # A launched run without CUDA (ENVIRONMENT.md) needs the gloo backend, which DeepSpeed's CPU accelerator
+    # A launched run without CUDA needs the gloo backend (NCCL needs GPUs), which DeepSpeed's CPU accelerator
     # speaks too; without DeepSpeed, accelerate also needs cpu=True to treat it as multi-CPU DDP (torchrun).
     # A plain `python train.py` stays single-process.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1

@@ -1,31 +1,8 @@
-"""End-to-end finetuning of an exported expMAE encoder on any labelled set: ``expmae-finetune --videos --encoder``.
-
-The protocol (folds, best epoch by the selected metric, test averaging, reports, reuse of finished folds) is
-expmae.finetune.protocol's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
-built, trained, applied and saved. Per fold:
-
-    face clip (uint8, T frames ``sample_stride`` apart; training: expmae.data.VideoClipDataset's random window,
-    VideoMAE multi-scale crop + flip unless ``augment`` is off; evaluation: :func:`eval_windows`, the centre
-    window, or with ``test_views`` N > 1 N windows spread over the clip, each centre-cropped) -> normalised with
-    the encoder's mean / std -> ExpMAEEncoder.forward_clips -> mean over all tokens -> the fusion head as its
-    "visual" branch, beside any precomputed feature folders (audio, text, ...). An evaluated sample's class
-    probabilities and regression columns are the mean over its views (VideoMAE's multi-view testing).
-
-Optimisation as in MAE / VideoMAE finetuning: AdamW; layer-wise lr decay (block i at layer_decay^(depth - i),
-stem and position codes at layer_decay^(depth + 1), final norm and head at 1); no weight decay on norms,
-biases and position codes; per-step linear warmup, then cosine to ``min_lr``; stochastic depth from the
-encoder config (or ``drop_path``); a LayerNorm after the pooling (``fc_norm``, as VideoMAE / MAE finetuning).
-
-Each fold/round folder gets head.safetensors (``fc_norm.*`` and ``head.*``, the latter expmae.finetune.heads
-.create_head keys) and, unless the encoder is frozen, the finetuned encoder as an encoder folder (encoder/, the expmae-export layout: expmae-features and
-timm read it). A clip that fails to load is recorded in clip_failures.jsonl: in training another clip
-stands in (expmae.data), in evaluation the sample gets the uniform class distribution and regression 0.
-
-A fold takes about an hour on a GPU, so it is resumable: after every epoch the fold's run dir holds
-resume.pt (expmae.finetune.backends.resume.FoldCheckpoint), and a rerun with the same settings and data continues after the last
-finished epoch and ends as an uninterrupted run would (bit-identical on the CPU; on a GPU, up to the usual
-non-determinism of its kernels). For that, each epoch's data order, worker seeds and augmentation depend only on
-(seed, epoch), never on how many epochs this process ran before.
+"""End-to-end finetuning of an exported encoder (``expmae-finetune --videos --encoder``): the protocol's
+:class:`VideoBackend`, which loads face clips, builds a fold's encoder + fusion head, trains it as MAE / VideoMAE
+finetuning does (AdamW, layer-wise lr decay, warmup + cosine, fc_norm after pooling), evaluates over
+``test_views`` windows per clip, saves it, and resumes a fold after its last finished epoch (each epoch's data
+order and augmentation depend on (seed, epoch) only, so a resumed fold ends as an uninterrupted one).
 """
 from __future__ import annotations
 
