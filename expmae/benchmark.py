@@ -56,7 +56,7 @@ def random_init_model(model_name: str, overrides: dict, seed: int):
 
 def save_random_init_encoder(model_name: str, overrides: dict, out_dir: str | os.PathLike, seed: int) -> Path:
     """The encoder a pretraining run with this model config and ``train.seed`` starts from, as an encoder folder."""
-    from expmae.export import save_encoder
+    from expmae.weights import save_encoder
 
     model = random_init_model(model_name, overrides, seed)
     return save_encoder(model, out_dir, model_name=model_name, overwrite=True,

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 import torch
 
-from expmae.jobs import atomic_path
+from expmae.jobs import atomic_path, write_json
 from expmae.model import ExpMAEConfig, ExpMAEEncoder, get_config
 
 WEIGHTS_NAME = "weights.safetensors"
@@ -49,11 +49,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True), encoding="utf-8")
 
 
 def list_checkpoints(ckpt_dir: str | os.PathLike) -> list[Path]:
@@ -121,8 +116,8 @@ def save_checkpoint(
     if accelerator.is_main_process:
         tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "step": str(step)})
-        _write_json(tmp / MODEL_CONFIG_NAME, model_config)
-        _write_json(tmp / TRAIN_STATE_NAME, train_state)
+        write_json(tmp / MODEL_CONFIG_NAME, model_config, indent=1, sort_keys=True, newline=False)
+        write_json(tmp / TRAIN_STATE_NAME, train_state, indent=1, sort_keys=True, newline=False)
     accelerator.wait_for_everyone()
 
     if accelerator.is_main_process:

@@ -13,26 +13,14 @@ picks a preset of the model registry and every other field left at ``None`` keep
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from expmae.model_config import MODEL_SIZES, ExpMAEConfig, get_config
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE, MODEL_SIZES, ExpMAEConfig, get_config
+from expmae.settings import ConfigError, allowed, check, coerce, setting, type_name, unknown_key
 
-
-
-class ConfigError(ValueError):
-    """A bad config: the message is one line naming the key, the value and what is allowed."""
-
-
-def _f(default: Any = None, help: str = "", **checks: Any) -> Any:
-    """A dataclass field with its help text and checks (choices, min, max, gt, lt) in metadata."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **checks})
-    return field(default=default, metadata={"help": help, **checks})
 
 
 def _model_section() -> type:
@@ -43,7 +31,7 @@ def _model_section() -> type:
         """The ExpMAEConfig fields this config sets (everything but ``name`` that is not None)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "name" and v is not None}
 
-    preset = ("name", str, _f("tiny", "registry preset, see expmae.model.list_models()", choices=tuple(MODEL_SIZES)))
+    preset = ("name", str, setting("tiny", "registry preset, see expmae.model.list_models()", choices=tuple(MODEL_SIZES)))
     fields = [(f.name, f.type | None, field(default=None, metadata=f.metadata)) for f in dataclasses.fields(ExpMAEConfig)]
     return dataclasses.make_dataclass("ModelConfig", [preset, *fields], namespace={
         "overrides": overrides, "__doc__": "Which model to pretrain: a registry preset plus overrides of its "
@@ -55,97 +43,99 @@ ModelConfig = _model_section()
 
 @dataclass
 class DataConfig:
-    source: str | None = _f(None, "expmae-crop output folder (manifest.jsonl), or a folder of videos")
-    sample_stride: int = _f(4, "frame stride within a clip", min=1)
-    num_workers: int = _f(4, "DataLoader worker processes per rank", min=0)
-    timeout: float = _f(600.0, "seconds a rank waits for a batch from its DataLoader workers before the run stops "
+    source: str | None = setting(None, "expmae-crop output folder (manifest.jsonl), or a folder of videos")
+    sample_stride: int = setting(DEFAULT_SAMPLE_STRIDE, "frame stride within a clip", min=1)
+    num_workers: int = setting(4, "DataLoader worker processes per rank", min=0)
+    timeout: float = setting(600.0, "seconds a rank waits for a batch from its DataLoader workers before the run stops "
                                "(checkpointed, naming the clip being decoded); 0 waits forever; needs num_workers > 0",
                         min=0)
-    repeated_samples: int = _f(1, "training samples per decoded clip (own window, crop, flip, masks), each in "
+    repeated_samples: int = setting(1, "training samples per decoded clip (own window, crop, flip, masks), each in "
                                   "its own batch", min=1)
-    repeat_spread: int = _f(2, "with repeated_samples > 1: a DataLoader worker decodes this many batches of clips "
+    repeat_spread: int = setting(2, "with repeated_samples > 1: a DataLoader worker decodes this many batches of clips "
                                "at a time and deals their samples out in rounds, each in a fresh order, so a clip's "
                                "samples meet different batch-mates (1: the same clips make k batches in a row, which "
                                "cost training loss); memory: this x batch_size decoded clips per worker", min=1)
-    augment_on: str = _f("auto", "where the crop/resize/flip runs: cpu (DataLoader workers), device (batched on "
+    augment_on: str = setting("auto", "where the crop/resize/flip runs: cpu (DataLoader workers), device (batched on "
                                  "the training device, same bytes), auto (device on a GPU)",
                          choices=("auto", "cpu", "device"))
 
 
 @dataclass
 class TrainConfig:
-    output_dir: str = _f("runs/expmae", "run folder: checkpoints/, tensorboard/, metrics.jsonl, recon/")
-    seed: int = _f(0, "seeds model init, masking, data order and augmentation", min=0)
-    batch_size: int = _f(32, "clips per device per micro-step", min=1)
-    grad_accum_steps: int = _f(1, "micro-steps per optimizer step", min=1)
-    epochs: int = _f(800, "schedule length in epochs (unless max_steps is set)", min=1)
-    max_steps: int | None = _f(None, "schedule length in optimizer steps; overrides epochs", min=1)
-    base_lr: float = _f(1.5e-4, "lr per 256 clips: lr = base_lr * global_batch / 256", gt=0)
-    lr: float | None = _f(None, "absolute peak lr; overrides base_lr scaling", gt=0)
-    min_lr: float = _f(0.0, "final lr of the cosine schedule", min=0)
-    warmup_epochs: float = _f(40.0, "linear warmup length in epochs (unless warmup_steps is set)", min=0)
-    warmup_steps: int | None = _f(None, "linear warmup length in optimizer steps", min=0)
-    weight_decay: float = _f(0.05, "AdamW weight decay (none on norms, biases, pos/mask tokens)", min=0)
-    betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas", min=0, lt=1)
-    clip_grad: float = _f(0.0, "max global grad norm; 0 disables clipping", min=0)
-    max_nonfinite: int = _f(5, "consecutive non-finite losses that stop the run", min=1)
-    init_from: str | None = _f(None, "start (not resume) from these weights: an expMAE checkpoint or run folder "
+    output_dir: str = setting("runs/expmae", "run folder: checkpoints/, tensorboard/, metrics.jsonl, recon/")
+    seed: int = setting(0, "seeds model init, masking, data order and augmentation", min=0)
+    batch_size: int = setting(32, "clips per device per micro-step", min=1)
+    grad_accum_steps: int = setting(1, "micro-steps per optimizer step", min=1)
+    epochs: int = setting(800, "schedule length in epochs (unless max_steps is set)", min=1)
+    max_steps: int | None = setting(None, "schedule length in optimizer steps; overrides epochs", min=1)
+    base_lr: float = setting(1.5e-4, "lr per 256 clips: lr = base_lr * global_batch / 256", gt=0)
+    lr: float | None = setting(None, "absolute peak lr; overrides base_lr scaling", gt=0)
+    min_lr: float = setting(0.0, "final lr of the cosine schedule", min=0)
+    warmup_epochs: float = setting(40.0, "linear warmup length in epochs (unless warmup_steps is set)", min=0)
+    warmup_steps: int | None = setting(None, "linear warmup length in optimizer steps", min=0)
+    weight_decay: float = setting(0.05, "AdamW weight decay (none on norms, biases, pos/mask tokens)", min=0)
+    betas: tuple[float, float] = setting((0.9, 0.95), "AdamW betas", min=0, lt=1)
+    clip_grad: float = setting(0.0, "max global grad norm; 0 disables clipping", min=0)
+    max_nonfinite: int = setting(5, "consecutive non-finite losses that stop the run", min=1)
+    init_from: str | None = setting(None, "start (not resume) from these weights: an expMAE checkpoint or run folder "
                                      "(whole model) or a MAE / VideoMAE / timm ViT weights file (encoder only)")
-    compile: bool = _f(False, "torch.compile the model (inductor); use this, not `accelerate launch "
+    compile: bool = setting(False, "torch.compile the model (inductor); use this, not `accelerate launch "
                               "--dynamo_backend`, which accelerate drops for DeepSpeed launches")
 
 
 @dataclass
 class LogConfig:
-    log_every: int = _f(10, "optimizer steps between TensorBoard scalars", min=1)
-    recon_every: int = _f(500, "optimizer steps between reconstruction grids (0 = only at the end)", min=0)
-    recon_samples: int = _f(2, "clips shown in a reconstruction grid", min=1)
+    log_every: int = setting(10, "optimizer steps between TensorBoard scalars", min=1)
+    recon_every: int = setting(500, "optimizer steps between reconstruction grids (0 = only at the end)", min=0)
+    recon_samples: int = setting(2, "clips shown in a reconstruction grid", min=1)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _f(1000, "optimizer steps between checkpoints (the end always gets one)", min=1)
-    keep_last: int = _f(3, "complete checkpoints kept; older ones are pruned", min=1)
+    every: int = setting(1000, "optimizer steps between checkpoints (the end always gets one)", min=1)
+    keep_last: int = setting(3, "complete checkpoints kept; older ones are pruned", min=1)
 
 
 @dataclass
 class EvalConfig:
     """Online evaluation: frozen-feature probes of the current encoder on a labelled set, during pretraining."""
 
-    source: str | None = _f(None, "labelled clips to evaluate on: an expmae-crop output folder or a folder of face "
-                                  "clips (videos or .npy); null = no online evaluation")
-    labels: str | None = _f(None, "CSV with a name column, a label column (discrete or label) and a split column "
-                                  "(train | val / test) or an identity column (then identities are split)")
-    every: int = _f(1000, "optimizer steps between evaluations (also at step 0, the random-init twin, and the end)",
-                    min=1)
-    val_fraction: float = _f(0.3, "without a split column: the share of identities (or clips) held out", gt=0, lt=1)
-    layers: list[int] = _f([-1], "encoder hidden states to probe (0 = embeddings, i = block i, -1 = last); the "
-                                 "first is the headline (eval/knn_acc, eval/probe_acc)")
-    readouts: list[str] = _f(["mean", "position"], "feature read-outs: mean (over all tokens, as expmae-features), "
-                                                   "position (over time, per patch position), tokens (attentive "
-                                                   "probe)", choices=("mean", "position", "tokens"))
-    probes: list[str] = _f(["knn", "linear"], "probes to run on each layer and read-out",
-                           choices=("knn", "linear", "attentive"))
-    knn_k: int = _f(20, "neighbours of the weighted kNN", min=1)
-    knn_temperature: float = _f(0.07, "temperature of the kNN's exp(cosine / T) votes", gt=0)
-    batch_size: int = _f(32, "clips per forward pass", min=1)
-    seed: int = _f(0, "seed of the identity split and of the probes", min=0)
+    source: str | None = setting(None, "labelled clips to evaluate on: an expmae-crop output folder or a folder of "
+                                       "face clips (videos or .npy); null = no online evaluation")
+    labels: str | None = setting(None, "CSV with a name column, a label column (discrete or label) and a split "
+                                       "column (train | val / test) or an identity column (then identities are split)")
+    every: int = setting(1000, "optimizer steps between evaluations (also at step 0, the random-init twin, and the "
+                               "end)", min=1)
+    val_fraction: float = setting(0.3, "without a split column: the share of identities (or clips) held out", gt=0,
+                                  lt=1)
+    layers: list[int] = setting([-1], "encoder hidden states to probe (0 = embeddings, i = block i, -1 = last); the "
+                                      "first is the headline (eval/knn_acc, eval/probe_acc)")
+    readouts: list[str] = setting(["mean", "position"], "feature read-outs: mean (over all tokens, as "
+                                                        "expmae-features), position (over time, per patch position), "
+                                                        "tokens (attentive probe)",
+                                  choices=("mean", "position", "tokens"))
+    probes: list[str] = setting(["knn", "linear"], "probes to run on each layer and read-out",
+                                choices=("knn", "linear", "attentive"))
+    knn_k: int = setting(20, "neighbours of the weighted kNN", min=1)
+    knn_temperature: float = setting(0.07, "temperature of the kNN's exp(cosine / T) votes", gt=0)
+    batch_size: int = setting(32, "clips per forward pass", min=1)
+    seed: int = setting(0, "seed of the identity split and of the probes", min=0)
 
 
 @dataclass
 class DebugConfig:
     """Fault injection and probes, so tests can exercise the guards on the real training path."""
 
-    nonfinite_steps: list[int] = _f([], "micro-steps (0-based, global) whose loss is replaced by NaN")
-    nonfinite_rank: int = _f(-1, "rank that sees the injected NaN; -1 = all ranks", min=-1)
-    zero_loss_steps: list[int] = _f([], "micro-steps (0-based, global) whose loss is multiplied by 0 (all ranks): "
+    nonfinite_steps: list[int] = setting([], "micro-steps (0-based, global) whose loss is replaced by NaN")
+    nonfinite_rank: int = setting(-1, "rank that sees the injected NaN; -1 = all ranks", min=-1)
+    zero_loss_steps: list[int] = setting([], "micro-steps (0-based, global) whose loss is multiplied by 0 (all ranks): "
                                         "a finite micro-batch that adds no gradient, what a dropped one should equal")
-    hang_clip: int = _f(-1, "dataset index whose decoding hangs in a DataLoader worker (from epoch hang_epoch on): "
+    hang_clip: int = setting(-1, "dataset index whose decoding hangs in a DataLoader worker (from epoch hang_epoch on): "
                             "a stuck decoder for the data.timeout guard; -1 = never", min=-1)
-    hang_epoch: int = _f(0, "first epoch in which debug.hang_clip hangs", min=0)
-    count_syncs: bool = _f(False, "count device synchronisations and tensor read-backs per micro-step into "
+    hang_epoch: int = setting(0, "first epoch in which debug.hang_clip hangs", min=0)
+    count_syncs: bool = setting(False, "count device synchronisations and tensor read-backs per micro-step into "
                                   "debug/syncs_rank<R>.json")
-    dump_inputs: bool = _f(False, "save micro-step 0's model inputs and masks to debug/inputs_rank<R>.safetensors")
+    dump_inputs: bool = setting(False, "save micro-step 0's model inputs and masks to debug/inputs_rank<R>.safetensors")
 
 
 @dataclass
@@ -168,116 +158,18 @@ SECTIONS: dict[str, type] = typing.get_type_hints(PretrainConfig)
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def _allowed(names: Sequence[str]) -> str:
-    return ", ".join(names)
-
-
-def _unknown(key: str, name: str, known: Sequence[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return ConfigError(f"{where}unknown key '{key}'{hint}; allowed: {_allowed(known)}")
-
-
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
-    if origin in (tuple, list):
-        plural = {int: "integers", float: "numbers", bool: "booleans", str: "strings"}
-        inner = plural.get(args[0], "values") if args else "values"
-        n = "" if origin is list or (len(args) == 2 and args[1] is Ellipsis) else f" {len(args)}"
-        return f"a list of{n} {inner}"
-    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Convert a YAML value or a CLI string to ``tp``; raise ValueError when it does not fit."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~"))):
-            return None
-        for arg in (a for a in args if a is not type(None)):
-            return _coerce(value, arg)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
-            return value.lower() in ("true", "yes", "on", "1")
-        raise ValueError
-    if tp is int:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            return int(value.replace("_", ""))
-        raise ValueError
-    if tp is float:
-        if isinstance(value, bool):
-            raise ValueError
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
-        raise ValueError
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError
-    if origin in (tuple, list):
-        if isinstance(value, str):
-            import yaml
-
-            value = yaml.safe_load(value)
-        if not isinstance(value, (list, tuple)):
-            raise ValueError
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                raise ValueError
-            return tuple(_coerce(v, a) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        items = [v if item is Any else _coerce(v, item) for v in value]
-        return tuple(items) if origin is tuple else items
-    return value
-
-
-def _check(key: str, value: Any, meta: dict) -> None:
-    """Range and choice checks from the field's metadata; ``None`` (keep default/preset) always passes."""
-    if value is None:
-        return
-    values = value if isinstance(value, (list, tuple)) else [value]
-    for v in values:
-        if "choices" in meta and v not in meta["choices"]:
-            raise ConfigError(f"{key}={v!r} is not allowed; allowed values: {_allowed(meta['choices'])}")
-        bounds = []
-        if "min" in meta:
-            bounds.append((v >= meta["min"], f">= {meta['min']}"))
-        if "gt" in meta:
-            bounds.append((v > meta["gt"], f"> {meta['gt']}"))
-        if "max" in meta:
-            bounds.append((v <= meta["max"], f"<= {meta['max']}"))
-        if "lt" in meta:
-            bounds.append((v < meta["lt"], f"< {meta['lt']}"))
-        if not all(ok for ok, _ in bounds):
-            raise ConfigError(f"{key}={v!r} is out of range; expected a value {' and '.join(b for _, b in bounds)}")
-
-
 def _set_field(section_obj: Any, section: str, name: str, raw: Any, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(section_obj)}
     key = f"{section}.{name}"
     if name not in fields:
-        raise _unknown(key, name, list(fields), where)
+        raise unknown_key(key, name, list(fields), where)
     tp = typing.get_type_hints(type(section_obj))[name]
     try:
-        value = _coerce(raw, tp)
+        value = coerce(raw, tp)
     except (ValueError, TypeError):
-        raise ConfigError(f"{where}{key}={raw!r} is not {_type_name(tp)}") from None
+        raise ConfigError(f"{where}{key}={raw!r} is not {type_name(tp)}") from None
     try:
-        _check(key, value, dict(fields[name].metadata))
+        check(key, value, dict(fields[name].metadata))
     except ConfigError as exc:
         raise ConfigError(f"{where}{exc}") from None
     setattr(section_obj, name, value)
@@ -288,10 +180,10 @@ def apply_dict(cfg: PretrainConfig, data: Any, where: str = "") -> PretrainConfi
     if data is None:
         return cfg
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}expected a mapping of sections ({_allowed(SECTIONS)}), got {type(data).__name__}")
+        raise ConfigError(f"{where}expected a mapping of sections ({allowed(SECTIONS)}), got {type(data).__name__}")
     for section, values in data.items():
         if section not in SECTIONS:
-            raise _unknown(str(section), str(section), list(SECTIONS), where)
+            raise unknown_key(str(section), str(section), list(SECTIONS), where)
         if values is None:
             continue
         if not isinstance(values, dict):
@@ -307,9 +199,9 @@ def apply_overrides(cfg: PretrainConfig, overrides: Sequence[str]) -> PretrainCo
         dotted, sep, raw = item.partition("=")
         section, dot, name = dotted.strip().partition(".")
         if not sep or not dot or not name:
-            raise ConfigError(f"override {item!r} is not of the form section.key=value (sections: {_allowed(SECTIONS)})")
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (sections: {allowed(SECTIONS)})")
         if section not in SECTIONS:
-            raise _unknown(dotted, section, list(SECTIONS), "override: ")
+            raise unknown_key(dotted, section, list(SECTIONS), "override: ")
         _set_field(getattr(cfg, section), section, name, raw, "override: ")
     return cfg
 
@@ -383,6 +275,6 @@ def describe() -> str:
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            extra = f" (allowed: {_allowed(f.metadata['choices'])})" if "choices" in f.metadata else ""
+            extra = f" (allowed: {allowed(f.metadata['choices'])})" if "choices" in f.metadata else ""
             lines.append(f"  {f.name}: {default!r}  # {f.metadata.get('help', '')}{extra}")
     return "\n".join(lines)

@@ -11,9 +11,9 @@ that fails to load is logged, counted and replaced by a deterministic other one;
 Feeding a GPU (README, "Throughput"): ``repeated_samples=k`` decodes a clip once and makes k training samples
 of it (MAE-ST's repeated sampling, VideoMAE V2's ``--num_sample``), each with its own window and crop/flip:
 ``dataset[i]`` is then (k, 3, T, S, S) and ``dataset[i, r]`` sample r alone, from a decode the process keeps.
-Training puts a clip's k samples in k different batches of one DataLoader worker (:class:`EpochBatchSampler`),
-so every batch holds batch_size different clips. ``augment_on="device"`` leaves the crop, resize and flip to
-:func:`augment_on_device` on the training device: an item is then the decoded frames it uses and each
+Training puts a clip's k samples in k different batches of one DataLoader worker (expmae.data_batches), so
+every batch holds batch_size different clips. ``augment_on="device"`` leaves the crop, resize and flip to
+expmae.data_resample on the training device: an item is then the decoded frames it uses and each
 sample's frame indices, crop box and flip. :func:`collate_samples` makes every kind of item into a batch of
 samples, and :func:`batch_to_device` turns any batch into uint8 (B, 3, T, S, S) on the device, ready for
 normalize_clips.
@@ -28,14 +28,18 @@ from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
+from torch.utils.data import default_collate
 
-from expmae.model import IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
-from expmae.video import VIDEO_EXTENSIONS
+from expmae.data_resample import augment_on_device
+from expmae.jobs import JsonlLog, JsonlShards, manifest_files, one_line, process_shard, read_manifest
+from expmae.labels import read_label_csv
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE, IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
+from expmae.video import VIDEO_EXTENSIONS, list_videos, open_video, read_frames
 
 VIDEOMAE_SCALES = (1.0, 0.875, 0.75, 0.66)  # GroupMultiScaleCrop scales of VideoMAE pretraining
 SHORT_CLIP_MODES = ("pad", "loop")
 AUGMENT_ON = ("cpu", "device")
-PIL_PRECISION_BITS = 22  # Pillow's fixed-point weights (Resample.c)
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +115,6 @@ def crop_resize_frames(frames: np.ndarray, box: tuple[int, int, int, int], size:
     PIL's bilinear resize works on uint8 directly and antialiases when shrinking; per clip it is several
     times cheaper than torch's float interpolate (which also needs float conversion and rounding).
     """
-    from PIL import Image
-
     top, left, h, w = box
     if (top, left, h, w) == (0, 0, size, size) and frames.shape[1:3] == (size, size):
         out = np.asarray(frames)  # the whole frame at the right size: nothing to resample
@@ -127,9 +129,6 @@ def crop_resize_frames(frames: np.ndarray, box: tuple[int, int, int, int], size:
 
 def _resolve_source(source) -> tuple[list[str], list[str]]:
     """(paths, names) from a crop output folder (manifest.jsonl), a manifest file, a folder, or a list."""
-    from expmae.jobs import JsonlLog, manifest_files, read_manifest
-    from expmae.video import list_videos
-
     if isinstance(source, (str, os.PathLike)):
         source = Path(source)
         manifest = source / "manifest.jsonl" if source.is_dir() else source
@@ -167,7 +166,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
     which match MER2023 sample names.
     """
 
-    def __init__(self, source, num_frames: int = 16, sample_stride: int = 4, input_size: int = 224, train: bool = True,
+    def __init__(self, source, num_frames: int = 16, sample_stride: int = DEFAULT_SAMPLE_STRIDE, input_size: int = 224, train: bool = True,
                  seed: int = 0, *, scales: Sequence[float] = VIDEOMAE_SCALES, flip: bool = True,
                  short_clip: str = "pad", normalize: bool = False, labels: Mapping[str, Any] | str | os.PathLike | None = None,
                  max_retries: int = 10, failure_log: str | os.PathLike | None = None, repeated_samples: int = 1,
@@ -187,8 +186,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.labels = None
         if labels is not None:
             if isinstance(labels, (str, os.PathLike)):
-                from expmae.finetune.datasets import read_label_csv
-
                 labels = read_label_csv(labels, require_valence=False)
             keep = [i for i, n in enumerate(self.names) if n in labels]
             if len(keep) < len(self.names):
@@ -228,15 +225,11 @@ class VideoClipDataset(torch.utils.data.Dataset):
             if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or len(clip) == 0:
                 raise ValueError(f"{path}: expected a uint8 array (T, H, W, 3) with T > 0, got {clip.dtype}{clip.shape}")
             return clip
-        from expmae.video import open_video
-
         return open_video(path)
 
     def _read(self, source, index: int, idx: np.ndarray) -> np.ndarray:
         if isinstance(source, np.ndarray):
             return np.ascontiguousarray(source[idx])
-        from expmae.video import read_frames
-
         return read_frames(source, idx, self.paths[index])
 
     def _window(self, num_available: int, rng: np.random.Generator | None) -> np.ndarray:
@@ -327,8 +320,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
         raise RuntimeError(f"{self.max_retries + 1} clips in a row failed to load, starting at {self.paths[index]}; see the log")
 
     def _record_failure(self, index: int, exc: Exception) -> None:
-        from expmae.jobs import JsonlLog, JsonlShards, one_line, process_shard
-
         self.num_failed += 1
         reason = one_line(exc)
         log.warning("skipping clip %s: %s", self.paths[index], reason)
@@ -352,8 +343,6 @@ def collate_samples(items: Sequence) -> torch.Tensor | dict[str, torch.Tensor]:
     repeated clips (k, 3, T, S, S) -> (B * k, 3, T, S, S) with a clip's samples adjacent; device-augmentation
     items -> their frames packed along the first axis, frame_index shifted to index the packed frames.
     """
-    from torch.utils.data import default_collate
-
     first = items[0]
     if isinstance(first, torch.Tensor):
         batch = default_collate(list(items))  # in a worker: stacked straight into shared memory
@@ -389,71 +378,6 @@ def first_sample(item, input_size: int) -> torch.Tensor:
     return item[0] if item.ndim == 5 else item
 
 
-def pil_bilinear_weights(in_size: int, start: torch.Tensor, length: torch.Tensor, out_size: int) -> torch.Tensor:
-    """(B, out_size, in_size) int64 weights (fixed point, 2^22 = 1) of PIL's bilinear resize of
-    [start, start + length) to out_size.
-
-    Pillow's precompute_coeffs (src/libImaging/Resample.c), per output pixel: a triangle filter widened by the
-    downscale factor (antialiasing), taps clipped to the image (not the box), normalised, then rounded to PIL's
-    22-bit fixed point (normalize_coeffs_8bpc).
-    """
-    start, length = start.double(), length.double()
-    scale = (length / out_size)[:, None]  # (B, 1)
-    filterscale = scale.clamp(min=1.0)  # = support: bilinear's support is 1
-    center = start[:, None] + (torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5) * scale  # (B, S)
-    xmin = torch.trunc(center - filterscale + 0.5).clamp(min=0)  # C's (int) cast
-    xmax = torch.trunc(center + filterscale + 0.5).clamp(max=in_size)
-    j = torch.arange(in_size, dtype=torch.float64, device=start.device)  # (in,)
-    w = (1 - ((j - center[..., None] + 0.5) / filterscale[..., None]).abs()).clamp(min=0)  # (B, S, in)
-    w = w * ((j >= xmin[..., None]) & (j < xmax[..., None]))
-    w = w / w.sum(-1, keepdim=True).clamp(min=1e-300)
-    return torch.floor(w * 2**PIL_PRECISION_BITS + 0.5).long()
-
-
-def _pil_pass(x: torch.Tensor, weights: torch.Tensor, rows: bool) -> torch.Tensor:
-    """One pass of PIL's 8-bit resampling, bit-exact: ``weights`` (B, S, N) along the rows (``rows``: x is
-    (B, T, C, N, M)) or the columns (x is (B, T, C, M, N)); x holds integers 0..255 as float32.
-
-    PIL computes (sum(pixel * weight) + 2^21) >> 22 in integers. A float32 matmul is exact on integers below
-    2^24, so the weights are split into 11-bit halves (pixel x half-weight sums stay below 2^19) and joined
-    in int32 (below 2^31). Pixels (8 bits) and halves (<= 11 significant bits) are exact in TF32 too, so
-    tensor cores give the same bytes.
-    """
-    halves = [(weights >> 11).float(), (weights & 2047).float()]  # (B, S, N) each
-    if rows:
-        hi, lo = (h[:, None, None] @ x for h in halves)  # (B, T, C, S, M)
-    else:
-        hi, lo = (x @ h.transpose(1, 2)[:, None, None] for h in halves)  # (B, T, C, M, S)
-    acc = hi.to(torch.int32) * 2048 + lo.to(torch.int32)
-    return ((acc + 2 ** (PIL_PRECISION_BITS - 1)) >> PIL_PRECISION_BITS).clamp_(0, 255).float()
-
-
-def augment_on_device(batch: dict[str, torch.Tensor], input_size: int) -> torch.Tensor:
-    """Crop, resize and flip on the tensors' device: a device-augmentation batch -> uint8 (B, 3, T, S, S).
-
-    ``batch``: ``frames`` uint8 (F, H, W, 3), ``frame_index`` (B, T) into frames, ``box`` (B, 4) = (top, left,
-    h, w), ``flip`` (B,). Batched matmuls with PIL's own fixed-point weights, horizontal pass first and rounded
-    in between as PIL does: the same bytes as VideoClipDataset's CPU path (crop_resize_frames, PIL) for the
-    same (seed, epoch, index) (tests/test_data.py).
-    """
-    frames, index, box, flip = batch["frames"], batch["frame_index"], batch["box"], batch["flip"]
-    _, height, width, _ = frames.shape
-    wy = pil_bilinear_weights(height, box[:, 0], box[:, 2], input_size)  # (B, S, H)
-    wx = pil_bilinear_weights(width, box[:, 1], box[:, 3], input_size)  # (B, S, W)
-    wx = torch.where(flip.bool()[:, None, None], wx.flip(1), wx)  # a flip reverses the output columns
-    previous = torch.get_float32_matmul_precision()
-    # TF32 is exact here (see _pil_pass) and ~8x faster than float32 on the GPU; "medium" (bf16) would not be
-    # exact, and on the CPU only "highest" is sure to stay float32.
-    torch.set_float32_matmul_precision("high" if frames.device.type == "cuda" else "highest")
-    try:
-        x = frames[index].permute(0, 1, 4, 2, 3).float()  # (B, T, H, W, 3) -> (B, T, 3, H, W)
-        x = _pil_pass(x, wx, rows=False)  # (B, T, 3, H, S)
-        x = _pil_pass(x, wy, rows=True)  # (B, T, 3, S, S)
-    finally:
-        torch.set_float32_matmul_precision(previous)
-    return x.to(torch.uint8).permute(0, 2, 1, 3, 4).contiguous()  # (B, 3, T, S, S)
-
-
 def resolve_augment_on(setting: str, device) -> str:
     """``data.augment_on``: 'auto' -> 'device' when training on a GPU (frees the CPU cores), else 'cpu'."""
     if setting == "auto":
@@ -461,103 +385,3 @@ def resolve_augment_on(setting: str, device) -> str:
     if setting not in AUGMENT_ON:
         raise ValueError(f"augment_on={setting!r}: expected auto or one of {AUGMENT_ON}")
     return setting
-
-
-def decoded_per_worker(batch_size: int, repeated_samples: int, spread: int = 1) -> int:
-    """Decoded clips a DataLoader worker keeps under :func:`spread_samples`' layout: the pool it is serving."""
-    return spread * batch_size if repeated_samples > 1 else 0
-
-
-def _pool_batches(pool: Sequence[Sequence[tuple]], k: int, rng: np.random.Generator | None) -> list[list[tuple]]:
-    """One worker's pool of groups (clips it decodes once) -> its k * len(pool) batches of sample keys: in round r
-    every clip of the pool gives sample r, in an order drawn afresh per round when the pool holds several groups,
-    so a clip's k samples sit ~len(pool) of the worker's batches apart and meet different batch-mates each time."""
-    keys, size = [key for group in pool for key in group], len(pool[0])
-    batches = []
-    for r in range(k):
-        order = rng.permutation(len(keys)) if rng is not None and len(pool) > 1 else range(len(keys))
-        round_keys = [(*keys[j], r) for j in order]
-        batches += [round_keys[b:b + size] for b in range(0, len(round_keys), size)]
-    return batches
-
-
-def spread_samples(groups: Sequence[Sequence[tuple]], k: int, workers: int, spread: int = 1,
-                   rng: np.random.Generator | None = None) -> list[list[tuple]]:
-    """Groups of item keys -> batches of sample keys ``(*key, r)``. Blocks of ``workers * spread`` groups: worker w
-    of a block serves a pool of ``spread`` groups (:func:`_pool_batches`: k * spread batches), and the pools'
-    batches interleave, the w-th pool's at positions congruent to w mod workers, which a DataLoader hands to one
-    worker (its workers take batches in turn). A pass's last, partial block shares its groups out as evenly as it
-    can, so only its last few batches (a remainder of fewer groups than workers) may reach a worker that does not
-    hold their clip and decode it again: a cost, never a change of data."""
-    batches = []
-    for start in range(0, len(groups), workers * spread):
-        block = groups[start:start + workers * spread]
-        sizes = [len(block) // workers + (w < len(block) % workers) for w in range(min(workers, len(block)))]
-        ends = np.cumsum(sizes)
-        pools = [_pool_batches(block[end - size:end], k, rng) for size, end in zip(sizes, ends)]
-        batches += [pool[j] for j in range(max(map(len, pools))) for pool in pools if j < len(pool)]
-    return batches
-
-
-class EpochBatchSampler:
-    """This rank's batches of DataLoader keys, epoch after epoch, starting at (epoch, batch).
-
-    An epoch's order is DistributedSampler's shuffle for (seed, epoch), cut to ``batches_per_epoch`` full
-    batches. Keys are ``(epoch, index)``: the item of ``index`` as augmented in ``epoch``
-    (expmae.pretrain.loader.EpochItems), so one DataLoader, with workers started once, serves the whole run,
-    while the dataset still augments by (seed, epoch, index): a resumed epoch is the same epoch.
-
-    With ``repeated_samples = k`` keys are ``(epoch, index, r)``: sample r of clip index's decode. A pass over
-    the clips (shuffled for (seed, pass)) spans k epochs and cuts into groups of batch_size clips; each group
-    makes k batches, one per sample r, so every batch holds batch_size different clips (k samples of one clip
-    in one batch would be nearly k copies, and train like a k times smaller batch). For the decode to be
-    shared, a group's k batches must reach the DataLoader worker that holds it: the DataLoader hands batches
-    to its ``workers`` in turn, so the batches of ``workers`` groups interleave, group g's batches at positions
-    congruent to g mod workers (wherever the loader starts), and each worker keeps batch_size decoded clips
-    (``keep_decoded``). With ``spread = s`` a worker serves a pool of s groups instead of one (s * batch_size
-    decoded clips): round r of the pool gives every clip's sample r in a fresh order, so a clip's samples come
-    ~s of the worker's batches apart, with different batch-mates (:func:`spread_samples`). Everything stays a
-    function of (seed, epoch, batch): resume is exact.
-    """
-
-    def __init__(self, num_items: int, *, batch_size: int, batches_per_epoch: int, rank: int, world: int,
-                 seed: int, start_epoch: int = 0, start_batch: int = 0, repeated_samples: int = 1, workers: int = 0,
-                 spread: int = 1):
-        clips_per_pass = batches_per_epoch * batch_size  # k epochs of samples = k samples of each
-        if clips_per_pass > num_items // world:
-            raise ValueError(f"{batches_per_epoch} batches of {batch_size} samples need {clips_per_pass} clips per "
-                             f"rank and epoch, but {world} ranks share {num_items} clips")
-        self.num_items, self.batch_size, self.batches_per_epoch = num_items, batch_size, batches_per_epoch
-        self.rank, self.world, self.seed, self.k = rank, world, seed, repeated_samples
-        self.start_epoch, self.start_batch, self.workers = start_epoch, start_batch, max(1, workers)
-        if spread < 1:
-            raise ValueError(f"spread={spread}: expected an integer >= 1")
-        self.spread, self.keep_decoded = spread, decoded_per_worker(batch_size, repeated_samples, spread)
-
-    def _order(self, shuffle: int) -> list[int]:
-        from torch.utils.data import DistributedSampler
-
-        sampler = DistributedSampler(range(self.num_items), num_replicas=self.world, rank=self.rank,
-                                     shuffle=True, seed=self.seed, drop_last=True)
-        sampler.set_epoch(shuffle)
-        return list(sampler)
-
-    def _pass_batches(self, first_epoch: int) -> list[list[tuple[int, int, int]]]:
-        """The k * batches_per_epoch batches of the pass that starts at ``first_epoch``."""
-        order, b = self._order(first_epoch // self.k), self.batch_size
-        groups = [[(first_epoch, i) for i in order[g * b:(g + 1) * b]] for g in range(self.batches_per_epoch)]
-        rng = np.random.default_rng((self.seed, self.rank, first_epoch))  # the pools' rounds: a function of the pass
-        return spread_samples(groups, self.k, self.workers, self.spread, rng)
-
-    def __iter__(self):
-        epoch, skip = self.start_epoch, self.start_batch
-        if self.k == 1:
-            while True:
-                order = self._order(epoch)
-                for b in range(skip, self.batches_per_epoch):
-                    yield [(epoch, i) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
-                epoch, skip = epoch + 1, 0
-        first, skip = epoch - epoch % self.k, (epoch % self.k) * self.batches_per_epoch + skip
-        while True:
-            yield from self._pass_batches(first)[skip:]
-            first, skip = first + self.k, 0

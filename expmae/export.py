@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 
 from expmae import add_version_argument
 from expmae.checkpoint import WEIGHT_SOURCES, read_checkpoint, read_model_checkpoint  # noqa: F401 (public API)
+from expmae.model import ExpMAEEncoder
+from expmae.weights import hf_export as hf_folders
 from expmae.weights import (CONFIG_NAME, ENCODER_WEIGHTS, TIMM_WEIGHTS, ImportReport,  # noqa: F401
                             convert_state_dict, create_timm_model, import_encoder, init_from, is_weights_source,
                             load_encoder, load_pretrained_weights, read_encoder_config, save_encoder, unwrap_encoder,
@@ -31,8 +33,6 @@ def export_encoder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
     (+ ExpMAEConfig ``overrides``). ``hf``: also ``out_dir/hf`` (transformers VideoMAE), ``hf_vitmae``: also
     ``out_dir/hf_vitmae`` (transformers ViTMAE). With ``verify``, the written
     folders are loaded back (expmae, timm, transformers) and compared with the encoder. Returns a summary dict."""
-    from expmae.model import ExpMAEEncoder
-
     source = Path(checkpoint)
     summary: dict[str, Any] = {"out_dir": str(out_dir)}
     if is_weights_source(source):
@@ -48,8 +48,6 @@ def export_encoder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
         encoder.load_state_dict(ckpt.encoder_state, strict=True)
         info, model_name, stride = ckpt.info, ckpt.info.get("model_name", model), ckpt.info.get("sample_stride")
     encoder.eval()
-    from expmae.weights import hf as hf_folders
-
     if hf:  # fail before writing anything
         hf_folders.check_hf_exportable(encoder)
     if hf_vitmae:

@@ -14,7 +14,7 @@ perf/model_tflops and perf/mfu TensorBoard curves).
 """
 from __future__ import annotations
 
-from .model_config import ExpMAEConfig, mae_num_kept, tube_num_masked
+from expmae.model_config import ExpMAEConfig, mae_num_kept, tube_num_masked
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, matched against the device name in order.
 PEAK_BF16_FLOPS = (

@@ -103,6 +103,20 @@ def create_exclusive(path: str | os.PathLike, text: str) -> bool:
         Path(tmp).unlink(missing_ok=True)
 
 
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2, sort_keys: bool = False,
+               newline: bool = True) -> None:
+    """Write ``obj`` as indented JSON, atomically; numpy scalars and arrays become numbers and lists."""
+    text = json.dumps(obj, indent=indent, sort_keys=sort_keys, default=_json_default) + ("\n" if newline else "")
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist") and type(o).__module__ == "numpy":  # numpy without importing it here
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
 def save_npy_atomic(path: str | os.PathLike, array) -> Path:
     """np.save through :func:`atomic_path` (np.save appends .npy unless the name already ends with it)."""
     import numpy as np

@@ -1,26 +1,13 @@
 """expMAE: one ViT encoder trained by two masked-autoencoding branches at once.
 
-- MAE branch (appearance): one random frame per clip, random patch masking (MAE), light MAE decoder.
-- VideoMAE branch (dynamics): t x p x p tubelets, tube masking (VideoMAE), VideoMAE decoder.
-Both branches run the same encoder (stem, blocks, final norm). A frame enters the Conv3d stem as a static
-tubelet (the frame repeated t times, as OmniMAE does), computed as a Conv2d with the kernel summed over time,
-so the frame path is exactly a timm VisionTransformer (see frame_encoder_timm_state_dict / timm_create_kwargs).
-In training the stem sees only the visible patches / tubelets (a matmul on gathered pixels, the same tokens), the
-decoders' heads and the targets only the masked ones, and with cfg.pack_branches both branches' visible tokens go
-through the encoder in one pass: no matmul work beyond the algorithm's FLOPs (tools/bench_pretrain.py).
+- MAE branch (appearance): one random frame per clip, random patch masking, a light frame decoder.
+- VideoMAE branch (dynamics): t x p x p tubelets, tube masking, the clip decoder.
+A frame enters the Conv3d stem as a static tubelet (the kernel summed over time), so the frame path is exactly a
+timm ViT (expmae.weights.timm_frame). :meth:`ExpMAE.forward` reads as the table of contents: mask and embed each
+branch, encode both in one packed pass, decode and score each branch.
 
-Position codes (cfg.position_code, see position_codes): "separable" adds MAE's 2-D code plus a 1-D temporal code;
-"videomae" adds VideoMAE's fixed 1-D table over all T' x N tubelets (what public VideoMAE weights were trained with).
-A frame always gets the code of the first tubelet time step, so the frame path stays an exact timm ViT.
-
-Class token (cfg.class_token, off by default): as MAE / ViTMAE, a learned token is prepended to the visible tokens of
-every sequence the encoder runs, with position code zero (MAE's class slot); encoder outputs then have it first
-(num_prefix_tokens = 1, timm's name). The MAE frame decoder carries it as MAE's decoder does (code zero, dropped
-before the prediction); the VideoMAE clip decoder never sees it (VideoMAE has no class token).
-
-Layout conventions (shared with MAE / VideoMAE / HF transformers):
-- clips (B, C, T, H, W), ImageNet-normalised; tokens in (t, y, x) order; masks (B, N) bool, True = masked.
-- MAE patch pixels are (p, p, C) with C last; VideoMAE tubelet pixels are (t, p, p, C) with C last.
+Layouts (as MAE / VideoMAE / transformers): clips (B, C, T, H, W) normalised; tokens in (t, y, x) order; masks
+(B, N) bool, True = masked; MAE patch pixels (p, p, C), VideoMAE tubelet pixels (t, p, p, C), C last.
 """
 from typing import NamedTuple, Sequence
 
@@ -28,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model_config import (IMAGENET_MEAN, IMAGENET_STD, MODEL_SIZES, MODES, POSITION_CODES,  # noqa: F401 (API)
+from expmae.model_config import (IMAGENET_MEAN, IMAGENET_STD, MODEL_SIZES, MODES, POSITION_CODES,  # noqa: F401 (API)
                            ExpMAEConfig, get_config, list_models, mae_num_kept, tube_num_masked)
-from .pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, get_videomae_sincos_table,
+from expmae.pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, get_videomae_sincos_table,
                         spatiotemporal_pos_embed)
-from .vit import Block, LayerNorm, run_blocks
+from expmae.vit import Block, LayerNorm, run_blocks
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -567,60 +554,6 @@ class ExpMAE(nn.Module):
             denominator[:, :, c].add_(1e-6 / s)
         return deviation.div_(denominator).transpose(-1, -2).reshape(B, -1, t * p * p * C)
 
-    # ---- visualisation -------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def reconstruct(self, clips: torch.Tensor, *, frame_idx=None, mask_mae=None, mask_video=None,
-                    generator=None) -> dict[str, torch.Tensor]:
-        """Images in [0, 1] (float32) for the enabled branches, in eval mode (no drop-path):
-        mae_target / mae_masked / mae_pred (B, C, H, W) for the chosen frame, video_target / video_masked /
-        video_pred (B, C, T, H, W). *_masked shows masked patches in the mean colour; *_pred pastes the
-        prediction into the masked patches and keeps the visible ones from the input (as the MAE demo)."""
-        cfg = self.cfg
-        was_training = self.training
-        self.eval()
-        try:
-            out = self(clips, frame_idx=frame_idx, mask_mae=mask_mae, mask_video=mask_video, generator=generator)
-        finally:
-            self.train(was_training)
-
-        def to_image(x):  # normalised -> [0, 1]
-            return unnormalize(x, cfg.mean, cfg.std).clamp(0, 1)
-
-        def on_grid(pred, mask):  # (B, M, D) predictions of the masked tokens -> (B, N, D), zero where visible
-            full = pred.new_zeros(mask.shape + pred.shape[-1:])
-            full[mask] = pred.reshape(-1, pred.shape[-1])  # masked ids ascend, as the boolean index walks them
-            return full
-
-        images = {}
-        if "pred_mae" in out:
-            B = clips.shape[0]
-            frames = clips.float().transpose(1, 2)[torch.arange(B, device=clips.device), out["frame_idx"]]
-            patches = patchify_frames(frames, cfg.patch_size)
-            pred = on_grid(out["pred_mae"].float(), out["mask_mae"])
-            if cfg.norm_pix_loss:  # back from per-patch normalised to the patch's own mean / variance
-                pred = pred * (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
-            mask = out["mask_mae"][..., None].float()
-            images["mae_target"] = to_image(frames)
-            images["mae_masked"] = to_image(unpatchify_frames(patches * (1 - mask), cfg.patch_size, cfg.img_size))
-            images["mae_pred"] = to_image(unpatchify_frames(patches * (1 - mask) + pred * mask, cfg.patch_size,
-                                                            cfg.img_size))
-        if "pred_video" in out:
-            t, p, C = cfg.tubelet_size, cfg.patch_size, cfg.in_chans
-            video = clips.float()
-            pix = patchify_clips(unnormalize(video, cfg.mean, cfg.std), t, p)  # [0, 1], VideoMAE's target space
-            pred = on_grid(out["pred_video"].float(), out["mask_video"])
-            if cfg.norm_pix_loss:  # back from normalised to each tubelet channel's own mean / std
-                B, L, _ = pix.shape
-                stats = pix.reshape(B, L, -1, C)
-                pred = pred.reshape(B, L, -1, C) * (stats.std(dim=-2, keepdim=True) + 1e-6)
-                pred = (pred + stats.mean(dim=-2, keepdim=True)).reshape(B, L, -1)
-            mask = out["mask_video"][..., None].float()
-            images["video_target"] = to_image(video)
-            images["video_masked"] = to_image(unpatchify_clips(patchify_clips(video, t, p) * (1 - mask), t, p,
-                                                               cfg.img_size))
-            images["video_pred"] = unpatchify_clips(pix * (1 - mask) + pred * mask, t, p, cfg.img_size).clamp(0, 1)
-        return images
-
     # ---- training helpers ----------------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay (timm convention): mask / class tokens, learned position codes."""
@@ -633,53 +566,15 @@ class ExpMAE(nn.Module):
                 module.grad_checkpointing = enable
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Export of the frame path to timm
-# --------------------------------------------------------------------------------------------------------------
-_TIMM_FAMILIES = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}  # by embed_dim
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DeepSpeed engine wrapper, or the model itself."""
+    return getattr(model, "module", model)
 
 
-def frame_encoder_timm_state_dict(model_or_encoder: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict of the frame encoder in timm VisionTransformer keys (see timm_create_kwargs).
-
-    The stem's Conv3d kernel is summed over time (a static tubelet), the frame position code becomes pos_embed (with
-    a zero row first for the class token's slot when cfg.class_token: its code is zero, as in MAE).
-    Under ZeRO-3 pass a model whose parameters are gathered (e.g. after accelerator.get_state_dict + load).
-    """
-    model = getattr(model_or_encoder, "module", model_or_encoder)  # unwrap DistributedDataParallel
+def unwrap_encoder(model: nn.Module) -> ExpMAEEncoder:
+    """The ExpMAEEncoder of an ExpMAE model (DDP / DeepSpeed-wrapped or not), or the encoder itself."""
+    model = unwrap_model(model)
     encoder = getattr(model, "encoder", model)
     if not isinstance(encoder, ExpMAEEncoder):
-        raise TypeError(f"frame_encoder_timm_state_dict: expected an ExpMAE or ExpMAEEncoder, got "
-                        f"{type(model_or_encoder).__name__}")
-    state = {}
-    for key, value in encoder.state_dict().items():
-        if key == "time_embed":  # a learned temporal code has no place in an image model
-            continue
-        if key == "patch_embed.proj.weight":
-            value = value.sum(dim=2)
-        state[key] = value.detach().clone()
-    pos_embed = encoder.frame_pos_embed().detach()
-    if encoder.cls_token is not None:  # (1, N, D) -> (1, 1 + N, D)
-        pos_embed = torch.cat([pos_embed.new_zeros(1, 1, pos_embed.shape[2]), pos_embed], dim=1)
-    state["pos_embed"] = pos_embed.clone()
-    return state
-
-
-def timm_create_kwargs(cfg: ExpMAEConfig | nn.Module) -> tuple[str, dict]:
-    """(model_name, kwargs) such that timm.create_model(model_name, pretrained=False, **kwargs) strict-loads
-    frame_encoder_timm_state_dict(model) and reproduces encoder.forward_frames (forward_features) and the
-    mean-pooled feature (forward / forward_head): global_pool="avg" averages the patch tokens only, also with a class
-    token (pass global_pool="token" for the class token instead). Every architecture argument is explicit, so the
-    name only picks the closest standard family. Replace num_classes=0 to add a fresh classifier head."""
-    cfg = getattr(cfg, "cfg", cfg)
-    family = _TIMM_FAMILIES.get(cfg.embed_dim, "vit_base")
-    kwargs = dict(
-        img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
-        depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias,
-        # average pooling of the final-normed patch tokens: with fc_norm=False timm keeps `norm` on the tokens and
-        # makes fc_norm an Identity (fc_norm=None would move the norm after the pooling instead)
-        class_token=cfg.class_token, global_pool="avg", fc_norm=False, num_classes=0,
-        # so timm.data.resolve_data_config normalises inputs the way this encoder was trained
-        pretrained_cfg_overlay=dict(mean=tuple(cfg.mean), std=tuple(cfg.std)),
-    )
-    return f"{family}_patch16_224", kwargs
+        raise TypeError(f"expected an ExpMAE model or ExpMAEEncoder, got {type(model).__name__}")
+    return encoder

@@ -1,78 +1,75 @@
 """ExpMAEConfig: every model hyper-parameter, defined once (default, help, checks), and the registry of sizes.
 
-Torch-free on purpose: the training config (expmae.config) derives its ``model`` section from these fields and
-validates a YAML file in well under a second, before torch is imported. Checks live in each field's metadata
-(``choices``, ``min`` / ``max`` inclusive, ``gt`` / ``lt`` exclusive) and are run by ExpMAEConfig itself; the
-checks that span fields (divisibility, mask counts) live in ``__post_init__``.
+Torch-free: the training config (expmae.config) derives its ``model`` section from these fields. Each field's
+checks are in its metadata (expmae.settings); those that span fields (divisibility, mask counts) in ``__post_init__``.
+Constructed from Python, a field takes its own type only (ints for floats, lists for tuples).
 """
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+
+from expmae.settings import check, setting, strict_type
 
 MODES = ("expmae", "mae", "videomae")
 POSITION_CODES = ("separable", "videomae")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _f(default: Any, help: str, **checks: Any) -> Any:
-    return field(default=default, metadata={"help": help, **checks})
+DEFAULT_SAMPLE_STRIDE = 4  # frames between a clip's frames, unless a run or an encoder folder records its own
 
 
 @dataclass
 class ExpMAEConfig:
     """All model hyper-parameters; defaults are ViT-B/16, 16 frames x 224 px (the "base" entry of the registry)."""
 
-    img_size: int = _f(224, "input height = width in pixels", min=1)
-    num_frames: int = _f(16, "frames per clip", min=1)
-    patch_size: int = _f(16, "ViT patch size", min=1)
-    tubelet_size: int = _f(2, "frames per VideoMAE tubelet", min=1)
-    in_chans: int = _f(3, "input channels", min=1)
+    img_size: int = setting(224, "input height = width in pixels", min=1)
+    num_frames: int = setting(16, "frames per clip", min=1)
+    patch_size: int = setting(16, "ViT patch size", min=1)
+    tubelet_size: int = setting(2, "frames per VideoMAE tubelet", min=1)
+    in_chans: int = setting(3, "input channels", min=1)
     # shared encoder
-    embed_dim: int = _f(768, "encoder width", min=1)
-    depth: int = _f(12, "encoder blocks", min=1)
-    num_heads: int = _f(12, "encoder attention heads", min=1)
-    mlp_ratio: float = _f(4.0, "MLP hidden width / embed_dim", gt=0)
-    qkv_bias: bool = _f(True, "bias in the qkv projection")
-    drop_path_rate: float = _f(0.0, "stochastic depth rate", min=0, lt=1)
+    embed_dim: int = setting(768, "encoder width", min=1)
+    depth: int = setting(12, "encoder blocks", min=1)
+    num_heads: int = setting(12, "encoder attention heads", min=1)
+    mlp_ratio: float = setting(4.0, "MLP hidden width / embed_dim", gt=0)
+    qkv_bias: bool = setting(True, "bias in the qkv projection")
+    drop_path_rate: float = setting(0.0, "stochastic depth rate", min=0, lt=1)
     # MAE frame decoder
-    decoder_embed_dim: int = _f(512, "MAE (frame) decoder width", min=1)
-    decoder_depth: int = _f(8, "MAE (frame) decoder blocks", min=1)
-    decoder_num_heads: int = _f(16, "MAE (frame) decoder heads", min=1)
+    decoder_embed_dim: int = setting(512, "MAE (frame) decoder width", min=1)
+    decoder_depth: int = setting(8, "MAE (frame) decoder blocks", min=1)
+    decoder_num_heads: int = setting(16, "MAE (frame) decoder heads", min=1)
     # VideoMAE clip decoder
-    video_decoder_embed_dim: int = _f(384, "VideoMAE decoder width", min=1)
-    video_decoder_depth: int = _f(4, "VideoMAE decoder blocks", min=1)
-    video_decoder_num_heads: int = _f(6, "VideoMAE decoder heads", min=1)
+    video_decoder_embed_dim: int = setting(384, "VideoMAE decoder width", min=1)
+    video_decoder_depth: int = setting(4, "VideoMAE decoder blocks", min=1)
+    video_decoder_num_heads: int = setting(6, "VideoMAE decoder heads", min=1)
     # objective
-    mode: str = _f("expmae", "which branches train the encoder", choices=MODES)
-    mask_ratio: float = _f(0.75, "MAE random patch masking ratio", gt=0, lt=1)
-    video_mask_ratio: float = _f(0.9, "VideoMAE tube masking ratio", gt=0, lt=1)
-    norm_pix_loss: bool = _f(True, "per-patch normalised reconstruction targets")
-    mae_loss_weight: float = _f(1.0, "weight of the MAE loss in the total", min=0)
-    video_loss_weight: float = _f(1.0, "weight of the VideoMAE loss in the total", min=0)
+    mode: str = setting("expmae", "which branches train the encoder", choices=MODES)
+    mask_ratio: float = setting(0.75, "MAE random patch masking ratio", gt=0, lt=1)
+    video_mask_ratio: float = setting(0.9, "VideoMAE tube masking ratio", gt=0, lt=1)
+    norm_pix_loss: bool = setting(True, "per-patch normalised reconstruction targets")
+    mae_loss_weight: float = setting(1.0, "weight of the MAE loss in the total", min=0)
+    video_loss_weight: float = setting(1.0, "weight of the VideoMAE loss in the total", min=0)
     # position code of the encoder and the clip decoder: "separable" (MAE's 2-D code + a 1-D temporal code) or
     # "videomae" (VideoMAE's 1-D table over all tubelets, as official / transformers VideoMAE weights were trained);
     # frames always use the rows of the first tubelet time step (see expmae.model.position_codes)
-    position_code: str = _f("separable", "position code: separable (2-D + temporal) or videomae (VideoMAE's 1-D "
+    position_code: str = setting("separable", "position code: separable (2-D + temporal) or videomae (VideoMAE's 1-D "
                                          "table over all tubelets, as public VideoMAE weights)", choices=POSITION_CODES)
     # MAE's / ViTMAE's / timm's class token: a learned token prepended to every sequence the encoder runs (position
     # code zero, MAE's class slot), carried through the MAE frame decoder as MAE's decoder does, dropped before the
     # VideoMAE clip decoder (VideoMAE has none); see ExpMAEEncoder.forward_tokens
-    class_token: bool = _f(False, "a learned class token in front of the encoder's tokens (as MAE / ViTMAE / timm "
+    class_token: bool = setting(False, "a learned class token in front of the encoder's tokens (as MAE / ViTMAE / timm "
                                   "ViTs; VideoMAE has none)")
-    learn_pos_embed: bool = _f(False, "trainable position embeddings (initialised sin-cos) instead of fixed")
-    grad_checkpointing: bool = _f(False, "activation checkpointing in the transformer blocks")
+    learn_pos_embed: bool = setting(False, "trainable position embeddings (initialised sin-cos) instead of fixed")
+    grad_checkpointing: bool = setting(False, "activation checkpointing in the transformer blocks")
     # run both branches' visible tokens through the encoder as one packed sequence per clip, attention staying
     # within each branch: the same model and loss in fewer, larger matmuls (7-10% faster expMAE steps on CPU, see
     # tools/bench_pretrain.py). Only drop-path differs: a clip's two branches share their per-sample draws.
-    pack_branches: bool = _f(True, "run both branches' visible tokens through the encoder in one call")
+    pack_branches: bool = setting(True, "run both branches' visible tokens through the encoder in one call")
     # input normalisation of the clips the model receives (used to un-normalise targets and images)
-    mean: tuple[float, ...] = _f(IMAGENET_MEAN, "input normalisation mean, one value per channel", min=0)
-    std: tuple[float, ...] = _f(IMAGENET_STD, "input normalisation std, one value per channel", gt=0)
+    mean: tuple[float, ...] = setting(IMAGENET_MEAN, "input normalisation mean, one value per channel", min=0)
+    std: tuple[float, ...] = setting(IMAGENET_STD, "input normalisation std, one value per channel", gt=0)
 
     def __post_init__(self):
         for f in fields(self):
-            setattr(self, f.name, _checked_type(f.name, getattr(self, f.name), f.type))
-            _check_range(f.name, getattr(self, f.name), f.metadata)
+            setattr(self, f.name, strict_type(f"ExpMAEConfig.{f.name}", getattr(self, f.name), f.type))
+            check(f"ExpMAEConfig.{f.name}", getattr(self, f.name), dict(f.metadata))
 
         def fail(name: str, expected: str):
             raise ValueError(f"ExpMAEConfig.{name}={getattr(self, name)!r}: expected {expected}")
@@ -121,42 +118,6 @@ def mae_num_kept(length: int, ratio: float) -> int:
 
 def tube_num_masked(length: int, ratio: float) -> int:
     return int(ratio * length)  # VideoMAE's TubeMaskingGenerator count
-
-
-def _checked_type(name: str, value, kind):
-    """Coerce YAML-ish values (int for float, list for tuple); reject anything else with a one-line error."""
-    ok = True
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif kind is str:
-        ok = isinstance(value, str)
-    else:  # tuple[float, ...]
-        ok = isinstance(value, (list, tuple)) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-        value = tuple(float(v) for v in value) if ok else value
-    if not ok:
-        expected = getattr(kind, "__name__", None) if kind in (bool, int, float, str) else "a list of numbers"
-        raise ValueError(f"ExpMAEConfig.{name}={value!r}: expected {expected}")
-    return value
-
-
-def _check_range(name: str, value, meta) -> None:
-    """The field's metadata checks (choices, min, max, gt, lt), on each value of a tuple."""
-    for v in value if isinstance(value, tuple) else (value,):
-        if "choices" in meta and v not in meta["choices"]:
-            raise ValueError(f"ExpMAEConfig.{name}={value!r}: expected one of {meta['choices']}")
-        bounds = [(op, meta[op]) for op in ("min", "gt", "max", "lt") if op in meta]
-        ok = {"min": v >= meta.get("min", v), "gt": "gt" not in meta or v > meta["gt"],
-              "max": v <= meta.get("max", v), "lt": "lt" not in meta or v < meta["lt"]}
-        if not all(ok.values()):
-            words = {"min": ">=", "gt": ">", "max": "<=", "lt": "<"}
-            raise ValueError(f"ExpMAEConfig.{name}={value!r}: expected a value "
-                             f"{' and '.join(f'{words[op]} {b}' for op, b in bounds)}")
 
 
 # name -> encoder size (timm ViT names) + decoders. VideoMAE's decoders: small 192/4/3, base 384/4/6, large 512/4/8;

@@ -45,5 +45,6 @@ def create_optimizer(model: nn.Module, *, lr: float, weight_decay: float, betas:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr = ``lr`` x its ``lr_scale`` (1 unless set, e.g. by layer-wise lr decay)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)

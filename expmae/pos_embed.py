@@ -42,12 +42,6 @@ def spatiotemporal_pos_embed(spatial: torch.Tensor, temporal: torch.Tensor) -> t
     return (temporal.unsqueeze(-2) + spatial.unsqueeze(-3)).flatten(-3, -2)
 
 
-def get_3d_sincos_pos_embed(embed_dim: int, grid_size: int | tuple[int, int], num_time: int) -> torch.Tensor:
-    """(T*H*W, embed_dim) float32 code: 2-D spatial code + 1-D temporal code, token order (t, y, x)."""
-    spatial = get_2d_sincos_pos_embed(embed_dim, grid_size)
-    return spatiotemporal_pos_embed(spatial, get_1d_sincos_pos_embed(embed_dim, num_time))
-
-
 def get_videomae_sincos_table(num_positions: int, embed_dim: int) -> torch.Tensor:
     """(1, num_positions, embed_dim) float32: VideoMAE's sinusoid table, bit-for-bit transformers' values."""
     exponent = 2 * (np.arange(embed_dim) // 2) / embed_dim

@@ -22,16 +22,86 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
 from expmae import add_version_argument
+from expmae.checkpoint import read_model_checkpoint
+from expmae.config import DataConfig
+from expmae.data import VideoClipDataset, normalize_clips
+from expmae.features.common import list_inputs, resolve_device
+from expmae.jobs import atomic_path, one_line
+from expmae.model import ExpMAE, patchify_clips, patchify_frames, unnormalize, unpatchify_clips, unpatchify_frames
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE
+from expmae.recon_baselines import PREDICTORS, baseline_losses
+
+
+@torch.no_grad()
+def reconstruct(model, clips: torch.Tensor, *, frame_idx=None, mask_mae=None, mask_video=None,
+                generator=None) -> dict[str, torch.Tensor]:
+    """Images in [0, 1] (float32) of an ExpMAE's enabled branches, in eval mode (no drop-path):
+    mae_target / mae_masked / mae_pred (B, C, H, W) for the chosen frame, video_target / video_masked /
+    video_pred (B, C, T, H, W). *_masked shows masked patches in the mean colour; *_pred pastes the
+    prediction into the masked patches and keeps the visible ones from the input (as the MAE demo)."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(clips, frame_idx=frame_idx, mask_mae=mask_mae, mask_video=mask_video, generator=generator)
+    finally:
+        model.train(was_training)
+    images = {}
+    if "pred_mae" in out:
+        images.update(_mae_images(model.cfg, clips, out))
+    if "pred_video" in out:
+        images.update(_video_images(model.cfg, clips, out))
+    return images
+
+
+def _on_grid(pred: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, M, D) predictions of the masked tokens -> (B, N, D), zero where visible."""
+    full = pred.new_zeros(mask.shape + pred.shape[-1:])
+    full[mask] = pred.reshape(-1, pred.shape[-1])  # masked ids ascend, as the boolean index walks them
+    return full
+
+
+def _mae_images(cfg, clips: torch.Tensor, out: dict) -> dict[str, torch.Tensor]:
+    B = clips.shape[0]
+    frames = clips.float().transpose(1, 2)[torch.arange(B, device=clips.device), out["frame_idx"]]
+    patches = patchify_frames(frames, cfg.patch_size)
+    pred = _on_grid(out["pred_mae"].float(), out["mask_mae"])
+    if cfg.norm_pix_loss:  # back from per-patch normalised to the patch's own mean / variance
+        pred = pred * (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5 + patches.mean(dim=-1, keepdim=True)
+    mask = out["mask_mae"][..., None].float()
+    visible = patches * (1 - mask)
+    return {"mae_target": unnormalize(frames, cfg.mean, cfg.std).clamp(0, 1),
+            "mae_masked": unnormalize(unpatchify_frames(visible, cfg.patch_size, cfg.img_size), cfg.mean,
+                                      cfg.std).clamp(0, 1),
+            "mae_pred": unnormalize(unpatchify_frames(visible + pred * mask, cfg.patch_size, cfg.img_size), cfg.mean,
+                                    cfg.std).clamp(0, 1)}
+
+
+def _video_images(cfg, clips: torch.Tensor, out: dict) -> dict[str, torch.Tensor]:
+    t, p, C = cfg.tubelet_size, cfg.patch_size, cfg.in_chans
+    video = clips.float()
+    pix = patchify_clips(unnormalize(video, cfg.mean, cfg.std), t, p)  # [0, 1], VideoMAE's target space
+    pred = _on_grid(out["pred_video"].float(), out["mask_video"])
+    if cfg.norm_pix_loss:  # back from normalised to each tubelet channel's own mean / std
+        B, L, _ = pix.shape
+        stats = pix.reshape(B, L, -1, C)
+        pred = pred.reshape(B, L, -1, C) * (stats.std(dim=-2, keepdim=True) + 1e-6)
+        pred = (pred + stats.mean(dim=-2, keepdim=True)).reshape(B, L, -1)
+    mask = out["mask_video"][..., None].float()
+    masked = unpatchify_clips(patchify_clips(video, t, p) * (1 - mask), t, p, cfg.img_size)
+    return {"video_target": unnormalize(video, cfg.mean, cfg.std).clamp(0, 1),
+            "video_masked": unnormalize(masked, cfg.mean, cfg.std).clamp(0, 1),
+            "video_pred": unpatchify_clips(pix * (1 - mask) + pred * mask, t, p, cfg.img_size).clamp(0, 1)}
 
 
 def reconstruction_rows(images: dict):
-    """Rows for a grid from ExpMAE.reconstruct's images, per sample: MAE target | masked | prediction side by side,
+    """Rows for a grid from reconstruct()'s images, per sample: MAE target | masked | prediction side by side,
     then one row each for the VideoMAE target, masked and predicted clip, frames side by side. (R, 3, H, W) in
     [0, 1]; clips smaller than 96 px are upscaled (nearest) to be visible."""
-    import torch
-    import torch.nn.functional as F
-
     def row(*frames):
         return torch.cat([f.detach().float().cpu().clamp(0, 1) for f in frames], dim=-1)
 
@@ -56,15 +126,10 @@ def reconstruction_grid(model, clips_uint8, *, seed: int, device):
     """Reconstruct uint8 clips (B, C, T, H, W) with masks drawn from their own generator (``seed``: grids stay
     comparable across checkpoints, and a training run's RNG is untouched); returns the grid (3, H, W) in [0, 1].
     Under ZeRO-3 every rank must call it (parameters are gathered collectively)."""
-    import torch
-    from torchvision.utils import make_grid
-
-    from expmae.data import normalize_clips
-
     generator = torch.Generator(device=device).manual_seed(seed)
     # float32 clips: the model casts its encoder input to its own dtype, and the targets stay exact.
     clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
-    images = model.reconstruct(clips, generator=generator)
+    images = reconstruct(model, clips, generator=generator)
     return make_grid(reconstruction_rows(images), nrow=1, padding=2, pad_value=1.0)
 
 
@@ -78,11 +143,6 @@ def reconstruction_losses(model, clips_uint8, *, seed: int, draws: int, device,
                           baselines: Sequence[str] = ()) -> dict[str, dict[str, float]]:
     """{"model": losses, baseline: losses, ...}: reconstruction_loss's numbers and, on the very same mask draws
     (and MAE frames), those of the trivial predictors named in ``baselines`` (expmae.recon_baselines)."""
-    import torch
-
-    from expmae.data import normalize_clips
-    from expmae.recon_baselines import baseline_losses
-
     clips = normalize_clips(clips_uint8.to(device), dtype=torch.float32, mean=model.cfg.mean, std=model.cfg.std)
     totals: dict[str, dict[str, float]] = {name: {} for name in ("model", *baselines)}
     with torch.no_grad():
@@ -98,10 +158,6 @@ def reconstruction_losses(model, clips_uint8, *, seed: int, draws: int, device,
 
 def save_png(grid, path: str | Path) -> Path:
     """Write a (3, H, W) grid in [0, 1] as a PNG, atomically (a reader never sees half a file)."""
-    from torchvision.utils import save_image
-
-    from expmae.jobs import atomic_path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
@@ -112,10 +168,7 @@ def save_png(grid, path: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------- command line
 def load_pretrained(checkpoint: str | Path, weights: str = "auto", device="cpu"):
     """The whole ExpMAE (encoder and decoders) of a pretraining checkpoint or run folder, in eval mode, and the
-    checkpoint's info (expmae.export.read_model_checkpoint)."""
-    from expmae.export import read_model_checkpoint
-    from expmae.model import ExpMAE
-
+    checkpoint's info (expmae.checkpoint.read_model_checkpoint)."""
     cfg, state, info = read_model_checkpoint(checkpoint, weights)
     model = ExpMAE(cfg)
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
@@ -128,8 +181,6 @@ def load_pretrained(checkpoint: str | Path, weights: str = "auto", device="cpu")
 def video_paths(inputs: list[str]) -> list[Path]:
     """Each input as expmae-features reads it (expmae.features.common.list_inputs): an expmae-crop output folder,
     a folder of videos, a .txt list or a single video; a single .npy face clip too."""
-    from expmae.features.common import list_inputs
-
     paths = []
     for item in inputs:
         if not Path(item).exists():
@@ -141,9 +192,6 @@ def video_paths(inputs: list[str]) -> list[Path]:
 def evaluation_clips(paths: Sequence[Path], cfg, stride: int, limit: int | None = None) -> list:
     """The deterministic evaluation view (centre window, centre crop) of each readable clip as the model ``cfg``
     sees it, uint8 (C, T, H, W), the first ``limit``; an unreadable one is said on stderr and skipped."""
-    from expmae.data import VideoClipDataset
-    from expmae.jobs import one_line
-
     dataset = VideoClipDataset([str(p) for p in paths], cfg.num_frames, stride, cfg.img_size, train=False)
     clips = []
     for i, path in enumerate(paths):
@@ -171,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --loss-draws: also the trivial predictors' losses on the same mask draws "
                              "(patch_mean, copy_visible: expmae.recon_baselines)")
     parser.add_argument("--sample-stride", type=int,
-                        help="frames between sampled frames (default: the run's data.sample_stride, else 4)")
+                        help="frames between sampled frames (default: the run's data.sample_stride, else "
+                             f"{DEFAULT_SAMPLE_STRIDE})")
     parser.add_argument("--weights", default="auto", choices=("auto", "weights", "zero", "accelerate"),
                         help="which weights of the checkpoint (see expmae-export)")
     parser.add_argument("--device", default="auto", help="cpu | cuda | auto")
@@ -188,11 +237,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"--sample-stride {args.sample_stride}: expected >= 1")
     if args.baselines and not args.loss_draws:
         raise SystemExit("--baselines: expected with --loss-draws N (the baselines are scored on its mask draws)")
-    import torch
-
-    from expmae.config import DataConfig
-    from expmae.features.common import resolve_device
-    from expmae.jobs import one_line
 
     device = torch.device(resolve_device(args.device))
     try:
@@ -210,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     step = f" at step {info['step']}" if info.get("step") is not None else ""
     print(f"{out}: {len(clips)} clips reconstructed by {info['checkpoint']}{step} (mode {cfg.mode}, seed {args.seed})")
     if args.loss_draws:
-        from expmae.recon_baselines import PREDICTORS
-
         scored = reconstruction_losses(model, torch.stack(clips), seed=args.seed, draws=args.loss_draws,
                                        device=device, baselines=PREDICTORS if args.baselines else ())
         rounded = {name: {k: round(v, 6) for k, v in losses.items()} for name, losses in scored.items()}

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from expmae.data import (IMAGENET_MEAN, IMAGENET_STD, EpochBatchSampler, VideoClipDataset, augment_on_device,
-                         batch_to_device, collate_samples, crop_resize_frames, multi_scale_crop_box, normalize_clips,
-                         sample_frame_indices)
+from expmae.data import (IMAGENET_MEAN, IMAGENET_STD, VideoClipDataset, batch_to_device, collate_samples,
+                         crop_resize_frames, multi_scale_crop_box, normalize_clips, sample_frame_indices)
+from expmae.data_batches import EpochBatchSampler
+from expmae.data_resample import augment_on_device
 from expmae.video import VideoError, list_videos, open_video, read_frames, write_video
 
 LEVEL = 3  # grey step per frame: 80 frames fit in uint8, and H.264 (crf 18) keeps flat greys within +-1
@@ -191,7 +192,7 @@ def test_bad_clips_are_skipped_logged_and_counted(tmp_path, grey_sources, caplog
 
 
 def test_dataset_sources_manifest_folder_and_labels(tmp_path):
-    from expmae.finetune.datasets import MerLabel
+    from expmae.labels import MerLabel
 
     clips = tmp_path / "crops"
     (clips / "clips").mkdir(parents=True)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from expmae.jobs import TEMP_MARK
-from expmae.finetune.datasets import MER_CLASSES
+from expmae.labels import MER_CLASSES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -63,9 +63,10 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
     import timm
     from timm.optim import param_groups_layer_decay
 
-    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups, set_scaled_lr
+    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups
+    from expmae.optim import set_lr
     from expmae.finetune.heads import create_head
-    from expmae.model import timm_create_kwargs
+    from expmae.weights.timm_frame import timm_create_kwargs
 
     # learned position codes and a class token: they must land in the stem, without decay (MAE, timm)
     model = tiny_model(learn_pos_embed=True, class_token=True)
@@ -109,7 +110,7 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
     assert timm_scale["head.weight"] == scale["head.fc_emotion.weight"] == 1.0
 
     optimizer = torch.optim.AdamW(groups, lr=1.0)
-    set_scaled_lr(optimizer, 2e-3)
+    set_lr(optimizer, 2e-3)
     lrs = {n: g["lr"] for g in optimizer.param_groups for n in g["param_names"]}
     assert lrs["encoder.blocks.0.mlp.fc1.weight"] == pytest.approx(2e-3 * 0.125)
     assert lrs["encoder.patch_embed.proj.bias"] == pytest.approx(2e-3 * 0.0625) and lrs["head.fc_regression.bias"] == 2e-3
@@ -126,7 +127,8 @@ def test_unfreeze_blocks_one_step_changes_exactly_the_last_blocks_at_their_decay
     """One AdamW step from zero moments moves every parameter with a gradient by lr x its lr_scale (Adam's first
     step is lr x g / |g|, weight decay 0 here): the last N blocks (+ final norm, fc_norm, head) move by exactly
     their layer-decayed lr, everything else stays bit-identical. Frozen blocks run in eval mode (no drop-path)."""
-    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups, set_scaled_lr
+    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups
+    from expmae.optim import set_lr
     from expmae.finetune.heads import create_head
 
     torch.manual_seed(0)
@@ -135,7 +137,7 @@ def test_unfreeze_blocks_one_step_changes_exactly_the_last_blocks_at_their_decay
     model = VideoFusionModel(encoder, head, unfreeze_blocks=unfreeze).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.AdamW(layer_decay_param_groups(model, weight_decay=0.0, layer_decay=0.5), lr=1.0)
-    set_scaled_lr(optimizer, 1e-2)
+    set_lr(optimizer, 1e-2)
     out = model(torch.randn(4, 3, 4, 32, 32))
     torch.nn.functional.cross_entropy(out["logits"], torch.tensor([0, 1, 2, 3])).backward()
     optimizer.step()
@@ -200,7 +202,7 @@ def test_one_command_finetunes_the_encoder_end_to_end_fused_with_features(mer_vi
     from expmae.export import load_encoder
     from expmae.finetune.cli import main
     from expmae.finetune.heads import create_head
-    from expmae.finetune.datasets import read_label_csv
+    from expmae.labels import read_label_csv
     from expmae.optim import cosine_lr
 
     data, out = mer_videos, tmp_path / "run"
@@ -352,7 +354,7 @@ def test_bad_end_to_end_inputs_fail_with_one_line(mer_videos, tmp_path, capsys):
         (["--missing", "zero"], "missing='zero'"),
         (["--layer-decay", "1.5"], "layer_decay=1.5"),
         (["--videos", str(data["root"] / "audio")], "audio"),  # no videos there
-        (["--test-views", "0"], "test_views=0: expected >= 1 (--test-views"),
+        (["--test-views", "0"], "test_views=0 is out of range; expected a value >= 1"),
         (["--head", "svm"], "head 'svm' is fit on precomputed features"),
         (["--unfreeze-blocks", "4"], "unfreeze_blocks=4: expected -1 (all) or 0..3 (the encoder's depth)"),
     ]

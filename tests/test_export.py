@@ -15,18 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import moving_pattern, write_checkpoint, write_video
+from conftest import TINY, moving_pattern, write_checkpoint, write_video
 from launching import CPU_DEEPSPEED, LAUNCH_TIMEOUT, REPO, finish, free_port, write_tiny_config
 
 from expmae.export import (ENCODER_WEIGHTS, TIMM_WEIGHTS, convert_state_dict, create_timm_model, export_encoder,
                            load_encoder, load_pretrained_weights, read_checkpoint, save_encoder)
-from expmae.model import create_model, frame_encoder_timm_state_dict, get_config
+from expmae.model import create_model, get_config
 from expmae.pos_embed import get_2d_sincos_pos_embed, spatiotemporal_pos_embed
+from expmae.weights.timm_frame import frame_encoder_timm_state_dict
 
-# The pretraining tests' tiny geometry: 32 px, patch 8 (16 patches), 4 frames, tubelet 2, width 48, 2 blocks.
-TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=32, video_decoder_depth=1,
-            video_decoder_num_heads=2)
 
 
 def randomize_(module: torch.nn.Module, seed: int = 0, scale: float = 0.05) -> torch.nn.Module:

@@ -11,7 +11,7 @@ import pytest
 from sklearn.metrics import f1_score, mean_squared_error
 
 from expmae.finetune.cli import main
-from expmae.finetune.datasets import MER_CLASSES, read_label_csv
+from expmae.labels import MER_CLASSES, read_label_csv
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -188,7 +188,7 @@ def test_compare_writes_one_row_per_head_and_the_svm_row_is_sklearns_svc(tmp_pat
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import SVC
 
-    from expmae.finetune.datasets import MER_CLASSES, read_label_csv
+    from expmae.labels import MER_CLASSES, read_label_csv
     from expmae.finetune.featureset import load_features, parse_feature_specs
 
     rng = np.random.default_rng(0)

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from expmae.finetune.datasets import MER_CLASSES, labels_to_arrays, read_label_csv, read_name_list, write_prediction_csv
+from expmae.labels import MER_CLASSES, labels_to_arrays, read_label_csv, read_name_list, write_prediction_csv
 from expmae.finetune.featureset import describe_missing, load_features, parse_feature_specs
 
 

@@ -5,16 +5,15 @@ import sys
 import pytest
 import torch
 
-from expmae.model import (ExpMAE, ExpMAEConfig, create_model, frame_encoder_timm_state_dict, get_config,
-                          list_models, masking_from_mask, patchify_clips, patchify_frames, timm_create_kwargs,
+from conftest import TINY_MODEL as TINY
+from expmae.model import (ExpMAE, ExpMAEConfig, create_model, get_config,
+                          list_models, masking_from_mask, patchify_clips, patchify_frames,
                           tube_masking, unpatchify_clips, unpatchify_frames)
 from expmae.pos_embed import (get_1d_sincos_pos_embed, get_2d_sincos_pos_embed, get_videomae_sincos_table,
                               spatiotemporal_pos_embed)
+from expmae.visualize import reconstruct
+from expmae.weights.timm_frame import frame_encoder_timm_state_dict, timm_create_kwargs
 
-# 32 px, patch 8 -> 16 patches per frame; 4 frames, tubelet 2 -> 2 time steps, 32 tubelets.
-TINY = dict(img_size=32, num_frames=4, patch_size=8, depth=2, embed_dim=64, num_heads=4,
-            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
-            video_decoder_embed_dim=32, video_decoder_depth=2, video_decoder_num_heads=4)
 
 
 def tiny_model(**overrides) -> ExpMAE:
@@ -454,7 +453,7 @@ def test_tiny_model_overfits_one_clip(single_thread):
 def test_reconstruct_returns_images_and_inverts_the_targets(norm_pix_loss, monkeypatch):
     model = tiny_model(norm_pix_loss=norm_pix_loss)
     clips = clips_like(model) * 0.5
-    images = model.reconstruct(clips, generator=torch.Generator().manual_seed(0))
+    images = reconstruct(model, clips, generator=torch.Generator().manual_seed(0))
     assert {k: tuple(v.shape) for k, v in images.items()} == {
         "mae_target": (2, 3, 32, 32), "mae_masked": (2, 3, 32, 32), "mae_pred": (2, 3, 32, 32),
         "video_target": (2, 3, 4, 32, 32), "video_masked": (2, 3, 4, 32, 32), "video_pred": (2, 3, 4, 32, 32)}
@@ -468,7 +467,7 @@ def test_reconstruct_returns_images_and_inverts_the_targets(norm_pix_loss, monke
     monkeypatch.setattr(model.decoder, "forward", lambda latent, ids_keep, ids_masked: model.mae_target(frames, ids_masked))
     monkeypatch.setattr(model.video_decoder, "forward",
                         lambda latent, ids_keep, ids_masked: model.video_target(clips, ids_masked))
-    images = model.reconstruct(clips, frame_idx=frame_idx, mask_mae=mask_mae)
+    images = reconstruct(model, clips, frame_idx=frame_idx, mask_mae=mask_mae)
     mean = torch.tensor(model.cfg.mean).view(1, 3, 1, 1, 1)
     std = torch.tensor(model.cfg.std).view(1, 3, 1, 1, 1)
     expected = (clips * std + mean).clamp(0, 1)

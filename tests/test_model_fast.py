@@ -3,14 +3,11 @@ two-branch encoder pass (pack_branches), segment attention and the VideoMAE targ
 import pytest
 import torch
 
+from conftest import TINY_MODEL as TINY
 from expmae.model import (create_model, gather_tokens, patchify_clips, patchify_frames, random_masking,
                           tube_masking)
 from expmae.vit import Attention
 
-# 32 px, patch 8 -> 16 patches per frame; 4 frames, tubelet 2 -> 2 time steps (as tests/test_model.py's TINY)
-TINY = dict(img_size=32, num_frames=4, patch_size=8, depth=2, embed_dim=64, num_heads=4,
-            decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4,
-            video_decoder_embed_dim=32, video_decoder_depth=2, video_decoder_num_heads=4)
 
 
 def tiny_model(**overrides):

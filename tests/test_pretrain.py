@@ -401,7 +401,7 @@ def test_check_prints_the_resolved_config_and_it_loads_back(tmp_path, capsys):
 def test_epoch_batch_sampler_resumes_mid_epoch_and_splits_ranks():
     from itertools import islice
 
-    from expmae.data import EpochBatchSampler
+    from expmae.data_batches import EpochBatchSampler
 
     def batches(rank, start_epoch=0, start_batch=0, n=9):
         sampler = EpochBatchSampler(14, batch_size=2, batches_per_epoch=3, rank=rank, world=2, seed=7,

@@ -16,15 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import write_moving_clips
+from conftest import TINY, write_moving_clips
 from launching import (
     LAUNCH_TIMEOUT, finish, gone, kill_hard, launch, read_metrics, run_ok, trained, wait_gone, write_launcher,
     write_tiny_config,
 )
 
-TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=32, video_decoder_depth=1,
-            video_decoder_num_heads=2)
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +164,7 @@ def test_a_stuck_data_worker_stops_the_run_with_a_checkpoint_and_the_clip_named_
     from itertools import islice
 
     from expmae.checkpoint import latest_checkpoint
-    from expmae.data import EpochBatchSampler
+    from expmae.data_batches import EpochBatchSampler
 
     run = tmp_path / "run"
     # clip_05 hangs from epoch 1 on; 12 clips / (2 ranks x batch 2) = 3 steps per epoch

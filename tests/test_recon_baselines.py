@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from test_visualize import TINY
+from conftest import TINY_PICTURES as TINY
 
 from expmae.data import normalize_clips
 from expmae.demo import heldout_recon

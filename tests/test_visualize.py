@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_PICTURES as TINY
 from conftest import write_checkpoint
 
 from expmae.checkpoint import MODEL_CONFIG_NAME
@@ -12,10 +13,6 @@ from expmae.data import VideoClipDataset, normalize_clips
 from expmae.model import create_model
 from expmae.visualize import main, reconstruction_grid, reconstruction_losses
 
-# 64 px, patch 16 -> 4 x 4 patches; 4 frames, tubelet 2
-TINY = dict(img_size=64, num_frames=4, patch_size=16, depth=1, embed_dim=64, num_heads=2, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=32, video_decoder_depth=1,
-            video_decoder_num_heads=2)
 
 
 def read_png(path):

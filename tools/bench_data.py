@@ -37,7 +37,7 @@ loader (one object per dataset and worker count): VideoClipDataset (``--num-fram
                                    other jobs on shared cores do not count; repeated samples count each;
         ``decode_clips_per_s_per_core``  the raw decode rate of the stored form: one window's frames per CPU
                                    second (open + decode, no augmentation, no repeated sampling);
-        ``device_augment_ms_per_sample`` (augment_on=device) expmae.data.augment_on_device on ``--device``;
+        ``device_augment_ms_per_sample`` (augment_on=device) expmae.data_resample.augment_on_device on ``--device``;
         ``bytes_per_stored_frame`` bytes on disk per frame.
 demand (one object): the clips/s one GPU consumes, ``--peak-tflops`` (989: H100/H200 dense bf16) x ``--mfu`` (0.4) /
         the training FLOPs per clip of ``--demand-model`` (ViT-B 16 x 224 expMAE, expmae.flops), and
@@ -422,12 +422,12 @@ def num_samples(batch) -> int:
 
 
 def sample_batches(num_groups: int, batch_size: int, dataset_len: int, k: int, workers: int) -> list[list[tuple]]:
-    """The training loader's batches (expmae.data.EpochBatchSampler): ``num_groups`` groups of ``batch_size``
+    """The training loader's batches (expmae.data_batches.EpochBatchSampler): ``num_groups`` groups of ``batch_size``
     clips, each group making k batches (one per sample) that reach one worker. Clips cycle through the
     dataset, a new epoch on each round, so a clip's next round is a new decode, as in training. The layout of
     ``data.repeat_spread=1``: a larger spread (a worker dealing several groups' samples in mixed rounds) decodes
     and augments the same per sample and only holds more decoded clips."""
-    from expmae.data import spread_samples
+    from expmae.data_batches import spread_samples
 
     clips = [(c // dataset_len, c % dataset_len) for c in range(num_groups * batch_size)]  # (epoch, index) keys
     return spread_samples([clips[g * batch_size:(g + 1) * batch_size] for g in range(num_groups)], k, max(1, workers))
@@ -438,7 +438,8 @@ def layout_loader(dataset, batches: list[list[tuple]], workers: int, **kwargs):
     workers keeping decoded clips as expmae.pretrain.loader.make_loader has them do."""
     import torch
 
-    from expmae.data import collate_samples, decoded_per_worker
+    from expmae.data import collate_samples
+    from expmae.data_batches import decoded_per_worker
     from expmae.pretrain.loader import EpochItems
 
     dataset.keep_decoded = decoded_per_worker(len(batches[0]), dataset.repeated_samples)
@@ -497,10 +498,11 @@ def decode_rate(dataset, samples: int) -> float:
 
 
 def device_augment_ms(dataset, batch_size: int, device) -> float:
-    """Milliseconds per sample of expmae.data.augment_on_device on ``device`` (median of 3 after a warm-up)."""
+    """Milliseconds per sample of expmae.data_resample.augment_on_device on ``device`` (median of 3 after a warm-up)."""
     import torch
 
-    from expmae.data import collate_samples, augment_on_device
+    from expmae.data import collate_samples
+    from expmae.data_resample import augment_on_device
 
     bp = load_bench_pretrain()
     samples = [dataset[i % len(dataset), 0] for i in range(batch_size)]  # a training batch: one sample per clip

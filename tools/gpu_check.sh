@@ -7,7 +7,7 @@
 #   2. bench_data --device cuda       loader (clips/s per core, device augmentation), demand, pipeline
 #   2b. bench_data --only crop        crop settings, and today's per-video crop vs the pipelined job of one process
 #                                     (the one of each GPU under accelerate launch): frames/s per GPU and per core
-#   3. device augmentation on CUDA    expmae.data.augment_on_device gives the CPU path's bytes
+#   3. device augmentation on CUDA    expmae.data_resample.augment_on_device gives the CPU path's bytes
 #   4. pretraining                    ~100 steps of 1-GPU DeepSpeed ZeRO-2 bf16, ViT-B 16x224, on synthetic face
 #                                     clips, through `accelerate launch` (4 samples per decode, device augmentation)
 #   5. export + features              expmae-export of that run, expmae-features video on CUDA
@@ -92,7 +92,8 @@ step bench_crop "$PY" tools/bench_data.py --device "$DEVICE" --synthetic --only 
 step augment_check "$PY" - "$DEVICE" "$OUT/augment_check.json" <<'EOF'
 import json, sys
 import numpy as np, torch
-from expmae.data import augment_on_device, crop_resize_frames, multi_scale_crop_box
+from expmae.data import crop_resize_frames, multi_scale_crop_box
+from expmae.data_resample import augment_on_device
 device, out = sys.argv[1], sys.argv[2]
 rng = np.random.default_rng(0)
 frames = rng.integers(0, 256, (32, 224, 224, 3), dtype=np.uint8)

@@ -35,9 +35,9 @@ from expmae.features.clip import frame_indices
 from expmae.features.common import (LAYER_REDUCTIONS, check_layers, list_inputs, model_fingerprint, parse_layers, pool,
                                     resolve_device, resolve_dtype, run_extraction, weights_fingerprint)
 from expmae.jobs import Shard
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 
 MODALITIES = ("video", "frame")
-DEFAULT_SAMPLE_STRIDE = 4  # expmae.config's data.sample_stride default, for encoders that do not record theirs
 DEFAULT_FRAME_COUNT = 16
 READOUTS = ("mean", "position", "tokens")
 CLI_READOUTS = READOUTS[:2]  # "tokens" is (N, T'*S, D) per window: for the attentive probe in memory, not a file
@@ -144,7 +144,7 @@ class VisualFeatureExtractor:
                  layers: str | int | Sequence[int] = (-1,), readout: str = "mean", layer_reduce: str = "sum"):
         import torch
 
-        from expmae.export import load_encoder, read_encoder_config, unwrap_encoder
+        from expmae.weights import load_encoder, read_encoder_config, unwrap_encoder
 
         if modality not in MODALITIES:
             raise ValueError(f"modality={modality!r}: expected one of {MODALITIES}")

@@ -9,7 +9,7 @@ The parts, each importing only those listed before it (nothing here imports the 
 
 - ``common``       digest, JSON, log lines
 - ``config``       FinetuneConfig (every setting, once) and its YAML reader
-- ``datasets``     label CSVs: any set (name, class column, regression columns), MER2023 as one format
+- (label CSVs: ``expmae.labels``, shared with the pretraining data)
 - ``featureset``   feature folders -> FeatureSet (the fusion branches)
 - ``splits``       folds: stratified k-fold, a split column, split files / official train-test lists
 - ``metrics``      WAR, UAR, F1s, per-class recall, MSE / CCC, MER2023's metric; ``Scorer`` (report + select)
@@ -24,7 +24,7 @@ The parts, each importing only those listed before it (nothing here imports the 
 
 
 def main(argv=None) -> int:
-    """``expmae-finetune`` (kept here for scripts installed before the entry point moved to ``cli:main``)."""
+    """``expmae-finetune``: the target of console scripts installed with the entry point ``expmae.finetune:main``."""
     from expmae.finetune.cli import main as cli_main
 
     return cli_main(argv)

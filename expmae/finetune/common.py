@@ -1,11 +1,10 @@
-"""Small helpers every part of finetuning shares: a content digest, JSON writing, log lines."""
+"""Small helpers every part of finetuning shares: a content digest, metrics as JSON, log lines."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,22 +19,6 @@ def digest(*parts: Any) -> str:
         else:
             h.update(json.dumps(p, sort_keys=True).encode())
     return h.hexdigest()
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (numpy scalars and arrays become numbers and lists)."""
-    from expmae.jobs import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n", encoding="utf-8")
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def clean(metrics: dict[str, float]) -> dict[str, float | None]:

@@ -12,10 +12,11 @@ import dataclasses
 import re
 from pathlib import Path
 
-from expmae.finetune.common import fmt, log, write_json
+from expmae.finetune.common import fmt, log
 from expmae.finetune.config import FinetuneConfig
 from expmae.finetune.heads import parse_head_spec
 from expmae.finetune.metrics import Scorer
+from expmae.jobs import write_json
 from expmae.finetune.protocol import run_finetune
 
 TABLE_JSON, TABLE_MD = "compare.json", "compare.md"

@@ -1,71 +1,109 @@
 """FinetuneConfig: every setting of expmae-finetune (one definition each), and reading it from YAML."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE
+from expmae.settings import check, setting, unknown_key
+
+
+HEAD_NAMES = ("attention", "attentive", "concat", "mfb", "svm", "transformer")  # expmae.finetune.heads.HEADS
+DATA, HEADS, E2E = "the label set and its folds", "heads", "end-to-end mode (expmae.finetune.backends.video)"
+
+
+def parse_unfreeze_blocks(value: str) -> int:
+    """``--unfreeze-blocks``: a block count, or "all" (-1)."""
+    if value.strip().lower() == "all":
+        return -1
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected a number of blocks, or 'all'") from None
 
 
 @dataclass
 class FinetuneConfig:
-    labels: str = ""  # Train&Val label CSV (name, class column, optional regression columns, optional split column)
-    features: list[str] = field(default_factory=list)  # BRANCH=FOLDER or FOLDER; same branch = concatenated
-    out_dir: str = "runs/finetune"
-    test: list[str] = field(default_factory=list)  # label CSVs or name lists to predict (MER2023: test1/2/3)
-    # The label set (expmae.finetune.datasets): format, class column, class order, regression columns
-    dataset: str = "auto"  # auto | csv | mer2023 (auto: csv for a file with a 'label' column or a label_column, else mer2023)
-    label_column: str = ""  # the class column; "": the format's ('label'; MER2023 'discrete')
-    classes: str = ""  # comma-separated class names in index order; "": the format's (MER2023's six) or sorted
-    targets: str = "auto"  # regression columns, comma-separated; auto: MER2023 valence, else the affect columns present; none
-    # Folds (expmae.finetune.splits): stratified k-fold unless the set's own split is given
-    folds: int = 5
-    split_column: str = ""  # a label-CSV column; each value a held-out fold (value 'train': always trains)
-    split_files: list[str] = field(default_factory=list)  # per fold HELD_OUT or TRAIN:HELD_OUT name lists
-    metric: str = "auto"  # picks the best epoch, printed first; auto: MER2023 'metric', else 'uar'
-    # Heads (expmae.finetune.heads)
-    head: str = "attention"  # attention | attentive | mfb | concat | transformer | svm
-    compare: str = ""  # comma-separated head specs run on the same folds into one table, e.g. svm,transformer:3,mfb
-    hidden_dim: int = 128  # MFB: output size o
-    dropout: float = 0.3
-    factor_k: int = 5  # MFB factor k
-    head_layers: int = 3  # transformer layers (the paper: 3 and 6)
-    svm_c: float = 1.0  # SVM regularisation C
-    epochs: int = 100
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    valence_weight: float = 1.0  # lambda in CE + lambda * MSE (of every regression column; MER2023: valence)
-    seed: int = 0
-    missing: str = "drop"  # drop | zero | error, for samples lacking a feature file
-    device: str = "auto"
-    pseudo_label: str = "none"  # none | reliable | weak
-    unlabeled: str = "auto"  # name list, or "auto": every sample in all folders that is neither labelled nor test
-    threshold: float = 0.8
-    rounds: int = 1
-    minority: str = "frequency"  # frequency | confidence | comma-separated class names (e.g. worried,surprise)
-    num_minority: int = 2
-    threads: int = 0  # torch CPU threads; 0 = torch's default (small heads are often fastest with 1)
-    tensorboard: bool = True
-    progress: bool = True
-    # End-to-end backend (expmae.finetune.backends.video): lr / weight_decay / epochs / batch_size above then drive
-    # AdamW over encoder + head, with layer-wise lr decay and a warmup + cosine schedule.
-    videos: str = ""  # face clips named like the labels: an expmae-crop output folder or a folder of videos
-    encoder: str = ""  # expmae-export encoder folder (or a pretraining run / checkpoint folder)
-    freeze_encoder: bool = False  # train the head only; the encoder stays as loaded (eval mode)
-    # train the encoder's last N blocks (+ its final norm) with the head, the rest frozen (eval mode); 0: frozen
-    # encoder (probing end to end), -1 (all): full finetuning
-    unfreeze_blocks: int = -1
-    layer_decay: float = 0.75  # lr of block i = lr * layer_decay^(depth - i); stem depth + 1; final norm, head 1
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-6  # end of the cosine schedule
-    drop_path: float = -1.0  # stochastic depth of the encoder; < 0: the encoder config's drop_path_rate
-    sample_stride: int = 0  # frames between a clip's frames; 0: the stride recorded in the encoder folder, else 4
-    augment: bool = True  # VideoMAE multi-scale crop + flip of training clips; off: whole frames (random window only)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    workers: int = 0  # DataLoader processes decoding clips
-    # Evaluation (held-out fold every epoch, tests, unlabeled pool): windows spread evenly over each clip, each
-    # centre-cropped, class probabilities and regression averaged; 1: the centre window. Costs N x the evaluation.
-    test_views: int = 1
+    """Every setting of expmae-finetune; its flags and --help are generated from these fields (settings.py)."""
+
+    labels: str = setting("", "Train&Val label CSV (name, a class column, optional regression / split columns)")
+    features: list[str] = setting([], "feature folders, BRANCH=FOLDER or FOLDER; repeated BRANCH = concatenated")
+    out_dir: str = setting("runs/finetune", "output folder", flag="--out")
+    test: list[str] = setting([], "label CSVs or name lists to predict (fold-averaged; MER2023: test1/2/3)")
+    # the label set (expmae.labels)
+    dataset: str = setting("auto", "label layout (auto: csv for a file with a 'label' column or --label-column, "
+                                   "else mer2023)", choices=("auto", "csv", "mer2023"), group=DATA)
+    label_column: str = setting("", "the class column (default: label; MER2023: discrete)", group=DATA)
+    classes: str = setting("", "class names in index order, comma-separated (default: sorted; MER2023: its six)",
+                           group=DATA)
+    targets: str = setting("auto", "regression columns, comma-separated, or 'none' (auto: valence/arousal/dominance "
+                                   "columns present; MER2023: valence)", group=DATA)
+    # folds (expmae.finetune.splits): stratified k-fold unless the set's own split is given
+    folds: int = setting(5, "stratified k-fold (without a split column or files)", group=DATA)
+    split_column: str = setting("", "label-CSV column naming each sample's fold (e.g. DFEW 1..5); value 'train' is "
+                                    "never held out, so train/test is an official split", group=DATA)
+    split_files: list[str] = setting([], "one per fold: HELD_OUT or TRAIN:HELD_OUT name lists", group=DATA)
+    metric: str = setting("auto", "picks the best epoch, printed first (auto: MER2023 metric, else uar; also war, "
+                                  "weighted_f1, macro_f1, metric_e, ccc/<column>, mse/<column>, ...)", group=DATA)
+    # heads (expmae.finetune.heads)
+    head: str = setting("attention", "fusion head", choices=HEAD_NAMES, group=HEADS)
+    compare: str = setting("", "run these heads on the same folds into one table, e.g. "
+                               "svm,transformer:3,transformer:6,attention,mfb", group=HEADS)
+    hidden_dim: int = setting(128, "head width (MFB: its output size o)", min=1, group=HEADS)
+    dropout: float = setting(0.3, "head dropout", min=0, lt=1, group=HEADS)
+    factor_k: int = setting(5, "MFB factor k", min=1, group=HEADS)
+    head_layers: int = setting(3, "transformer head layers (the paper: 3 and 6)", min=1, group=HEADS)
+    svm_c: float = setting(1.0, "SVM regularisation C", gt=0, group=HEADS)
+    epochs: int = setting(100, "training epochs", min=1)
+    batch_size: int = setting(32, "samples per step", min=1)
+    lr: float = setting(1e-3, "AdamW learning rate (end to end: of the head and the last block)", min=0)
+    weight_decay: float = setting(1e-5, "AdamW weight decay", min=0)
+    valence_weight: float = setting(1.0, "lambda in CE + lambda * MSE of the regression columns (MER2023: valence)",
+                                    min=0)
+    seed: int = setting(0, "random seed of folds, inits and batches")
+    missing: str = setting("drop", "samples lacking a feature file", choices=("drop", "zero", "error"))
+    device: str = setting("auto", "torch device (auto: cuda when available)")
+    threads: int = setting(0, "torch CPU threads (0: torch default; small heads are often fastest with 1)", min=0)
+    pseudo_label: str = setting("none", "MER-SEMI pseudo-labelling", choices=("none", "reliable", "weak"))
+    unlabeled: str = setting("auto", "name list of unlabeled samples, or 'auto' (every sample in all folders that is "
+                                     "neither labelled nor test)")
+    threshold: float = setting(0.8, "pseudo-label confidence threshold", min=0, max=1)
+    rounds: int = setting(1, "pseudo-labelling rounds", min=0)
+    minority: str = setting("frequency", "frequency | confidence | class names, e.g. worried,surprise")
+    num_minority: int = setting(2, "minority classes picked by frequency or confidence", min=0)
+    tensorboard: bool = setting(True, "write TensorBoard logs")
+    progress: bool = setting(True, "show progress bars")
+    # end to end (expmae.finetune.backends.video): lr / weight_decay / epochs / batch_size above then drive AdamW over
+    # encoder + head, with layer-wise lr decay and a warmup + cosine schedule
+    videos: str = setting("", "face clips named like the labels: an expmae-crop output folder or a folder of videos",
+                          group=E2E)
+    encoder: str = setting("", "expmae-export encoder folder (or a pretraining run / checkpoint folder)", group=E2E)
+    freeze_encoder: bool = setting(False, "train the head only, the encoder stays as loaded (eval mode)", group=E2E)
+    unfreeze_blocks: int = setting(-1, "train the encoder's last N blocks (+ its final norm) with the head, the rest "
+                                       "frozen (eval mode); 0: frozen encoder (probing end to end), -1 (all): full "
+                                       "finetuning", parse=parse_unfreeze_blocks, metavar="N", group=E2E)
+    layer_decay: float = setting(0.75, "lr of block i = lr * layer_decay^(depth - i), the stem at depth + 1; final "
+                                       "norm and head at lr", gt=0, max=1, group=E2E)
+    warmup_epochs: float = setting(5.0, "linear warmup epochs", min=0, group=E2E)
+    min_lr: float = setting(1e-6, "lr at the end of the cosine schedule", min=0, group=E2E)
+    drop_path: float = setting(-1.0, "encoder stochastic depth (< 0: the encoder config's drop_path_rate)", lt=1,
+                               group=E2E)
+    sample_stride: int = setting(0, "frames between a clip's frames (0: the stride recorded in the encoder folder, "
+                                    f"else {DEFAULT_SAMPLE_STRIDE})", min=0, group=E2E)
+    augment: bool = setting(True, "VideoMAE multi-scale crop + flip of training clips (off: whole frames; the clip "
+                                  "window stays random)", group=E2E)
+    precision: str = setting("fp32", "fp32, or bf16 autocast", choices=("fp32", "bf16"), group=E2E)
+    workers: int = setting(0, "DataLoader processes decoding clips", min=0, group=E2E)
+    test_views: int = setting(1, "temporal views per evaluated sample (held-out fold after every epoch, tests, "
+                                 "unlabeled pool): N windows spread evenly over the clip, each centre-cropped, class "
+                                 "probabilities and regression averaged; evaluation costs N times as much (1: the "
+                                 "centre window)", min=1, group=E2E)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check(f.name, getattr(self, f.name), dict(f.metadata))  # the name is also the YAML key
 
 
 # Settings that change what a fold computes; a finished fold is reused only if these match (the fold's own
@@ -87,7 +125,7 @@ def load_config(path: str | Path) -> dict:
     known = {f.name for f in dataclasses.fields(FinetuneConfig)}
     for key in data:
         if key not in known:
-            raise ValueError(f"{path}: unknown setting {key!r}; expected one of {sorted(known)}")
+            raise unknown_key(str(key), str(key), sorted(known), f"{path}: ", what="setting")
     for key in LIST_KEYS:
         if isinstance(data.get(key), str):
             data[key] = [data[key]]

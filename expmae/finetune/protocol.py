@@ -28,12 +28,14 @@ from typing import Sequence
 import numpy as np
 
 from expmae.finetune.backends import make_backend
-from expmae.finetune.common import clean, digest, fmt, log, write_json
+from expmae.finetune.common import clean, digest, fmt, log
 from expmae.finetune.config import FinetuneConfig
-from expmae.finetune.datasets import LabelFormat, LabelSet, is_label_file, label_format, read_labels, read_name_list, write_predictions
 from expmae.finetune.featureset import FeatureSet, describe_missing
 from expmae.finetune.metrics import Scorer, confusion_matrix, plot_confusion_matrix
 from expmae.finetune.splits import check_folds, column_folds, file_folds, stratified_folds
+from expmae.jobs import atomic_path, remove_stale_temp_files, write_json
+from expmae.labels import (LabelFormat, LabelSet, is_label_file, label_format, read_labels, read_name_list,
+                           write_predictions)
 from expmae.runlock import FolderLock
 
 # A fold's resume state (end-to-end backend), in its run dir while it trains; removed once its result.json is written.
@@ -147,8 +149,6 @@ def train_fold(cfg: FinetuneConfig, fold: int, split: tuple[np.ndarray, np.ndarr
     Returns the fold record (best epoch and its held-out metrics) and its predictions: the held-out fold
     (``val_*``), each test set (``test{i}_*``) and the unlabeled pool (``pool_probs``).
     """
-    from expmae.jobs import remove_stale_temp_files
-
     tr, va = split
     run_settings = {k: getattr(cfg, k) for k in backend.run_keys}
     pseudo_key = (pseudo[0].names, pseudo[1].tolist()) if pseudo is not None else None
@@ -174,8 +174,6 @@ def fit_fold(cfg, fold, split, data: Data, scorer: Scorer, pseudo, run_dir: Path
              fingerprint: str) -> dict:
     """Train one fold, predict its held-out split, the tests and the pool, and write its files (record last)."""
     import torch
-
-    from expmae.jobs import atomic_path
 
     tr, va = split
     torch.manual_seed(cfg.seed * 1000 + fold)

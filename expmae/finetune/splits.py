@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from expmae.finetune.datasets import read_name_list
+from expmae.labels import read_name_list
 
 TRAIN_VALUE = "train"  # a split-column value that is never held out
 

@@ -15,7 +15,7 @@ class DataStall(RuntimeError):
 
 class EpochItems:
     """``items[epoch, index]``: the item of ``index`` as augmented in ``epoch``; ``items[epoch, index, r]``: its
-    sample r alone (repeated sampling; see expmae.data.EpochBatchSampler for both keys).
+    sample r alone (repeated sampling; see expmae.data_batches.EpochBatchSampler for both keys).
 
     Each DataLoader worker notes in shared memory which clip it is decoding and since when, so a stall can
     be blamed on a clip. ``hang=(index, epoch)`` (debug.hang_clip) makes decoding that clip hang from that
@@ -57,7 +57,7 @@ class EpochItems:
 def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int, timeout: float,
                 pin_memory: bool, repeated_samples: int = 1, repeat_spread: int = 1, hang: tuple[int, int] | None = None):
     """One DataLoader for the whole run, starting at the state's data position; ``repeated_samples`` = k: each
-    worker decodes a clip once for its k samples, which go to k different batches (expmae.data.EpochBatchSampler).
+    worker decodes a clip once for its k samples, which go to k different batches (expmae.data_batches.EpochBatchSampler).
     Its workers die with this process (expmae.parentdeath)."""
     import functools
     import os
@@ -65,7 +65,8 @@ def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int,
     import torch
     from torch.utils.data import DataLoader
 
-    from expmae.data import EpochBatchSampler, collate_samples
+    from expmae.data import collate_samples
+    from expmae.data_batches import EpochBatchSampler
     from expmae.parentdeath import worker_init
 
     sampler = EpochBatchSampler(len(dataset), batch_size=plan.batch_size, batches_per_epoch=plan.batches_per_epoch,

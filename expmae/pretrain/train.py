@@ -42,7 +42,7 @@ def make_accelerator(cfg: PretrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    # A launched run without CUDA (ENVIRONMENT.md) needs the gloo backend, which DeepSpeed's CPU accelerator
+    # A launched run without CUDA needs the gloo backend (NCCL needs GPUs), which DeepSpeed's CPU accelerator
     # speaks too; without DeepSpeed, accelerate also needs cpu=True to treat it as multi-CPU DDP (torchrun).
     # A plain `python train.py` stays single-process.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -357,7 +357,7 @@ def build_model(cfg: PretrainConfig, resume_from: Path | None):
         raise ConfigError(f"model: {exc}") from None
     init_note = ""
     if cfg.train.init_from and resume_from is None:  # a resumed run continues from its own weights
-        from expmae.export import init_from
+        from expmae.weights import init_from
 
         try:
             init_note = init_from(model, cfg.train.init_from)

@@ -21,21 +21,13 @@ from typing import Any, Mapping
 import torch
 
 from expmae.checkpoint import config_from_dict, encoder_shapes, load_safetensors, read_checkpoint
-from expmae.model import ExpMAEConfig, ExpMAEEncoder, frame_encoder_timm_state_dict, timm_create_kwargs
+from expmae.model import ExpMAEConfig, ExpMAEEncoder, unwrap_encoder
+from expmae.weights.timm_frame import frame_encoder_timm_state_dict, timm_create_kwargs
 
 ENCODER_WEIGHTS = "encoder.safetensors"
 TIMM_WEIGHTS = "model.safetensors"  # the name timm's local-dir / hub loader looks for
 CONFIG_NAME = "config.json"
 FORMAT_VERSION = 1
-
-
-def unwrap_encoder(model: torch.nn.Module) -> ExpMAEEncoder:
-    """The ExpMAEEncoder of an ExpMAE model (DDP / DeepSpeed-wrapped or not), or the encoder itself."""
-    model = getattr(model, "module", model)  # DistributedDataParallel / DeepSpeed engine
-    encoder = getattr(model, "encoder", model)
-    if not isinstance(encoder, ExpMAEEncoder):
-        raise TypeError(f"expected an ExpMAE model or ExpMAEEncoder, got {type(model).__name__}")
-    return encoder
 
 
 def _sha256(path: Path) -> str:

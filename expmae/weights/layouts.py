@@ -1,6 +1,7 @@
-"""Foreign state dicts into expMAE: detect the layout, convert with that layout's converter, fit to a model.
+"""What every layout converter shares (the Collector, the report) and :func:`fit`, which fits converted weights
+to a model (convert.py detects the layout and dispatches to its converter).
 
-Each converter (mae.py, videomae.py, hf.py) renames a checkpoint's tensors to expMAE model keys (``encoder.*``,
+Each converter (mae.py, videomae.py, hf_import.py, convert.convert_expmae) renames a checkpoint's tensors to expMAE model keys (``encoder.*``,
 ``decoder.*`` = the MAE frame decoder, ``video_decoder.*`` = the VideoMAE clip decoder) through a
 :class:`Collector`, which also fuses split attention projections and folds layer scale. :func:`fit` then checks
 the result against the target model: the encoder strictly (one-line errors naming the key and both shapes), the
@@ -12,12 +13,11 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 
-from expmae.checkpoint import describe_config, strip_wrappers, unwrap_state_dict
-from expmae.model import ExpMAE, ExpMAEConfig, ExpMAEEncoder
+from expmae.checkpoint import describe_config
+from expmae.model import ExpMAE, ExpMAEConfig, ExpMAEEncoder, unwrap_model
 
 POSITION_CODE_HELP = {"separable": "the 2-D + temporal sin-cos code", "videomae": "VideoMAE's 1-D sin-cos table"}
 PARTS = ("encoder", "decoder", "video_decoder")
@@ -150,53 +150,6 @@ def block_key(key: str) -> tuple[str, str] | None:
     return (f"{m.group(1)}.blocks.{m.group(2)}", m.group(3)) if m else None
 
 
-# ----------------------------------------------------------------------------------------------- detect + dispatch
-def detect_layout(keys: Mapping[str, torch.Tensor]) -> str:
-    """One of LAYOUTS, from the key names and the stem's rank (Conv2d: an image model, Conv3d: a video model)."""
-    stem = next((v for k, v in keys.items() if k.endswith(("patch_embed.proj.weight",
-                                                            "patch_embeddings.projection.weight"))), None)
-    video = stem is not None and stem.ndim == 5
-    if any(k.endswith(("attention.attention.query.weight", "attention.q_proj.weight")) for k in keys):
-        return "transformers-videomae" if video else "transformers-vitmae"
-    if stem is not None and not video:
-        return "mae" if any(k.startswith(("decoder_", "mask_token")) for k in keys) else "timm"
-    if any(k.endswith("attn.q_bias") or k.startswith("encoder_to_decoder") for k in keys):
-        return "videomae"  # MCG-NJU/VideoMAE and OpenGVLab/VideoMAEv2 share one key layout
-    return "expmae"
-
-
-def convert(state: Mapping[str, torch.Tensor], source: str = "state dict") -> tuple[Converted, ImportReport]:
-    """Any supported checkpoint -> expMAE keys + a report (layout, dtype, dropped and unknown keys)."""
-    from expmae.weights import hf, mae, videomae
-
-    converters: dict[str, Callable[[dict, Collector], str | None]] = {
-        "mae": mae.convert_mae, "timm": mae.convert_mae, "videomae": videomae.convert_videomae,
-        "transformers-videomae": hf.convert_hf_videomae, "transformers-vitmae": hf.convert_hf_vitmae,
-        "expmae": convert_expmae}
-    keys = {strip_wrappers(k): v for k, v in unwrap_state_dict(state, source).items()}
-    report = ImportReport(source=source, layout=detect_layout(keys))
-    report.dtype = ",".join(sorted({str(v.dtype).replace("torch.", "") for v in keys.values() if v.is_floating_point()}))
-    collector = Collector(source, report)
-    code = converters[report.layout](keys, collector)
-    converted = Converted(collector.finish(), collector.origin, code, collector.merged)
-    report.position_code, report.class_token = code, converted.class_token
-    return converted, report
-
-
-def convert_expmae(keys: dict, c: Collector) -> str | None:
-    """expMAE's own keys: a model state dict (encoder. / decoder. / video_decoder.) or a bare encoder."""
-    full = any(k.startswith(("encoder.", "decoder.", "video_decoder.")) for k in keys)
-    for key, value in keys.items():
-        key = key if full else f"encoder.{key}"
-        if (blk := block_key(key)) is not None:
-            c.block(*blk, value, key)
-        else:
-            c.put(key, value, key)
-    if "encoder.time_embed" in c.state:
-        return "separable"
-    return "videomae" if "encoder.pos_embed" in c.state else None  # fixed codes are not stored
-
-
 # ----------------------------------------------------------------------------------------------- fit to a model
 def _inflate_stem(weight: torch.Tensor, expected: tuple[int, ...]) -> torch.Tensor:
     """A Conv2d stem (D, C, p, p) becomes the Conv3d (D, C, t, p, p) whose static tubelet is that Conv2d:
@@ -216,7 +169,7 @@ def fit(conv: Converted, model: torch.nn.Module, report: ImportReport, source: s
 
     Raises a one-line ValueError for an encoder of another size (naming the key and both shapes) and for a
     position code other than the model's. Fills report.loaded / dropped / missing / decoders / notes."""
-    model = getattr(model, "module", model)
+    model = unwrap_model(model)
     if isinstance(model, ExpMAE):
         full, cfg = model, model.cfg
     elif isinstance(model, ExpMAEEncoder):

@@ -12,10 +12,11 @@ from typing import Any, Mapping
 import torch
 
 from expmae.checkpoint import config_from_dict, find_checkpoint, read_model_checkpoint, read_state_dict
-from expmae.model import ExpMAEEncoder, get_config
+from expmae.model import ExpMAEEncoder, get_config, unwrap_model
 from expmae.weights.folder import CONFIG_NAME, ENCODER_WEIGHTS, read_encoder_config
-from expmae.weights.hf import config_from_hf, hf_weights_file, read_hf_config
-from expmae.weights.layouts import ImportReport, check_class_token, check_position_code, convert, fit
+from expmae.weights.convert import convert
+from expmae.weights.hf_import import config_from_hf, hf_weights_file, read_hf_config
+from expmae.weights.layouts import ImportReport, check_class_token, check_position_code, fit
 
 
 @dataclass
@@ -74,7 +75,7 @@ def load_pretrained_weights(model: torch.nn.Module, source: str | os.PathLike | 
     with another position code than ``model.cfg.position_code``, or with a class token where ``model.cfg.class_token``
     is False (or the reverse), are a one-line ValueError naming both. Classifier heads are dropped. All of it is
     listed in the returned report."""
-    target = getattr(model, "module", model)
+    target = unwrap_model(model)
     return _load(target, read_source(source), strict)
 
 
@@ -112,7 +113,7 @@ def init_from(model: torch.nn.Module, source: str | os.PathLike) -> str:
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
-    target = getattr(model, "module", model)
+    target = unwrap_model(model)
     if is_weights_source(path):
         report = load_pretrained_weights(model, path, strict=True)
         parts = [p for p in ("decoder", "video_decoder") if getattr(target, p, None) is not None]

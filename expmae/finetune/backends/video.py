@@ -1,31 +1,8 @@
-"""End-to-end finetuning of an exported expMAE encoder on any labelled set: ``expmae-finetune --videos --encoder``.
-
-The protocol (folds, best epoch by the selected metric, test averaging, reports, reuse of finished folds) is
-expmae.finetune.protocol's; this module is its :class:`VideoBackend`: how samples load and how a fold's model is
-built, trained, applied and saved. Per fold:
-
-    face clip (uint8, T frames ``sample_stride`` apart; training: expmae.data.VideoClipDataset's random window,
-    VideoMAE multi-scale crop + flip unless ``augment`` is off; evaluation: :func:`eval_windows`, the centre
-    window, or with ``test_views`` N > 1 N windows spread over the clip, each centre-cropped) -> normalised with
-    the encoder's mean / std -> ExpMAEEncoder.forward_clips -> mean over all tokens -> the fusion head as its
-    "visual" branch, beside any precomputed feature folders (audio, text, ...). An evaluated sample's class
-    probabilities and regression columns are the mean over its views (VideoMAE's multi-view testing).
-
-Optimisation as in MAE / VideoMAE finetuning: AdamW; layer-wise lr decay (block i at layer_decay^(depth - i),
-stem and position codes at layer_decay^(depth + 1), final norm and head at 1); no weight decay on norms,
-biases and position codes; per-step linear warmup, then cosine to ``min_lr``; stochastic depth from the
-encoder config (or ``drop_path``); a LayerNorm after the pooling (``fc_norm``, as VideoMAE / MAE finetuning).
-
-Each fold/round folder gets head.safetensors (``fc_norm.*`` and ``head.*``, the latter expmae.finetune.heads
-.create_head keys) and, unless the encoder is frozen, the finetuned encoder as an encoder folder (encoder/, the expmae-export layout: expmae-features and
-timm read it). A clip that fails to load is recorded in clip_failures.jsonl: in training another clip
-stands in (expmae.data), in evaluation the sample gets the uniform class distribution and regression 0.
-
-A fold takes about an hour on a GPU, so it is resumable: after every epoch the fold's run dir holds
-resume.pt (expmae.finetune.backends.resume.FoldCheckpoint), and a rerun with the same settings and data continues after the last
-finished epoch and ends as an uninterrupted run would (bit-identical on the CPU; on a GPU, up to the usual
-non-determinism of its kernels). For that, each epoch's data order, worker seeds and augmentation depend only on
-(seed, epoch), never on how many epochs this process ran before.
+"""End-to-end finetuning of an exported encoder (``expmae-finetune --videos --encoder``): the protocol's
+:class:`VideoBackend`, which loads face clips, builds a fold's encoder + fusion head, trains it as MAE / VideoMAE
+finetuning does (AdamW, layer-wise lr decay, warmup + cosine, fc_norm after pooling), evaluates over
+``test_views`` windows per clip, saves it, and resumes a fold after its last finished epoch (each epoch's data
+order and augmentation depend on (seed, epoch) only, so a resumed fold ends as an uninterrupted one).
 """
 from __future__ import annotations
 
@@ -34,21 +11,31 @@ import copy
 import dataclasses
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from expmae.data import VideoClipDataset, center_crop_box, crop_resize_frames, normalize_clips, sample_frame_indices
+from expmae.features.common import list_inputs, resolve_device
+from expmae.features.visual import clip_windows, frame_reader
+from expmae.finetune import heads  # heads.task_loss looked up per call: the tests wrap it
+from expmae.finetune.backends.resume import FoldCheckpoint
 from expmae.finetune.common import digest, log
 from expmae.finetune.config import RUN_KEYS, FinetuneConfig
 from expmae.finetune.featureset import FeatureSet, list_feature_names, load_features, parse_feature_specs
-from expmae.finetune.backends.resume import FoldCheckpoint
 from expmae.finetune.training import FitResult, fit_epochs
+from expmae.jobs import JsonlLog, atomic_path, one_line
 from expmae.model import ExpMAEEncoder
+from expmae.model_config import DEFAULT_SAMPLE_STRIDE
+from expmae.optim import cosine_lr, set_lr
+from expmae.vit import LayerNorm
+from expmae.weights import CONFIG_NAME, load_encoder, read_encoder_config, save_encoder
 
 VIDEO_BRANCH = "visual"  # the head's input branch fed by the encoder
-PRECISIONS = ("fp32", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------- model
@@ -67,8 +54,6 @@ class VideoFusionModel(nn.Module):
 
     def __init__(self, encoder: ExpMAEEncoder, head: nn.Module, *, freeze_encoder: bool = False,
                  unfreeze_blocks: int = -1):
-        from expmae.vit import LayerNorm
-
         super().__init__()
         self.unfreeze_blocks = check_unfreeze_blocks(unfreeze_blocks, len(encoder.blocks), freeze_encoder)
         self.encoder, self.head, self.freeze_encoder = encoder, head, self.unfreeze_blocks == 0
@@ -122,8 +107,6 @@ def check_unfreeze_blocks(unfreeze_blocks: int, depth: int, freeze_encoder: bool
 def load_finetune_encoder(path: str | os.PathLike, drop_path: float = -1.0) -> ExpMAEEncoder:
     """The encoder of an expmae-export folder (or pretraining checkpoint) with stochastic depth ``drop_path``
     (linearly increasing over the blocks); ``drop_path < 0`` keeps the encoder config's ``drop_path_rate``."""
-    from expmae.export import load_encoder
-
     encoder = load_encoder(path)
     if drop_path >= 0 and drop_path != encoder.cfg.drop_path_rate:
         state = encoder.state_dict()
@@ -169,12 +152,6 @@ def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_dec
     return [groups[k] for k in sorted(groups)]
 
 
-def set_scaled_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's lr = ``lr`` x its ``lr_scale`` (expmae.optim.set_lr sets one lr for all)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
 def epoch_seed(seed: int, epoch: int) -> int:
     """A seed for one epoch's shuffle and DataLoader worker seeds: a function of (seed, epoch) only, so a
     resumed run draws what an uninterrupted one does (the augmentation already is: expmae.data)."""
@@ -185,8 +162,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
 def index_videos(source: str | os.PathLike) -> dict[str, Path]:
     """``{sample name: clip}`` of an expmae-crop output folder or a folder of videos; the name is the file stem,
     as for the feature folders (expmae.features.common.list_inputs) and the MER2023 label names."""
-    from expmae.features.common import list_inputs
-
     index: dict[str, Path] = {}
     for path in list_inputs(source):
         if path.stem in index:
@@ -204,9 +179,6 @@ def eval_windows(num_available: int, num_frames: int, sample_stride: int, views:
     views), overlapping when the clip holds fewer back-to-back windows. A clip shorter than one window has one
     view, padded with its last frame; one just a few frames longer has as many views as distinct starts.
     """
-    from expmae.data import sample_frame_indices
-    from expmae.features.visual import clip_windows
-
     if views < 1:
         raise ValueError(f"views={views}: expected >= 1")
     if views == 1:
@@ -227,10 +199,6 @@ class _EvalViews(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, row: int):
-        from expmae.data import center_crop_box, crop_resize_frames
-        from expmae.features.visual import frame_reader  # video file or .npy face clip -> (frame count, reader)
-        from expmae.jobs import one_line
-
         try:
             total, read = frame_reader(self.paths[row])
             windows = eval_windows(total, self.num_frames, self.sample_stride, self.views)
@@ -253,8 +221,6 @@ class VideoBackend:
                             "sample_stride", "augment", "precision")
 
     def __init__(self, cfg: FinetuneConfig):
-        from expmae.features.common import resolve_device
-
         if not (cfg.videos and cfg.encoder):
             raise ValueError(f"end-to-end mode needs both videos (face clips) and encoder (an expmae-export folder); "
                              f"got videos={cfg.videos!r}, encoder={cfg.encoder!r}")
@@ -264,16 +230,8 @@ class VideoBackend:
         if cfg.missing == "zero":
             raise ValueError("missing='zero' zero-fills feature files; in end-to-end mode a sample needs its clip: "
                              "use missing='drop' or 'error'")
-        for name, ok, expected in (("layer_decay", 0 < cfg.layer_decay <= 1, "in (0, 1]"),
-                                   ("warmup_epochs", cfg.warmup_epochs >= 0, ">= 0"),
-                                   ("min_lr", 0 <= cfg.min_lr <= cfg.lr, f"in [0, lr={cfg.lr}]"),
-                                   ("drop_path", cfg.drop_path < 1, "< 1 (negative: the encoder config's)"),
-                                   ("sample_stride", cfg.sample_stride >= 0, ">= 0 (0: the encoder's)"),
-                                   ("precision", cfg.precision in PRECISIONS, f"one of {PRECISIONS}"),
-                                   ("workers", cfg.workers >= 0, ">= 0"), ("batch_size", cfg.batch_size >= 1, ">= 1"),
-                                   ("test_views", cfg.test_views >= 1, ">= 1 (--test-views: views averaged per evaluated clip)")):
-            if not ok:
-                raise ValueError(f"{name}={getattr(cfg, name)!r}: expected {expected}")
+        if not 0 <= cfg.min_lr <= cfg.lr:  # the field checks ran in FinetuneConfig; this one spans two
+            raise ValueError(f"min_lr={cfg.min_lr!r}: expected in [0, lr={cfg.lr}]")
         self.cfg = cfg
         # Evaluation picks the best epoch, so test_views is part of a fold's fingerprint; these settings join it
         # only away from their defaults, so that folds finished or checkpointed before they existed stay valid.
@@ -287,8 +245,6 @@ class VideoBackend:
         self.pretrained = load_finetune_encoder(cfg.encoder, cfg.drop_path).cpu()  # each fold trains a copy
         self.unfreeze_blocks = check_unfreeze_blocks(cfg.unfreeze_blocks, self.pretrained.cfg.depth, cfg.freeze_encoder)
         self.encoder_info = _encoder_folder_info(cfg.encoder)
-        from expmae.features.visual import DEFAULT_SAMPLE_STRIDE
-
         self.sample_stride = int(cfg.sample_stride or self.encoder_info.get("sample_stride") or DEFAULT_SAMPLE_STRIDE)
         self.device = resolve_device(cfg.device)
         self.failure_log = Path(cfg.out_dir) / "clip_failures.jsonl"
@@ -331,8 +287,6 @@ class VideoBackend:
         return [weights, digest(clips), self.sample_stride]
 
     def describe(self, train: FeatureSet) -> dict:
-        from expmae.jobs import JsonlLog
-
         enc = self.pretrained.cfg
         return {
             "branches": {VIDEO_BRANCH: [str(self.cfg.videos)], **{b: [str(f) for f in fs] for b, fs in self.branches.items()}},
@@ -352,10 +306,8 @@ class VideoBackend:
     # ---- one fold
     def build_model(self, in_dims: Mapping[str, int], num_classes: int = 6, num_targets: int = 1) -> VideoFusionModel:
         """A fresh head on a fresh copy of the pretrained encoder, on the device."""
-        from expmae.finetune.heads import create_head
-
         cfg = self.cfg
-        head = create_head(cfg.head, {VIDEO_BRANCH: self.pretrained.cfg.embed_dim, **in_dims},
+        head = heads.create_head(cfg.head, {VIDEO_BRANCH: self.pretrained.cfg.embed_dim, **in_dims},
                            hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k,
                            num_layers=cfg.head_layers, num_classes=num_classes, num_targets=num_targets)
         model = VideoFusionModel(copy.deepcopy(self.pretrained), head, unfreeze_blocks=self.unfreeze_blocks)
@@ -363,8 +315,6 @@ class VideoBackend:
 
     def _train_loader(self, train: FeatureSet, seed: int):
         """(dataset, DataLoader, its generator) of ``train``'s clips; items are (clip, row in ``train``)."""
-        from expmae.data import VideoClipDataset
-
         cfg, enc = self.cfg, self.pretrained.cfg
         # labels = row numbers: a clip that fails to load is replaced by another clip *with that clip's row*
         augment = {} if cfg.augment else {"scales": (1.0,), "flip": False}
@@ -385,37 +335,43 @@ class VideoBackend:
 
         With ``checkpoint`` (a file path), the state after every epoch is saved there (:class:`FoldCheckpoint`,
         keyed by ``fingerprint``), and a checkpoint of the same fingerprint found there is continued from."""
-        from tqdm.auto import tqdm
-
-        from expmae.finetune.heads import task_loss
-        from expmae.optim import cosine_lr
-
         cfg = self.cfg
         model = self.build_model(train.dims, len(scorer.classes), len(scorer.target_names))
         # Precomputed branches are standardised with training-split statistics, as in feature mode; the visual
         # branch is normalised by the model's fc_norm instead.
         model.head.set_input_stats({k: (torch.from_numpy(a.mean(0)), torch.from_numpy(a.std(0)))
                                     for k, a in train.arrays.items()})
+        optimizer = torch.optim.AdamW(layer_decay_param_groups(model, weight_decay=cfg.weight_decay,
+                                                               layer_decay=cfg.layer_decay), lr=cfg.lr)
+        fold_checkpoint = FoldCheckpoint(checkpoint, fingerprint, tag=tag) if checkpoint is not None else None
+        resumed = fold_checkpoint.load(model, optimizer) if fold_checkpoint is not None else None
+        progress = {"step": resumed[1] if resumed is not None else 0}  # optimizer steps: the lr schedule's position
+        run_epoch = self._epoch_runner(model, optimizer, train, label, targets, seed, tag, progress)
+
+        def save_checkpoint(loop: dict) -> None:
+            fold_checkpoint.save(loop, model, optimizer, step=progress["step"])
+
+        def evaluate() -> dict[str, float]:
+            probs, regression = self.predict(model, val[0])
+            return scorer(val[1], probs, val[2], regression)
+
+        return model, fit_epochs(model, run_epoch, epochs=cfg.epochs, evaluate=evaluate if val is not None else None,
+                                 score=scorer.score, writer=writer, tag=tag,
+                                 resume=resumed[0] if resumed is not None else None,
+                                 on_epoch_end=save_checkpoint if fold_checkpoint is not None else None)
+
+    def _epoch_runner(self, model, optimizer, train: FeatureSet, label, targets, seed: int, tag: str,
+                      progress: dict) -> Callable[[int], dict[str, float]]:
+        """``run_epoch(epoch)`` for fit_epochs: one pass over the training clips, warmup + cosine lr per step."""
+        cfg = self.cfg
         clips, loader, generator = self._train_loader(train, seed)
         features = {k: torch.from_numpy(a) for k, a in train.arrays.items()}
         y_label = torch.as_tensor(np.asarray(label), dtype=torch.int64)
         y_targets = torch.as_tensor(np.asarray(targets), dtype=torch.float32).reshape(len(train), -1)
-        optimizer = torch.optim.AdamW(layer_decay_param_groups(model, weight_decay=cfg.weight_decay,
-                                                               layer_decay=cfg.layer_decay), lr=cfg.lr)
-        total_steps = cfg.epochs * len(loader)
-        warmup_steps = round(cfg.warmup_epochs * len(loader))
-        step = 0  # optimizer steps so far: the lr schedule's position
-
-        fold_checkpoint = FoldCheckpoint(checkpoint, fingerprint, tag=tag) if checkpoint is not None else None
-        resumed = fold_checkpoint.load(model, optimizer) if fold_checkpoint is not None else None
-        if resumed is not None:
-            step = resumed[1]
-
-        def save_checkpoint(loop: dict) -> None:
-            fold_checkpoint.save(loop, model, optimizer, step=step)
+        schedule = dict(peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=round(cfg.warmup_epochs * len(loader)),
+                        total_steps=cfg.epochs * len(loader))
 
         def run_epoch(epoch: int) -> dict[str, float]:
-            nonlocal step
             model.train()
             clips.set_epoch(epoch)
             generator.manual_seed(epoch_seed(seed, epoch))
@@ -428,29 +384,22 @@ class VideoBackend:
             for batch, rows in batches:
                 if len(rows) < 2 and len(clips) > 1:  # as fit_head: a batch of one adds noise only
                     continue
-                lr = cosine_lr(step, peak_lr=cfg.lr, min_lr=cfg.min_lr, warmup_steps=warmup_steps, total_steps=total_steps)
-                set_scaled_lr(optimizer, lr)
+                lr = cosine_lr(progress["step"], **schedule)
+                set_lr(optimizer, lr)
                 with self._autocast():
                     out = model(self._normalize(batch), {k: v[rows].to(self.device) for k, v in features.items()})
-                loss, _ = task_loss(out, y_label[rows].to(self.device), y_targets[rows].to(self.device), cfg.valence_weight)
+                loss, _ = heads.task_loss(out, y_label[rows].to(self.device), y_targets[rows].to(self.device), cfg.valence_weight)
                 if not torch.isfinite(loss):
-                    raise RuntimeError(f"{tag}: non-finite loss at epoch {epoch}, step {step} (lr {lr:.3g}); "
+                    raise RuntimeError(f"{tag}: non-finite loss at epoch {epoch}, step {progress['step']} (lr {lr:.3g}); "
                                        "lower lr or use precision fp32")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                step += 1
+                progress["step"] += 1
                 total, seen = total + loss.item() * len(rows), seen + len(rows)
             return {"train_loss": total / max(seen, 1), "lr": lr}
 
-        def evaluate() -> dict[str, float]:
-            probs, regression = self.predict(model, val[0])
-            return scorer(val[1], probs, val[2], regression)
-
-        return model, fit_epochs(model, run_epoch, epochs=cfg.epochs, evaluate=evaluate if val is not None else None,
-                                 score=scorer.score, writer=writer, tag=tag,
-                                 resume=resumed[0] if resumed is not None else None,
-                                 on_epoch_end=save_checkpoint if fold_checkpoint is not None else None)
+        return run_epoch
 
     @torch.no_grad()
     def predict(self, model: VideoFusionModel, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
@@ -477,10 +426,6 @@ class VideoBackend:
         return probs, regression
 
     def save(self, model: VideoFusionModel, fit: FitResult, run_dir: Path) -> None:
-        from safetensors.torch import save_file
-
-        from expmae.export import save_encoder
-        from expmae.jobs import atomic_path
 
         # fc_norm + head: what turns the encoder's mean-pooled tokens into predictions
         head = {k: v.contiguous().cpu() for k, v in fit.state_dict.items() if not k.startswith("encoder.")}
@@ -496,8 +441,6 @@ class VideoBackend:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def _normalize(self, clips: torch.Tensor) -> torch.Tensor:
-        from expmae.data import normalize_clips
-
         enc = self.pretrained.cfg
         return normalize_clips(clips.to(self.device, non_blocking=True), mean=enc.mean, std=enc.std)
 
@@ -506,8 +449,6 @@ class VideoBackend:
         ``batch_size`` clips at a time (the last batch fewer): clip i is a view of sample ``rows[i]`` (numpy), and
         a sample's views may span two batches. A clip that fails to load has no views; it is recorded once in
         the failure log."""
-        from tqdm.auto import tqdm
-
         enc, size = self.pretrained.cfg, self.cfg.batch_size
         views = _EvalViews([str(self.videos[n]) for n in names], enc.num_frames, self.sample_stride, enc.img_size,
                            self.cfg.test_views)
@@ -531,8 +472,6 @@ class VideoBackend:
             yield np.array(queued_rows), self._normalize(torch.cat(queued))
 
     def _record_eval_failure(self, name: str, reason: str) -> None:
-        from expmae.jobs import JsonlLog
-
         if name in self._failed:  # evaluated every epoch: reported once
             return
         self._failed[name] = reason
@@ -543,8 +482,6 @@ class VideoBackend:
 
 def _encoder_folder_info(path: str | os.PathLike) -> dict:
     """model_name and pretraining sample_stride recorded in an encoder folder's config.json ({} for a checkpoint)."""
-    from expmae.export import CONFIG_NAME, read_encoder_config
-
     folder = Path(path)
     if not (folder / CONFIG_NAME).is_file():
         return {}
