@@ -35,6 +35,7 @@ from expmae import add_version_argument
 from expmae.features.common import resolve_device
 from expmae.jobs import Shard, atomic_path, background_iter, read_manifest, run_jobs
 from expmae.runlock import FolderInUse, FolderLock
+from expmae.settings import ConfigError, add_arguments, check, given, setting
 from expmae.video import (DEFAULT_KEYINT, VIDEO_EXTENSIONS, VideoError, VideoInfo, iter_frames, list_videos,
                           open_video, read_frames, stored_encoding, video_info)
 
@@ -47,33 +48,41 @@ class NoFaceError(RuntimeError):
 
 @dataclass
 class CropOptions:
-    size: int = 224  # side of the square output crop, pixels
-    margin: float = 0.25  # added on each side of the face box, as a fraction of its size (crop = 1.5x the face)
-    detect_every: int = 2  # run MTCNN on every k-th frame; boxes in between are interpolated
-    detect_size: int = 360  # longer side of the frame given to MTCNN (0: native resolution)
-    min_face_size: int = 20  # MTCNN's smallest face, in pixels at detection resolution
-    min_prob: float = 0.9  # boxes below this MTCNN probability are ignored
-    min_detection_rate: float = 0.25  # fail if the main face is found in fewer sampled frames of the kept range
-    smooth: float = 0.1  # std of the Gaussian smoothing of the box centre over time, seconds (size: 2x)
-    trim: bool = True  # drop face-less frames before the first and after the last detection of the main face
-    format: str = "mp4"  # "mp4" (H.264, compact) or "npy" (uint8 (T, S, S, 3), fastest to read, ~30x larger)
-    crf: int = 18  # H.264 quality for mp4 output (lower: better, larger)
-    keyint: int = DEFAULT_KEYINT  # frames between H.264 keyframes (expmae.video.VideoWriter: the measured best)
-    batch_size: int = 16  # frames per MTCNN call
-    device: str = "auto"  # "auto": cuda when available, else cpu
-    threads: int = 1  # torch intra-op threads for MTCNN on CPU: 1 is fastest per core (use more --workers)
+    """Every crop setting; expmae-crop's flags and --help are generated from these fields (expmae.settings)."""
+
+    size: int = setting(224, "side of the square output crop, pixels (even, not 48 or 72)", min=32)
+    margin: float = setting(0.25, "added on each side of the face box, as a fraction of its size (0.25: the crop is "
+                                  "1.5x the face)", min=0)
+    detect_every: int = setting(2, "run MTCNN on every k-th frame; boxes in between are interpolated", min=1)
+    detect_size: int = setting(360, "longer side of the frames given to MTCNN (0: native resolution, else >= 64)",
+                               min=0)
+    min_face_size: int = setting(20, "MTCNN's smallest face, pixels at detection resolution", min=1)
+    min_prob: float = setting(0.9, "boxes below this MTCNN probability are ignored", min=0, max=1)
+    min_detection_rate: float = setting(0.25, "fail a video whose main face is found in fewer of the sampled frames "
+                                              "of the kept range", min=0, max=1)
+    smooth: float = setting(0.1, "std of the Gaussian smoothing of the box centre over time, seconds (of its size: "
+                                 "2x)", min=0)
+    trim: bool = setting(True, "trim the face-less frames before the first and after the last detection of the "
+                               "main face (--no-trim: keep them)")
+    format: str = setting("mp4", "mp4 (H.264, compact) or npy (uint8 (T, S, S, 3), fastest to read, ~30x larger)",
+                          choices=FORMATS)
+    crf: int = setting(18, "H.264 quality of mp4 output (lower: better, larger)", min=0, max=51)
+    keyint: int = setting(DEFAULT_KEYINT, "frames between H.264 keyframes of mp4 output (expmae.video.VideoWriter: "
+                                          "the measured best)", min=1)
+    batch_size: int = setting(16, "frames per MTCNN call", min=1)
+    device: str = setting("auto", "cpu, cuda, cuda:1, or auto: cuda when available; under a launcher auto/cuda is "
+                                  "the process's own GPU (LOCAL_RANK)")
+    threads: int = setting(1, "torch intra-op threads per process for MTCNN on CPU (0: torch's default; 1 is fastest "
+                              "per core: use more --workers)", min=0)
 
     def __post_init__(self):
-        if self.size < 32 or self.size % 2 or self.size in (48, 72):
-            raise ValueError(f"size={self.size}: expected an even size >= 32 other than 48/72 (decord mis-reads those widths)")
-        if self.format not in FORMATS:
-            raise ValueError(f"format={self.format!r}: expected one of {FORMATS}")
-        if self.detect_every < 1:
-            raise ValueError(f"detect_every={self.detect_every}: expected >= 1")
-        if self.margin < 0:
-            raise ValueError(f"margin={self.margin}: expected >= 0")
-        if self.detect_size and self.detect_size < 64:
-            raise ValueError(f"detect_size={self.detect_size}: expected 0 (native) or >= 64")
+        for f in fields(self):
+            check(f.name, getattr(self, f.name), dict(f.metadata))
+        if self.size % 2 or self.size in (48, 72):
+            raise ConfigError(f"size={self.size}: expected an even size other than 48/72 (decord mis-reads those "
+                              "widths)")
+        if 0 < self.detect_size < 64:
+            raise ConfigError(f"detect_size={self.detect_size}: expected 0 (native) or >= 64")
 
 
 # ----------------------------------------------------------------------------------------------- detection
@@ -597,7 +606,8 @@ def default_write_threads(device) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    defaults = CropOptions()
+    """The flags of every CropOptions field (settings.add_arguments) plus those of the job: folders, processes,
+    shards, --merge / --reencode."""
     p = argparse.ArgumentParser(prog="expmae-crop", description="Crop the main face of every video in a folder into stable square face clips (resumable).")
     add_version_argument(p)
     p.add_argument("input_dir", nargs="?", help="folder of videos (searched recursively)")
@@ -606,21 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "folder made by an older version in today's stored form (decodes faster; resumable)")
     p.add_argument("--merge", metavar="CROP_DIR", help="instead of cropping: write the single manifest.jsonl and "
                    "failures.jsonl of a folder cropped by several processes (idempotent)")
-    p.add_argument("--size", type=int, default=defaults.size, help="output crop side in pixels (default %(default)s)")
-    p.add_argument("--margin", type=float, default=defaults.margin, help="margin per side, fraction of the face size (default %(default)s)")
-    p.add_argument("--format", choices=FORMATS, default=defaults.format, help="mp4 (compact) or npy (fastest to read, large)")
-    p.add_argument("--detect-every", type=int, default=defaults.detect_every, help="detect on every k-th frame (default %(default)s)")
-    p.add_argument("--detect-size", type=int, default=defaults.detect_size, help="longer side of frames given to MTCNN, 0 = native (default %(default)s)")
-    p.add_argument("--min-prob", type=float, default=defaults.min_prob, help="MTCNN probability threshold (default %(default)s)")
-    p.add_argument("--min-detection-rate", type=float, default=defaults.min_detection_rate)
-    p.add_argument("--smooth", type=float, default=defaults.smooth, help="temporal smoothing of the box, seconds (default %(default)s)")
-    p.add_argument("--no-trim", dest="trim", action="store_false", help="keep face-less frames at the start and end")
-    p.add_argument("--crf", type=int, default=defaults.crf, help="H.264 quality of mp4 output (default %(default)s)")
-    p.add_argument("--keyint", type=int, default=defaults.keyint, help="frames between keyframes of mp4 output (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="frames per MTCNN call (default %(default)s)")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="torch threads per process for MTCNN on CPU (default %(default)s)")
-    p.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:1, or auto: cuda when available; under a "
-                   "launcher auto/cuda is the process's own GPU (LOCAL_RANK) (default %(default)s)")
+    add_arguments(p, CropOptions)
     p.add_argument("--workers", type=int, default=None, help="processes, each with its own detector (0: in this "
                    "process, decoding and writing in threads; default: 0 on a GPU, else min(8, cores per launched process))")
     p.add_argument("--write-threads", type=int, default=None, help="with --workers 0: threads cutting and encoding "
@@ -638,10 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     p = build_parser()
     args = p.parse_args(argv)
+    try:
+        opt = CropOptions(**given(args, CropOptions))  # checked before any folder is touched
+    except ConfigError as exc:
+        p.error(str(exc))
     if args.reencode:
         try:
             with FolderLock(args.reencode, what="--reencode", create=False):  # one writer per folder
-                summary = reencode_folder(args.reencode, crf=args.crf, keyint=args.keyint, progress=not args.quiet)
+                summary = reencode_folder(args.reencode, crf=opt.crf, keyint=opt.keyint, progress=not args.quiet)
         except (FileNotFoundError, FolderInUse) as exc:
             p.error(str(exc))
         for f in summary.pop("failures"):
@@ -662,8 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shard = resolve_shard(args.shard)
     except ValueError as exc:
         p.error(str(exc))
-    options = {f.name: getattr(args, f.name) for f in fields(CropOptions) if hasattr(args, f.name)}
-    options["device"] = str(resolve_device(args.device))
+    options = {**vars(opt), "device": str(resolve_device(opt.device))}
     workers = default_workers(options["device"]) if args.workers is None else args.workers
     # A lone process owns the folder (expmae.runlock); a sharded run's processes write disjoint shard files.
     lock = FolderLock(args.output_dir, what="output_dir") if shard.count == 1 else contextlib.nullcontext()

@@ -1,32 +1,57 @@
-"""One settings mechanism: expmae-finetune's flags and --help are generated from FinetuneConfig's fields, which check
-themselves; unknown keys get a "did you mean"."""
+"""One settings mechanism: expmae-finetune's and expmae-crop's flags and --help are generated from the fields of
+FinetuneConfig and CropOptions, which check themselves; unknown keys get a "did you mean"."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 
+from expmae import facecrop
+from expmae.facecrop import CropOptions
 from expmae.finetune.cli import build_parser, config_from_args
 from expmae.finetune.config import HEAD_NAMES, FinetuneConfig
-from expmae.settings import ConfigError, flag_of, unknown_key
+from expmae.settings import ConfigError, flag_of, given, unknown_key
 
 META_FLAGS = {"-h", "--help", "--version", "--list-configs", "--config"}  # about the command, not a setting
+# expmae-crop's flags of the job (which folders, how many processes), not of how a video is cropped
+CROP_JOB_FLAGS = {"--reencode", "--merge", "--workers", "--write-threads", "--shard", "--limit", "--retry-failed",
+                  "--quiet"}
+CLIS = {"expmae-finetune": (build_parser, FinetuneConfig, META_FLAGS),
+        "expmae-crop": (facecrop.build_parser, CropOptions, META_FLAGS | CROP_JOB_FLAGS)}
 
 
-def flags_and_help() -> dict[str, str]:
+def flags_and_help(parser) -> dict[str, str]:
     out = {}
-    for action in build_parser()._actions:
+    for action in parser._actions:
         for flag in action.option_strings:
             out[flag] = action.help or ""
     return out
 
 
-def test_every_field_has_a_flag_and_every_flag_a_field_with_its_help():
-    flags = flags_and_help()
-    fields = {flag_of(f): f for f in dataclasses.fields(FinetuneConfig)}
-    assert set(flags) - META_FLAGS == set(fields)
+@pytest.mark.parametrize("cli", sorted(CLIS))
+def test_every_field_has_a_flag_and_every_flag_a_field_with_its_help(cli):
+    make_parser, cls, other_flags = CLIS[cli]
+    flags = flags_and_help(make_parser())
+    fields = {flag_of(f): f for f in dataclasses.fields(cls)}
+    assert set(flags) - other_flags == set(fields)
     for flag, f in fields.items():
         assert f.metadata["help"] and flags[flag].startswith(f.metadata["help"].replace("%", "%%")), flag
+
+
+def test_crop_flags_parse_into_options_and_are_checked_before_any_folder(tmp_path, capsys):
+    args = facecrop.build_parser().parse_args(["in", "out", "--size", "112", "--no-trim", "--format", "npy",
+                                               "--detect-every", "4", "--min-face-size", "40", "--workers", "0"])
+    opt = CropOptions(**given(args, CropOptions))
+    assert (opt.size, opt.trim, opt.format, opt.detect_every, opt.min_face_size) == (112, False, "npy", 4, 40)
+    assert (opt.margin, opt.crf, opt.device) == (CropOptions().margin, CropOptions().crf, "auto")  # not given
+    assert args.workers == 0 and args.input_dir == "in"
+    for flags, message in ((["--size", "101"], "size=101: expected an even size"),
+                           (["--min-prob", "1.5"], "min_prob=1.5 is out of range; expected a value >= 0 and <= 1"),
+                           (["--detect-size", "32"], "detect_size=32: expected 0 (native) or >= 64")):
+        with pytest.raises(SystemExit):
+            facecrop.main([str(tmp_path / "missing"), str(tmp_path / "out"), *flags])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_old_flag_spellings_still_parse():
