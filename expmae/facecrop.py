@@ -1,9 +1,9 @@
 """Face cropping: raw videos -> one stable, square face clip per video (console script ``expmae-crop``).
 
-Per video: MTCNN (facenet-pytorch) on every k-th frame at reduced resolution, in batches -> boxes linked
-into tracks -> the main face = the track with the most (probability x size) over time -> its box centre and
-size interpolated over missed frames and Gaussian-smoothed over time -> a square crop with a margin,
-resampled with sub-pixel accuracy to ``size`` x ``size`` -> an H.264 mp4 (or a uint8 .npy) written atomically.
+Per video (detection and tracking: :mod:`expmae.facetrack`): MTCNN (facenet-pytorch) on every k-th frame at
+reduced resolution, in batches -> boxes linked into tracks -> the main face = the track with the most
+(probability x size) over time -> its box centre and size interpolated over missed frames and Gaussian-smoothed
+over time -> a square crop with a margin, resampled with sub-pixel accuracy to ``size`` x ``size`` -> an H.264 mp4 (or a uint8 .npy) written atomically.
 Over a folder: :func:`expmae.jobs.run_jobs` gives the process pool, progress bar, resume and failure report; in
 one process (:class:`CropPipeline`) decoding and writing run in threads around one detector. Across processes and
 machines (``accelerate launch -m expmae.facecrop``, Slurm arrays, ``--shard I/N``): docs/cluster.md.
@@ -25,13 +25,15 @@ import math
 import os
 import sys
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 
 from expmae import add_version_argument
+from expmae.facetrack import (Track, box_center, box_side, detect_faces, get_detector, jitter, smooth_track,
+                               torch_threads, track_faces)
 from expmae.features.common import resolve_device
 from expmae.jobs import Shard, atomic_path, background_iter, read_manifest, run_jobs
 from expmae.runlock import FolderInUse, FolderLock
@@ -85,54 +87,7 @@ class CropOptions:
             raise ConfigError(f"detect_size={self.detect_size}: expected 0 (native) or >= 64")
 
 
-# ----------------------------------------------------------------------------------------------- detection
-
-_DETECTORS: dict = {}
-
-
-def get_detector(device: str = "cpu", min_face_size: int = 20):
-    """One MTCNN per process and setting (weights ship with facenet-pytorch: no download)."""
-    key = (str(device), int(min_face_size))
-    if key not in _DETECTORS:
-        import multiprocessing
-
-        import torch
-        from facenet_pytorch import MTCNN
-
-        if multiprocessing.parent_process() is not None:
-            torch.set_num_threads(1)  # a pool worker: parallelism comes from the pool, not from intra-op threads
-        _DETECTORS[key] = MTCNN(keep_all=True, min_face_size=min_face_size, device=torch.device(device)).eval()
-    return _DETECTORS[key]
-
-
-@contextlib.contextmanager
-def torch_threads(n: int):
-    """Temporarily use ``n`` intra-op threads. MTCNN's many tiny convolutions gain little from threads, and on a
-    busy machine OpenMP's spinning threads make it several times slower (measured: 45 ms vs 800 ms per frame)."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n > 0 and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != before:
-            torch.set_num_threads(before)
-
-
-def detect_faces(frames: np.ndarray, detector) -> list[np.ndarray]:
-    """MTCNN on uint8 frames (N, H, W, 3): per frame an array (k, 5) of x0, y0, x1, y1, prob in frame pixels."""
-    if min(frames.shape[1:3]) < 12:  # below MTCNN's 12-pixel input: nothing to find
-        return [np.zeros((0, 5), np.float32) for _ in frames]
-    boxes, probs = detector.detect(frames)
-    out = []
-    for b, p in zip(boxes, probs):
-        if b is None:
-            out.append(np.zeros((0, 5), np.float32))
-        else:
-            out.append(np.concatenate([np.asarray(b, np.float64).reshape(-1, 4), np.asarray(p, np.float64).reshape(-1, 1)], 1).astype(np.float32))
-    return out
+# ----------------------------------------------------------------------------------------------- decoding
 
 
 def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
@@ -142,104 +97,6 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
         return width, height
     w, h = max(32, 2 * round(width * scale / 2)), max(2, 2 * round(height * scale / 2))
     return (w + 2 if w in (48, 72) else w), h
-
-
-# ------------------------------------------------------------------------------------------------ tracking
-
-
-@dataclass
-class Track:
-    frames: list[int] = field(default_factory=list)
-    boxes: list[np.ndarray] = field(default_factory=list)  # (4,) x0, y0, x1, y1
-    probs: list[float] = field(default_factory=list)
-
-    def add(self, frame: int, detection: np.ndarray) -> None:
-        self.frames.append(frame)
-        self.boxes.append(detection[:4].astype(np.float64))
-        self.probs.append(float(detection[4]))
-
-    @property
-    def score(self) -> float:
-        """Persistence x size x confidence: the main face is on screen longest and largest."""
-        return float(sum(p * _side(b) for b, p in zip(self.boxes, self.probs)))
-
-
-def _side(box: np.ndarray) -> float:
-    return float(math.sqrt(max(box[2] - box[0], 1e-6) * max(box[3] - box[1], 1e-6)))
-
-
-def _center(box: np.ndarray) -> np.ndarray:
-    return np.array([(box[0] + box[2]) / 2, (box[1] + box[3]) / 2])
-
-
-def track_faces(frame_indices: Sequence[int], detections: Sequence[np.ndarray], max_gap: int,
-                min_prob: float = 0.9) -> list[Track]:
-    """Link per-frame boxes into tracks: greedy matching by centre distance (relative to face size).
-
-    A box joins a track whose last box is at most ``max_gap`` frames earlier, lies within half a face size
-    and has a similar size (ratio 0.6-1.67); otherwise it starts a new track.
-    """
-    tracks: list[Track] = []
-    for t, det in zip(frame_indices, detections):
-        det = det[det[:, 4] >= min_prob] if len(det) else det
-        live = [tr for tr in tracks if t - tr.frames[-1] <= max_gap]
-        pairs = []
-        for di, d in enumerate(det):
-            for ti, tr in enumerate(live):
-                last = tr.boxes[-1]
-                dist = np.linalg.norm(_center(d) - _center(last)) / _side(last)
-                ratio = _side(d) / _side(last)
-                if dist < 0.5 and 0.6 < ratio < 1.67:
-                    pairs.append((dist, di, ti))
-        used_d, used_t = set(), set()
-        for _, di, ti in sorted(pairs):
-            if di in used_d or ti in used_t:
-                continue
-            used_d.add(di)
-            used_t.add(ti)
-            live[ti].add(int(t), det[di])
-        for di, d in enumerate(det):
-            if di not in used_d:
-                tracks.append(Track())
-                tracks[-1].add(int(t), d)
-    return tracks
-
-
-def _gaussian_smooth(x: np.ndarray, sigma: float) -> np.ndarray:
-    if sigma <= 0 or len(x) < 2:
-        return x.copy()
-    radius = int(3 * sigma + 0.5)
-    k = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    k /= k.sum()
-    padded = np.pad(x, radius, mode="edge")  # hold the ends: no pull towards zero at the clip borders
-    return np.convolve(padded, k, mode="valid")
-
-
-def smooth_track(track: Track, frame_range: tuple[int, int], sigma: float, margin: float) -> np.ndarray:
-    """Per-frame square crop boxes (N, 3) = centre x, centre y, side for frames in ``[start, end)``.
-
-    Centre and face size are linearly interpolated between detections (held before the first and after the
-    last), then Gaussian-smoothed: centre with ``sigma`` frames, size with 2x that (zoom jitter shows most).
-    """
-    frames = np.asarray(track.frames, np.float64)
-    boxes = np.stack(track.boxes)
-    t = np.arange(*frame_range, dtype=np.float64)
-    cx = np.interp(t, frames, (boxes[:, 0] + boxes[:, 2]) / 2)
-    cy = np.interp(t, frames, (boxes[:, 1] + boxes[:, 3]) / 2)
-    # max(w, h): MTCNN boxes are a little taller than wide; the square must hold the whole face
-    side = np.interp(t, frames, np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
-    out = np.stack([_gaussian_smooth(cx, sigma), _gaussian_smooth(cy, sigma), _gaussian_smooth(side, 2 * sigma) * (1 + 2 * margin)], 1)
-    # Rounding to 1/64 px makes reruns byte-identical even if MTCNN's floats differ in the last bits.
-    return np.round(out * 64) / 64
-
-
-def jitter(centers: np.ndarray, side: float) -> float:
-    """Mean |second difference| of a per-frame centre trajectory (N, 2), as a fraction of ``side``: the part
-    of the frame-to-frame motion that is not smooth (a steady drift scores 0, a shaky box scores high)."""
-    if len(centers) < 3:
-        return 0.0
-    d2 = centers[2:] - 2 * centers[1:-1] + centers[:-2]
-    return float(np.linalg.norm(d2, axis=1).mean() / side)
 
 
 # ---------------------------------------------------------------------------------------------- cropping
@@ -377,11 +234,11 @@ def crop_video(path: str | os.PathLike, out_path: str | os.PathLike, options: Cr
 def crop_record(plan: CropPlan, path: Path, opt: CropOptions) -> dict:
     """The manifest record: what was written, and statistics to filter or debug crops by."""
     info, main, boxes = plan.info, plan.main, plan.boxes
-    raw_side = np.array([_side(b) for b in main.boxes])
+    raw_side = np.array([box_side(b) for b in main.boxes])
     crop_side = float(boxes[:, 2].mean())
     # What smoothing removed: the same per-frame measure on MTCNN's boxes, only linearly interpolated.
     t = np.arange(plan.start, plan.end)
-    raw_centres = np.stack([np.interp(t, main.frames, [_center(b)[i] for b in main.boxes]) for i in (0, 1)], 1)
+    raw_centres = np.stack([np.interp(t, main.frames, [box_center(b)[i] for b in main.boxes]) for i in (0, 1)], 1)
     return {
         "frames": plan.end - plan.start,
         "fps": round(info.fps, 4),

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expmae.facecrop import (CropOptions, Track, crop_folder, crop_square, crop_video, jitter, main, smooth_track,
-                             torch_threads, track_faces)
+from expmae.facecrop import CropOptions, crop_folder, crop_square, crop_video, main
+from expmae.facetrack import Track, jitter, smooth_track, torch_threads, track_faces
 from expmae.jobs import TEMP_MARK, JsonlLog
 from expmae.synthetic import make_face_videos, make_noface_video
 from expmae.video import open_video, read_frames

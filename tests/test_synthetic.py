@@ -9,7 +9,7 @@ from expmae.synthetic import make_face_videos, make_noface_video, render_face_cl
 def mtcnn():
     from facenet_pytorch import MTCNN
 
-    from expmae.facecrop import torch_threads
+    from expmae.facetrack import torch_threads
 
     with torch_threads(1):
         yield MTCNN(keep_all=True)

@@ -260,7 +260,8 @@ def bench_crop(videos: list[Path], out: Path, base, emitter: Emitter) -> tuple[l
     import numpy as np
     from tqdm import tqdm
 
-    from expmae.facecrop import CropOptions, crop_video, get_detector, plan_crop
+    from expmae.facecrop import CropOptions, crop_video, plan_crop
+    from expmae.facetrack import get_detector
     from expmae.jobs import one_line
 
     get_detector()  # load MTCNN before timing
@@ -313,7 +314,8 @@ def bench_crop_pipeline(videos: list[Path], out: Path, base, device, emitter: Em
     times (a load change on a shared machine hits both); both through run_jobs (manifest, resume bookkeeping)."""
     import functools
 
-    from expmae.facecrop import CropOptions, crop_folder, crop_job, default_write_threads, get_detector
+    from expmae.facecrop import CropOptions, crop_folder, crop_job, default_write_threads
+    from expmae.facetrack import get_detector
     from expmae.jobs import run_jobs
 
     opt = CropOptions(**{**base.__dict__, **CROP_SETTINGS[DEFAULT], "device": str(device)})
