@@ -55,7 +55,8 @@ def detect_faces(frames: np.ndarray, detector) -> list[np.ndarray]:
         if b is None:
             out.append(np.zeros((0, 5), np.float32))
         else:
-            out.append(np.concatenate([np.asarray(b, np.float64).reshape(-1, 4), np.asarray(p, np.float64).reshape(-1, 1)], 1).astype(np.float32))
+            box, prob = np.asarray(b, np.float64).reshape(-1, 4), np.asarray(p, np.float64).reshape(-1, 1)
+            out.append(np.concatenate([box, prob], 1).astype(np.float32))
     return out
 
 
@@ -145,7 +146,8 @@ def smooth_track(track: Track, frame_range: tuple[int, int], sigma: float, margi
     cy = np.interp(t, frames, (boxes[:, 1] + boxes[:, 3]) / 2)
     # max(w, h): MTCNN boxes are a little taller than wide; the square must hold the whole face
     side = np.interp(t, frames, np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]))
-    out = np.stack([_gaussian_smooth(cx, sigma), _gaussian_smooth(cy, sigma), _gaussian_smooth(side, 2 * sigma) * (1 + 2 * margin)], 1)
+    side = _gaussian_smooth(side, 2 * sigma) * (1 + 2 * margin)
+    out = np.stack([_gaussian_smooth(cx, sigma), _gaussian_smooth(cy, sigma), side], 1)
     # Rounding to 1/64 px makes reruns byte-identical even if MTCNN's floats differ in the last bits.
     return np.round(out * 64) / 64
 
