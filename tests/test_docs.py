@@ -370,3 +370,17 @@ def test_the_mer2023_recipe_produces_what_the_shipped_configs_read():
         stem = Path(cfg["test"][0]).stem
         if name == "mer2023_semi_weak":
             assert f"{out_dir}/predictions_{stem}.csv" in page, "the recipe must end in the config's predictions file"
+
+
+def test_the_architecture_page_lists_the_declared_import_layers():
+    """docs/architecture.md's layer table names the layers of expmae.architecture.LAYERS, in order, each with its
+    modules (the import test enforces LAYERS; this keeps the page from drifting)."""
+    from expmae.architecture import LAYERS
+
+    rows = [line for line in (DOCS / "architecture.md").read_text().splitlines() if re.match(r"\| \d\. ", line)]
+    assert [re.match(r"\| (\d)\. (\w+)", r).groups() for r in rows] == [(str(i), name) for i, (name, _, _) in enumerate(LAYERS)]
+    for row, (_, _, patterns) in zip(rows, LAYERS):
+        cell = row.split("|")[2]
+        for pattern in patterns:
+            short = pattern.removeprefix("expmae.").replace(".*", "").replace("*.", "") if pattern != "expmae" else "expmae"
+            assert short.replace("_*", "") in cell, (pattern, row)
