@@ -297,10 +297,13 @@ def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step:
                 accs = np.stack([a[: len(steps)] for _, a in runs if len(a) >= len(steps)])  # (seeds, points)
                 mean = accs.mean(0)
                 above = np.nonzero(mean > band.max())[0]
+                below = np.nonzero(mean <= band.max())[0]  # stays above the band after the last point inside it
+                stays = below[-1] + 1 if len(below) else 0
                 entry["modes"][mode] = {"samples": (steps * samples_per_step).tolist(), "mean": mean.tolist(),
                                         "min": accs.min(0).tolist(), "max": accs.max(0).tolist(), "seeds": len(accs),
                                         "last": float(mean[-1]), "best": float(mean.max()),
-                                        "leaves_band_at": int(steps[above[0]] * samples_per_step) if len(above) else None}
+                                        "leaves_band_at": int(steps[above[0]] * samples_per_step) if len(above) else None,
+                                        "above_band_from": int(steps[stays] * samples_per_step) if stays < len(steps) else None}
             out[f"{readout}/{probe}"] = entry
     return out
 
@@ -351,6 +354,9 @@ def markdown(summaries: dict, layer: str) -> str:
         for mode in next(iter(cell.values()))["modes"]:
             lines.append(f"| {mode} (last; best) | " + " | ".join(
                 f"{e['modes'][mode]['last']:.3f}; {e['modes'][mode]['best']:.3f}" for e in cell.values()) + " |")
+            lines.append(f"| {mode}: above the random band from (samples seen) | " + " | ".join(
+                "never" if e["modes"][mode]["above_band_from"] is None else f"{e['modes'][mode]['above_band_from']:,}"
+                for e in cell.values()) + " |")
         lines.append("")
     return "\n".join(lines)
 
