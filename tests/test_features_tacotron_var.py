@@ -317,3 +317,16 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch, capsys):
     wav = write_wav(tmp_path / "a.wav", 0.5)
     rc, _, err = run_cli(["tacotron_var", wav, tmp_path / "out", "--model", folder], capsys)
     assert rc == 2 and err.count("\n") == 1 and "pip install 'expmae[tts]'" in err
+
+
+def test_the_library_functions_without_the_extra_raise_the_one_line_error(tmp_path, monkeypatch):
+    """load_capacitron_config and build_capacitron, called directly (not through the encoder's guard)."""
+    from expmae.features.tacotron_var import build_capacitron, load_capacitron_config
+
+    for name in ("TTS", "TTS.config", "TTS.tts", "TTS.tts.models", "TTS.tts.models.tacotron2"):
+        monkeypatch.setitem(sys.modules, name, None)
+    for call in (lambda: load_capacitron_config(tmp_path / "config.json"),
+                 lambda: build_capacitron(None, tmp_path / "model.pth", tmp_path / "config.json")):
+        with pytest.raises(ImportError, match=r"pip install 'expmae\[tts\]'") as info:
+            call()
+        assert "\n" not in str(info.value)

@@ -46,6 +46,16 @@ CHECKPOINT_NAMES = ("model_file.pth", "model_file.pth.tar", "model.pth", "checkp
 INSTALL_HINT = "pip install 'expmae[tts]' (coqui-tts)"
 
 
+def coqui(module: str):
+    """A module of coqui-tts (the optional ``tts`` extra), or the one-line error that names the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"tacotron_var needs the optional coqui-tts stack ({exc}): {INSTALL_HINT}") from None
+
+
 # ----------------------------------------------------------------------------------------------- inputs / weights
 def list_speech_inputs(source) -> list[Path]:
     """``list_inputs``'s videos and lists, plus a single audio file or a folder of audio files."""
@@ -138,9 +148,7 @@ def find_stats(stats_path: str, config_path: Path) -> Path:
 def load_capacitron_config(config_path: Path):
     """(coqui config, mel statistics or None) of a Capacitron Tacotron 2; ``audio.stats_path`` is read here, safely,
     and cleared, so coqui never unpickles it."""
-    from TTS.config import load_config
-
-    cfg = load_config(str(config_path))
+    cfg = coqui("TTS.config").load_config(str(config_path))
     if cfg.get("model") != "tacotron2" or not cfg.get("use_capacitron_vae") or cfg.get("capacitron_vae") is None:
         raise ValueError(f"{config_path}: model={cfg.get('model')!r}, use_capacitron_vae="
                          f"{cfg.get('use_capacitron_vae')!r}; expected a Capacitron Tacotron 2 config")
@@ -156,8 +164,7 @@ def load_capacitron_config(config_path: Path):
 
 def build_capacitron(cfg, checkpoint: Path, config_path: Path):
     """coqui's Tacotron2 from ``cfg`` with the checkpoint's weights (which must fit it exactly)."""
-    from TTS.tts.models.tacotron2 import Tacotron2
-
+    Tacotron2 = coqui("TTS.tts.models.tacotron2").Tacotron2
     try:
         net = Tacotron2(cfg)
     except OSError as exc:  # the tokenizer's phonemizer is a system program (espeak for the published models)
@@ -185,12 +192,9 @@ class TacotronVarEncoder:
             raise ValueError(f"embedding {embedding!r}; expected one of {', '.join(EMBEDDINGS)}")
         # Check the files before the slow imports, so a wrong path fails at once.
         self.checkpoint, self.config_path = resolve_checkpoint(model, config)
-        try:
-            import torch
-            import TTS  # noqa: F401 - the optional extra; its absence is the one-line error below
-        except ImportError as exc:
-            raise ImportError(f"tacotron_var needs the optional coqui-tts stack ({exc}): {INSTALL_HINT}") from None
+        import torch
 
+        coqui("TTS")  # the optional extra: a one-line error before anything else loads
         cfg, stats = load_capacitron_config(self.config_path)
         net = build_capacitron(cfg, self.checkpoint, self.config_path)
         self.device, self.embedding = resolve_device(device), embedding
