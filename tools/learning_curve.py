@@ -148,11 +148,7 @@ def pixel_reference(evaluator) -> dict:
     small = F.avg_pool3d(pixels, (1, 2, 2))  # (W, 3, T, S/2, S/2)
     per_window = {"pixels/clip": small.flatten(1).numpy(), "pixels/position": small.mean(2).flatten(1).numpy()}
     feats = pool_by_clip(per_window, evaluator.owner, len(evaluator.mine))  # as the encoder's read-outs are
-    saved, evaluator.cfg.probes = evaluator.cfg.probes, [p for p in evaluator.cfg.probes if p != "attentive"]
-    try:
-        return evaluator.score(evaluator.mine, feats)
-    finally:
-        evaluator.cfg.probes = saved
+    return evaluator.score(evaluator.mine, feats, probes=[p for p in evaluator.cfg.probes if p != "attentive"])
 
 
 def supervised_reference(cfg, bench: dict, out_dir: Path, *, steps: int, device, evaluator) -> dict:
@@ -246,7 +242,7 @@ def main(argv=None) -> int:
                                                   evaluator=lambda enc: evaluator_for(cfg, enc, device)(enc))
     curves = {mode: {seed: eval_records(folder) for seed, folder in seeds.items()} for mode, seeds in runs.items()}
     written = write_report(args.out, curves, refs, samples_per_step=samples_per_step(args, cfg),
-                           headline=headline_layer(curves, refs))
+                           headline=headline_layer(args, cfg))
     print(f"[learning_curve] done in {(time.perf_counter() - t0) / 60:.1f} min: " + ", ".join(map(str, written)))
     return 0
 
@@ -263,15 +259,13 @@ def samples_per_step(args, cfg) -> int:
     return cfg.train.batch_size * cfg.train.grad_accum_steps * world
 
 
-def headline_layer(curves: dict, refs: dict) -> str:
+def headline_layer(args, cfg) -> str:
     """The first probed layer's key ("L4"): the one every run logs as eval/<task>/knn_acc."""
-    record = refs["random_init"][0]
-    for key, value in record.items():
-        if key.endswith("/knn_acc") and "/L" in key:
-            task = key.split("/")[1]
-            if record.get(f"eval/{task}/knn_acc") == value:
-                return key.split("/")[2]
-    raise ValueError("no headline layer in the evaluation records")
+    from expmae.model_config import get_config
+    from expmae.pretrain.online_eval import layer_key
+
+    depth = get_config(cfg.model.name, **cfg.model.overrides()).depth
+    return f"L{layer_key(int(args.layers.split(',')[0]), depth)}"
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:

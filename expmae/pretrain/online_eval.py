@@ -172,8 +172,9 @@ class OnlineEvaluator:
             metrics["eval/seconds"] = time.perf_counter() - t0
         return metrics
 
-    def score(self, order: np.ndarray, feats: dict[str, np.ndarray]) -> dict[str, float]:
-        """Probe every key on the gathered features (rows in ``order`` of the eval set), each task on its own."""
+    def score(self, order: np.ndarray, feats: dict[str, np.ndarray], probes=None) -> dict[str, float]:
+        """Probe every key on the gathered features (rows in ``order`` of the eval set), each task on its own, with
+        ``probes`` (default: eval.probes)."""
         from expmae.probe import probe_readouts
 
         labels, held_out, tasks = self.data.labels[order], self.data.held_out[order], self.data.tasks[order]
@@ -182,7 +183,7 @@ class OnlineEvaluator:
             fit, test = (tasks == task) & ~held_out, (tasks == task) & held_out
             results = probe_readouts({k: v[fit] for k, v in feats.items()}, labels[fit],
                                      {k: v[test] for k, v in feats.items()}, labels[test],
-                                     probes=tuple(self.cfg.probes), knn_k=self.cfg.knn_k,
+                                     probes=tuple(probes or self.cfg.probes), knn_k=self.cfg.knn_k,
                                      knn_temperature=self.cfg.knn_temperature, seed=self.cfg.seed)
             metrics.update(flatten(results, self.keys[0], prefix=f"eval/{task}/" if task else "eval/"))
         return metrics
