@@ -20,8 +20,10 @@ Layout of ``out_dir`` (:func:`write_learning_benchmark`)::
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -107,24 +109,12 @@ def write_learning_benchmark(out_dir: str | os.PathLike, size: LearningBenchmark
     _write_labels(out / "labelled" / "labels.csv", labelled)
     jobs += [(c, out / "labelled" / "clips" / f"{c.name}.npy", size) for c in labelled]
     todo = [j for j in jobs[len(pool):] + jobs[:len(pool)] if not j[1].is_file()]  # labelled sets first
-    with ProcessPoolExecutor(workers) if workers > 1 else _Serial() as ex:
-        for _ in tqdm(ex.map(_render_to, todo, chunksize=16), total=len(todo), disable=not progress,
-                      desc="learning benchmark", unit="clip"):
+    with ProcessPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as executor:
+        rendered = executor.map(_render_to, todo, chunksize=16) if executor else map(_render_to, todo)
+        for _ in tqdm(rendered, total=len(todo), disable=not progress, desc="learning benchmark", unit="clip"):
             pass
-    (out / "benchmark.json").write_text(__import__("json").dumps(dataclasses.asdict(size), indent=2))
+    (out / "benchmark.json").write_text(json.dumps(dataclasses.asdict(size), indent=2))
     return paths
-
-
-class _Serial:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    @staticmethod
-    def map(fn, items, chunksize=1):
-        return map(fn, items)
 
 
 def read_labels(labelled_dir: str | os.PathLike, task: str | None = None) -> list[dict]:
