@@ -24,7 +24,7 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("capabilities", "features, finetuning, pretraining, visualisation, benchmarks, face cropping",
      ("expmae.features", "expmae.features.*", "expmae.facecrop",
       "expmae.finetune", "expmae.finetune.*", "expmae.pretrain", "expmae.pretrain.*", "expmae.visualize",
-      "expmae.benchmark", "expmae.learning_benchmark")),
+      "expmae.benchmark", "expmae.learning_benchmark", "expmae.supervised_reference")),
     ("cli", "console scripts: parse, run, print", ("expmae.export", "expmae.demo", "expmae.*.cli", "expmae.*.__main__")),
 )
 CLI_MODULES = LAYERS[-1][2]

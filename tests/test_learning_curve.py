@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,16 @@ def test_quick_study_writes_curves_table_and_pictures(tmp_path):
     summary = study["summary"]["static"]["mean/knn"]
     assert summary["random_init"]["n"] == 2 and summary["pixels"] is not None and summary["supervised"] is not None
     assert summary["modes"]["expmae"]["samples"] == [0, 12, 24]  # steps x 4 clips
-    assert "| random init (mean, min-max) |" in (tmp_path / "table.md").read_text()
+    held_out = sum(1 for line in (tmp_path / "benchmark/labelled/labels.csv").read_text().splitlines()
+                   if line.endswith(",test,static"))
+    assert summary["held_out"] == held_out
+    sup = study["references"]["supervised"]["static"]
+    assert summary["supervised_head"] == sup["head_acc"] and sup["test_clips"] == held_out and sup["steps"] == 4
+    margin = summary["supervised"] - max(summary["random_init"]["max"], summary["pixels"])
+    assert summary["ceiling_margin"] == pytest.approx(margin)
+    table = (tmp_path / "table.md").read_text()
+    assert "| random init (mean, min-max) |" in table and "| supervised, its own head |" in table
+    assert f"{margin:+.3f}" in table and f"accuracy on {held_out} held-out clips" in table
     # a rerun resumes: nothing is pretrained again, the references come from their caches
     log = tmp_path / "runs" / "expmae_seed0" / "console.log"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "learning_curve.py"), "--quick", "--out", str(tmp_path)],

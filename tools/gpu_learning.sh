@@ -60,7 +60,9 @@ table = {}
 for task, per in study["summary"].items():
     for probe, entry in per.items():
         row = {"random_init": entry["random_init"]["mean"], "random_init_max": entry["random_init"]["max"],
-               "pixels": entry["pixels"], "supervised": entry["supervised"]}
+               "pixels": entry["pixels"], "supervised": entry["supervised"],
+               "supervised_head": entry["supervised_head"], "ceiling_margin": entry.get("ceiling_margin"),
+               "held_out": entry["held_out"]}
         row.update({mode: curve["last"] for mode, curve in entry["modes"].items()})
         row["leaves_random_band_at_samples"] = {mode: c["leaves_band_at"] for mode, c in entry["modes"].items()}
         table[f"{task}/{probe}"] = row

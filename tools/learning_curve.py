@@ -151,61 +151,45 @@ def pixel_reference(evaluator) -> dict:
     return evaluator.score(evaluator.mine, feats, probes=[p for p in evaluator.cfg.probes if p != "attentive"])
 
 
-def supervised_reference(cfg, bench: dict, out_dir: Path, *, steps: int, device, evaluator) -> dict:
-    """The ceiling: per task, the same encoder trained end to end (tokens mean-pooled, a linear head, AdamW,
-    VideoMAE's crop/flip augmentation) on the labels of the pool's clips of that task, then scored by the same
-    probes. Cached per task in ``out_dir``."""
+def supervised_split(bench: dict, task: str) -> tuple[tuple, tuple]:
+    """The supervised reference's clips of ``task``: trained on the pool's labelled clips and the labelled set's
+    train people, scored on its held-out people (the probes' test set)."""
     import csv
 
-    import torch
-    import torch.nn.functional as F
-    from accelerate.utils import set_seed
+    from expmae.learning_benchmark import read_labels
 
-    from expmae.data import VideoClipDataset, normalize_clips
-    from expmae.model import create_model
-    from expmae.optim import cosine_lr
+    with open(bench["pool_labels"], newline="") as f:
+        pool = {r["name"]: r["discrete"] for r in csv.DictReader(f) if r["task"] == task}
+    rows = read_labels(bench["labelled"], task)
+    train = {r["name"]: r["discrete"] for r in rows if r["split"] == "train"}
+    paths = [str(bench["pool"] / f"{n}.npy") for n in pool] + [r["path"] for r in rows if r["split"] == "train"]
+    test = {r["name"]: r["discrete"] for r in rows if r["split"] == "test"}
+    return (paths, {**pool, **train}), (bench["labelled"] / "clips", test)
 
+
+def supervised_reference(args, cfg, bench: dict, *, device, evaluator) -> dict:
+    """The ceiling, per task (expmae.supervised_reference): the same encoder trained end to end, scored by its own
+    head and by the same probes on the held-out people. Resumes a stopped run; cached when finished."""
+    from expmae.supervised_reference import SupervisedRecipe, SupervisedReference
+
+    recipe = SupervisedRecipe(steps=args.supervised_steps)
+    if args.quick:
+        recipe = SupervisedRecipe(steps=args.supervised_steps, batch_size=4, warmup_steps=1, eval_every=2, save_every=2)
     results = {}
     for task in ("static", "dynamic"):
-        cache = out_dir / f"supervised_{task}.json"
-        if cache.is_file():
+        folder = args.out / "references" / f"supervised_{task}"
+        cache = folder / "scores.json"
+        if cache.is_file() and json.loads(cache.read_text())["steps"] == recipe.steps:
             results[task] = json.loads(cache.read_text())
             continue
-        with open(bench["pool_labels"], newline="") as f:
-            labels = {r["name"]: r["discrete"] for r in csv.DictReader(f) if r["task"] == task}
-        classes = sorted(set(labels.values()))
-        set_seed(0)
-        model = create_model(cfg.model.name, **cfg.model.overrides())
-        encoder, m = model.encoder.to(device), model.cfg
-        head = torch.nn.Linear(m.embed_dim, len(classes)).to(device)
-        data = VideoClipDataset(bench["pool"], num_frames=m.num_frames, sample_stride=cfg.data.sample_stride,
-                                input_size=m.img_size, train=True, seed=0, labels=labels)
-        loader = torch.utils.data.DataLoader(data, batch_size=min(32, len(data)), shuffle=True, drop_last=True,
-                                             num_workers=min(cfg.data.num_workers, 4), persistent_workers=False)
-        params = [*encoder.parameters(), *head.parameters()]
-        optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
-        step, t0 = 0, time.perf_counter()
-        while step < steps:
-            for clips, y in loader:
-                lr = cosine_lr(step, peak_lr=1e-3, min_lr=1e-5, warmup_steps=max(1, steps // 15), total_steps=steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = normalize_clips(clips.to(device), mean=m.mean, std=m.std)
-                tokens = encoder.forward_clips(x)[:, encoder.num_prefix_tokens:]  # (B, L, D)
-                target = torch.tensor([classes.index(c) for c in y], device=device)
-                loss = F.cross_entropy(head(tokens.mean(1)), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                if step >= steps:
-                    break
-        encoder.eval()
+        ref = SupervisedReference(cfg, *supervised_split(bench, task), folder, recipe, device,
+                                  num_workers=min(cfg.data.num_workers, 4))
+        encoder = ref.run(progress=not args.quick)
         scores = {k: v for k, v in evaluator(encoder).items() if k.startswith(f"eval/{task}/")}
-        results[task] = {**scores, "steps": steps, "train_clips": len(data), "last_loss": float(loss),
-                         "seconds": time.perf_counter() - t0}
+        results[task] = {**scores, **ref.summary()}
         write_json(cache, results[task])
-        print(f"[learning_curve] supervised reference, {task}: {results[task].get(f'eval/{task}/probe_acc')}", flush=True)
+        print(f"[learning_curve] supervised reference, {task}: head {results[task]['head_acc']:.3f}, "
+              f"probe {results[task].get(f'eval/{task}/probe_acc')}", flush=True)
     return results
 
 
@@ -237,17 +221,23 @@ def main(argv=None) -> int:
     band = random_init_band(args, cfg, device)
     refs = {"random_init": band, "pixels": pixel_reference(evaluator_for(cfg, _any_encoder(cfg), "cpu"))}
     if args.supervised_steps:
-        refs["supervised"] = supervised_reference(cfg, bench, args.out / "references", steps=args.supervised_steps,
-                                                  device=device,
+        refs["supervised"] = supervised_reference(args, cfg, bench, device=device,
                                                   evaluator=lambda enc: evaluator_for(cfg, enc, device)(enc))
     curves = {mode: {seed: eval_records(folder) for seed, folder in seeds.items()} for mode, seeds in runs.items()}
     written = write_report(args.out, curves, refs, samples_per_step=samples_per_step(args, cfg),
-                           headline=headline_layer(args, cfg))
+                           headline=headline_layer(args, cfg), held_out=held_out_counts(bench))
     print(f"[learning_curve] done in {(time.perf_counter() - t0) / 60:.1f} min: " + ", ".join(map(str, written)))
     return 0
 
 
 # ---------------------------------------------------------------------------------------------- the report
+def held_out_counts(bench: dict) -> dict:
+    from expmae.learning_benchmark import read_labels
+
+    rows = read_labels(bench["labelled"])
+    return {task: sum(r["split"] == "test" for r in rows if r["task"] == task) for task in {r["task"] for r in rows}}
+
+
 def samples_per_step(args, cfg) -> int:
     """Clips per optimizer step: batch x accumulation x ranks (the launcher config's num_processes)."""
     world = 1
@@ -273,9 +263,11 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([r[key] for r in records if key in r])
 
 
-def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step: int) -> dict:
-    """Per probe and read-out: the references and, per mode, the curve (mean and spread over seeds) and the first
-    samples-seen count where its mean leaves the random-init band upwards (None: never)."""
+def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step: int, held_out: int) -> dict:
+    """Per probe and read-out: the references, the ceiling's margin over pixels and the random-init band, and, per
+    mode, the curve (mean and spread over seeds) and the first samples-seen count where its mean leaves the
+    random-init band upwards (None: never). ``held_out``: clips scored (for the 95% intervals)."""
+    supervised = refs.get("supervised", {}).get(task, {})
     out = {}
     for readout in READOUTS:
         for probe in PROBES:
@@ -284,7 +276,10 @@ def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step:
             pixel = refs["pixels"].get(f"eval/{task}/pixels/{'clip' if readout == 'mean' else 'position'}/{probe}_acc")
             entry = {"random_init": {"mean": float(band.mean()), "sd": float(band.std()), "min": float(band.min()),
                                      "max": float(band.max()), "n": int(len(band))},
-                     "pixels": pixel, "supervised": refs.get("supervised", {}).get(task, {}).get(key), "modes": {}}
+                     "pixels": pixel, "supervised": supervised.get(key), "held_out": held_out,
+                     "supervised_head": supervised.get("head_acc"), "modes": {}}
+            if entry["supervised"] is not None:  # how far the best untrained read-out stays below the ceiling
+                entry["ceiling_margin"] = entry["supervised"] - max(band.max(), pixel if pixel is not None else 0.0)
             for mode, seeds in curves.items():
                 runs = [series(records, key) for records in seeds.values()]
                 steps = runs[0][0]
@@ -332,19 +327,36 @@ def plot(summary: dict, task: str, layer: str, path: Path) -> Path:
     return path
 
 
+def with_interval(acc: float | None, n: int) -> str:
+    """"0.620 [0.57, 0.67]": an accuracy on n held-out clips and its 95% (Wilson) interval."""
+    from expmae.probe import accuracy_interval
+
+    if acc is None:
+        return "-"
+    low, high = accuracy_interval(acc, n)
+    return f"{acc:.3f} [{low:.2f}, {high:.2f}]"
+
+
 def markdown(summaries: dict, layer: str) -> str:
     """Table-1 shaped: per task, rows random init / pixels / supervised / each mode's last point; columns the
-    probes and read-outs at the headline layer."""
+    probes and read-outs at the headline layer; 95% intervals on the held-out people."""
     cols = [f"{readout}/{probe}" for readout in READOUTS for probe in PROBES]
     lines = []
     for task, summary in summaries.items():
-        lines += [f"**{task}** ({layer}; held-out accuracy)", "",
+        first = summary[cols[0]]
+        n = first["held_out"]
+        lines += [f"**{task}** ({layer}; accuracy on {n} held-out clips, [95% interval])", "",
                   "| encoder | " + " | ".join(c.replace("/", " ") for c in cols) + " |", "|---|" + "---|" * len(cols)]
         cell = {c: summary[c] for c in cols}
         lines.append("| random init (mean, min-max) | " + " | ".join(
             f"{e['random_init']['mean']:.3f} ({e['random_init']['min']:.2f}-{e['random_init']['max']:.2f})" for e in cell.values()) + " |")
         for name in ("pixels", "supervised"):
-            lines.append(f"| {name} | " + " | ".join("-" if e[name] is None else f"{e[name]:.3f}" for e in cell.values()) + " |")
+            lines.append(f"| {name} | " + " | ".join(with_interval(e[name], n) for e in cell.values()) + " |")
+        if first["supervised_head"] is not None:
+            lines.append(f"| supervised, its own head | {with_interval(first['supervised_head'], n)} |"
+                         + " |" * (len(cols) - 1))
+            lines.append("| ceiling margin: supervised - max(pixels, random-init max) | " + " | ".join(
+                f"{e['ceiling_margin']:+.3f}" for e in cell.values()) + " |")
         for mode in next(iter(cell.values()))["modes"]:
             lines.append(f"| {mode} (last; best) | " + " | ".join(
                 f"{e['modes'][mode]['last']:.3f}; {e['modes'][mode]['best']:.3f}" for e in cell.values()) + " |")
@@ -355,9 +367,10 @@ def markdown(summaries: dict, layer: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(out: Path, curves: dict, refs: dict, *, samples_per_step: int, headline: str) -> list[Path]:
+def write_report(out: Path, curves: dict, refs: dict, *, samples_per_step: int, headline: str,
+                 held_out: dict) -> list[Path]:
     tasks = sorted({k.split("/")[1] for k in refs["random_init"][0] if k.count("/") >= 3})
-    summaries = {task: summarise(curves, refs, task, headline, samples_per_step) for task in tasks}
+    summaries = {task: summarise(curves, refs, task, headline, samples_per_step, held_out[task]) for task in tasks}
     write_json(out / "curves.json", {"headline_layer": headline, "samples_per_step": samples_per_step,
                                      "summary": summaries, "references": refs, "curves": curves})
     (out / "table.md").write_text(markdown(summaries, headline))

@@ -1,0 +1,191 @@
+"""The learning benchmark's ceiling: the same encoder trained end to end on labelled clips of one task.
+
+A self-supervised curve says little until it is placed between two levels: what an untrained encoder gives (the
+random-init band) and what a trained one reaches (this). The encoder is the pretraining config's, built from the
+same init seed; tokens are mean-pooled into a linear head (as ``expmae-features`` pools), trained with AdamW, a
+warmup + cosine schedule and VideoMAE's crop/flip augmentation. Every ``eval_every`` steps the head is scored on
+the held-out people (``curve.jsonl``), so a run shows how far from its ceiling it still is.
+
+A run resumes exactly: ``state.pt`` (weights, optimizer, step, RNG) is written every ``save_every`` steps, the
+sample order and augmentation are functions of (seed, epoch, index), and a rerun continues from the state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from expmae.data import VideoClipDataset, normalize_clips
+from expmae.jobs import JsonlLog, atomic_path, write_json
+from expmae.model import create_model
+from expmae.optim import cosine_lr
+from expmae.probe import accuracy_interval
+
+
+@dataclasses.dataclass(frozen=True)
+class SupervisedRecipe:
+    """How the reference trains. A saved state is resumed only by the same recipe (:meth:`identity`)."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    eval_every: int = 250
+    save_every: int = 250
+    seed: int = 0
+
+    def identity(self) -> dict:
+        """The fields that change the trained weights (how often it scores and saves does not)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("eval_every", "save_every")}
+
+
+class SupervisedReference:
+    """Train (or resume) one task's reference in ``folder``; :meth:`run` returns the trained encoder, in eval mode.
+
+    ``cfg``: the pretraining config (its model and frame sampling). ``train`` / ``test``: ``(clip source,
+    {name: label})`` as :class:`expmae.data.VideoClipDataset` takes them.
+    """
+
+    def __init__(self, cfg, train: tuple, test: tuple, folder, recipe: SupervisedRecipe = SupervisedRecipe(),
+                 device="cpu", num_workers: int = 0):
+        self.cfg, self.recipe, self.device, self.folder = cfg, recipe, torch.device(device), Path(folder)
+        self.num_workers = num_workers
+        m = cfg.model
+        torch.manual_seed(recipe.seed)  # the init of the pretraining run with this seed (train.seed)
+        model = create_model(m.name, **m.overrides())
+        self.encoder, self.mcfg = model.encoder.to(self.device), model.cfg
+        self.classes = sorted(set(train[1].values()))
+        self.head = torch.nn.Linear(self.mcfg.embed_dim, len(self.classes)).to(self.device)
+        clip_args = dict(num_frames=self.mcfg.num_frames, sample_stride=cfg.data.sample_stride,
+                         input_size=self.mcfg.img_size)
+        self.train_set = VideoClipDataset(train[0], train=True, seed=recipe.seed, labels=train[1], **clip_args)
+        self.test_set = VideoClipDataset(test[0], train=False, labels=test[1], **clip_args)
+        self.optimizer = torch.optim.AdamW([*self.encoder.parameters(), *self.head.parameters()], lr=recipe.lr,
+                                           weight_decay=recipe.weight_decay)
+        self.step, self.seconds = 0, 0.0
+        self.curve = JsonlLog(self.folder / "curve.jsonl")
+
+    # ------------------------------------------------------------------------------------------ state
+    def state_path(self) -> Path:
+        return self.folder / "state.pt"
+
+    def save(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {"encoder": self.encoder.state_dict(), "head": self.head.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "step": self.step, "seconds": self.seconds,
+                 "torch_rng": torch.get_rng_state(), "recipe": self.recipe.identity()}
+        with atomic_path(self.state_path()) as tmp:
+            torch.save(state, tmp)
+
+    def load(self) -> bool:
+        """Continue from ``state.pt`` if there is one of this recipe; False if there is none."""
+        if not self.state_path().is_file():
+            return False
+        state = torch.load(self.state_path(), map_location=self.device, weights_only=True)
+        if state["recipe"] != self.recipe.identity():
+            raise ValueError(f"{self.state_path()}: written by another recipe ({state['recipe']}), not "
+                             f"{self.recipe.identity()}; use another folder or remove it")
+        self.encoder.load_state_dict(state["encoder"])
+        self.head.load_state_dict(state["head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.seconds = int(state["step"]), float(state["seconds"])
+        torch.set_rng_state(state["torch_rng"])
+        return True
+
+    # ------------------------------------------------------------------------------------------ training
+    def batches(self, step: int):
+        """The batches from optimizer step ``step`` to the end of its epoch: a fixed order per (seed, epoch)."""
+        per_epoch = len(self.train_set) // self.recipe.batch_size
+        if per_epoch < 1:
+            raise ValueError(f"{len(self.train_set)} labelled clips: fewer than batch_size={self.recipe.batch_size}")
+        epoch, offset = divmod(step, per_epoch)
+        self.train_set.set_epoch(epoch)
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(
+            self.recipe.seed * 1_000_003 + epoch)).tolist()
+        b = self.recipe.batch_size
+        sampler = [order[i * b : (i + 1) * b] for i in range(offset, per_epoch)]
+        return self.loader(self.train_set, batch_sampler=sampler)
+
+    def loader(self, dataset, **kwargs) -> torch.utils.data.DataLoader:
+        # its own generator: a loader seeds its workers from the global RNG otherwise, and a resumed run, which
+        # opens a loader where the straight run did not, would then draw other dropout / drop-path masks
+        return torch.utils.data.DataLoader(dataset, num_workers=self.num_workers,
+                                           generator=torch.Generator().manual_seed(self.recipe.seed), **kwargs)
+
+    def train_step(self, clips: torch.Tensor, labels) -> float:
+        r = self.recipe
+        lr = cosine_lr(self.step, peak_lr=r.lr, min_lr=r.min_lr, warmup_steps=r.warmup_steps, total_steps=r.steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        target = torch.tensor([self.classes.index(y) for y in labels], device=self.device)
+        loss = F.cross_entropy(self.logits(clips), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def logits(self, clips: torch.Tensor) -> torch.Tensor:
+        x = normalize_clips(clips.to(self.device), mean=self.mcfg.mean, std=self.mcfg.std)
+        tokens = self.encoder.forward_clips(x)[:, self.encoder.num_prefix_tokens:]  # (B, L, D)
+        return self.head(tokens.mean(1))
+
+    @torch.no_grad()
+    def head_accuracy(self) -> float:
+        """The trained head's accuracy on the held-out people (centre crop, no flip)."""
+        self.encoder.eval()
+        loader = self.loader(self.test_set, batch_size=64)
+        correct = sum(sum(self.classes[i] == y for i, y in zip(self.logits(x).argmax(1).tolist(), labels))
+                      for x, labels in loader)
+        self.encoder.train()
+        return correct / len(self.test_set)
+
+    def run(self, progress: bool = True) -> torch.nn.Module:
+        """Train to ``recipe.steps`` (from the saved state, if any); the encoder comes back in eval mode."""
+        self.load()
+        self.encoder.train()
+        r = self.recipe
+        bar = tqdm(total=r.steps, initial=self.step, disable=not progress, desc="supervised reference", unit="step")
+        losses, last = [], time.perf_counter()
+        while self.step < r.steps:
+            for clips, labels in self.batches(self.step):
+                losses.append(self.train_step(clips, labels))
+                bar.update(1)
+                now = time.perf_counter()
+                self.seconds, last = self.seconds + now - last, now  # training time: held-out scoring left out
+                if self.step % r.eval_every == 0 or self.step == r.steps:
+                    self.log(losses)
+                    losses = []
+                if self.step % r.save_every == 0 or self.step == r.steps:
+                    self.save()
+                last = time.perf_counter()
+                if self.step >= r.steps:
+                    break
+        bar.close()
+        self.encoder.eval()
+        return self.encoder
+
+    def log(self, losses: list[float]) -> None:
+        acc = self.head_accuracy()
+        record = {"step": self.step, "train_loss": sum(losses) / max(1, len(losses)), "head_acc": acc,
+                  "seconds": round(self.seconds, 1)}
+        done = {r["step"] for r in self.curve.read()}
+        if self.step not in done:  # a resumed run does not log a step twice
+            self.curve.append(record)
+        tqdm.write(f"[supervised reference] step {self.step}: loss {record['train_loss']:.3f}, "
+                   f"held-out head accuracy {acc:.3f}")
+
+    def summary(self) -> dict:
+        acc = self.curve.read()[-1]["head_acc"] if self.curve.read() else self.head_accuracy()
+        low, high = accuracy_interval(acc, len(self.test_set))
+        summary = {"head_acc": acc, "head_acc_ci95": [low, high], "steps": self.step, "train_clips": len(self.train_set),
+                   "test_clips": len(self.test_set), "seconds": round(self.seconds, 1),
+                   "recipe": dataclasses.asdict(self.recipe)}
+        write_json(self.folder / "summary.json", summary)
+        return summary
