@@ -9,9 +9,9 @@ from fnmatch import fnmatchcase
 
 # (layer, what it holds, module patterns): the first pattern that matches a module places it.
 LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("base", "version, jobs and run folders, the settings mechanism, shipped configs",
-     ("expmae", "expmae.architecture", "expmae.jobs", "expmae.parentdeath", "expmae.runlock", "expmae.settings",
-      "expmae.shipped_configs")),
+    ("base", "version, atomic files, jobs and their shards, run folders, the settings mechanism, shipped configs",
+     ("expmae", "expmae.architecture", "expmae.files", "expmae.jobs", "expmae.parentdeath", "expmae.runlock",
+      "expmae.settings", "expmae.shards", "expmae.shipped_configs")),
     ("config", "every setting, declared once, torch-free",
      ("expmae.model_config", "expmae.config", "expmae.finetune.config")),
     ("blocks", "torch building blocks, media reading, face detection and tracking",

@@ -241,7 +241,7 @@ def report_reconstruction(recon: dict) -> None:
 def online_curve(run_dir: Path) -> dict:
     """The pretraining's online evaluation (kNN and linear probe of the frozen encoder on the held-out people) at
     its first step (the random-init twin) and its last."""
-    from expmae.jobs import JsonlLog
+    from expmae.files import JsonlLog
 
     records = [r for r in JsonlLog(run_dir / "metrics.jsonl").read() if "eval/knn_acc" in r]
     keys = ("eval/knn_acc", "eval/probe_acc", "eval/probe_uar")

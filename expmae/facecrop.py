@@ -35,7 +35,9 @@ from expmae import add_version_argument
 from expmae.facetrack import (Track, box_center, box_side, detect_faces, get_detector, jitter, smooth_track,
                                torch_threads, track_faces)
 from expmae.features.common import resolve_device
-from expmae.jobs import Shard, atomic_path, background_iter, read_manifest, run_jobs
+from expmae.files import atomic_path
+from expmae.jobs import background_iter, run_jobs
+from expmae.shards import Shard, read_manifest
 from expmae.runlock import FolderInUse, FolderLock
 from expmae.settings import ConfigError, add_arguments, check, given, setting
 from expmae.video import (DEFAULT_KEYINT, VIDEO_EXTENSIONS, VideoError, VideoInfo, iter_frames, list_videos,
@@ -423,7 +425,9 @@ def reencode_folder(output_dir: str | os.PathLike, crf: int = 18, keyint: int = 
     Returns {total, reencoded, already, failed, failures}."""
     from tqdm.auto import tqdm
 
-    from expmae.jobs import JsonlLog, manifest_files, one_line
+    from expmae.files import JsonlLog
+    from expmae.jobs import one_line
+    from expmae.shards import manifest_files
 
     output_dir = Path(output_dir)
     manifest = JsonlLog(output_dir / "manifest.jsonl")
@@ -487,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from expmae.jobs import merge_job_logs, resolve_shard
+    from expmae.shards import merge_job_logs, resolve_shard
 
     p = build_parser()
     args = p.parse_args(argv)

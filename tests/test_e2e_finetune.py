@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from expmae.jobs import TEMP_MARK
+from expmae.files import TEMP_MARK
 from expmae.labels import MER_CLASSES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -599,7 +599,7 @@ def test_several_test_views_average_the_softmax_over_windows_spread_over_the_cli
     2 apart (a window spans 7 frames). 3 views: windows from the first frame to the last, evenly spread; a clip
     shorter than a window has its one padded window; a clip 1 frame longer than a window has 2 distinct ones."""
     from expmae.export import save_encoder
-    from expmae.jobs import JsonlLog
+    from expmae.files import JsonlLog
     from expmae.finetune.featureset import FeatureSet
 
     torch.manual_seed(0)

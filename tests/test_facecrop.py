@@ -12,7 +12,7 @@ import pytest
 
 from expmae.facecrop import CropOptions, crop_folder, crop_square, crop_video, main
 from expmae.facetrack import Track, jitter, smooth_track, torch_threads, track_faces
-from expmae.jobs import TEMP_MARK, JsonlLog
+from expmae.files import TEMP_MARK, JsonlLog
 from expmae.synthetic import make_face_videos, make_noface_video
 from expmae.video import open_video, read_frames
 

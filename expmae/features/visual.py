@@ -34,7 +34,7 @@ import numpy as np
 from expmae.features.clip import frame_indices
 from expmae.features.common import (LAYER_REDUCTIONS, check_layers, list_inputs, model_fingerprint, parse_layers, pool,
                                     resolve_device, resolve_dtype, run_extraction, weights_fingerprint)
-from expmae.jobs import Shard
+from expmae.shards import Shard
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 
 MODALITIES = ("video", "frame")

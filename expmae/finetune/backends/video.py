@@ -28,7 +28,8 @@ from expmae.finetune.common import digest, log
 from expmae.finetune.config import RUN_KEYS, FinetuneConfig
 from expmae.finetune.featureset import FeatureSet, list_feature_names, load_features, parse_feature_specs
 from expmae.finetune.training import FitResult, fit_epochs
-from expmae.jobs import JsonlLog, atomic_path, one_line
+from expmae.files import JsonlLog, atomic_path
+from expmae.jobs import one_line
 from expmae.model import ExpMAEEncoder
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 from expmae.optim import cosine_lr, set_lr
