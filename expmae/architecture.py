@@ -22,10 +22,11 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("io", "weights in and out, checkpoints, clips and label files",
      ("expmae.checkpoint", "expmae.weights", "expmae.weights.*", "expmae.data", "expmae.data_*", "expmae.labels")),
     ("capabilities", "features, finetuning, pretraining, visualisation, benchmarks, face cropping",
-     ("expmae.features", "expmae.features.*", "expmae.facecrop",
+     ("expmae.features", "expmae.features.*", "expmae.facecrop_*",
       "expmae.finetune", "expmae.finetune.*", "expmae.pretrain", "expmae.pretrain.*", "expmae.visualize",
       "expmae.benchmark", "expmae.learning_benchmark")),
-    ("cli", "console scripts: parse, run, print", ("expmae.export", "expmae.demo", "expmae.*.cli", "expmae.*.__main__")),
+    ("cli", "console scripts: parse, run, print",
+     ("expmae.export", "expmae.demo", "expmae.facecrop", "expmae.*.cli", "expmae.*.__main__")),
 )
 CLI_MODULES = LAYERS[-1][2]
 
