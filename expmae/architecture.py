@@ -9,9 +9,9 @@ from fnmatch import fnmatchcase
 
 # (layer, what it holds, module patterns): the first pattern that matches a module places it.
 LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("base", "version, jobs and run folders, the settings mechanism, shipped configs",
-     ("expmae", "expmae.architecture", "expmae.jobs", "expmae.parentdeath", "expmae.runlock", "expmae.settings",
-      "expmae.shipped_configs")),
+    ("base", "version, atomic files, jobs and their shards, run folders, the settings mechanism, shipped configs",
+     ("expmae", "expmae.architecture", "expmae.files", "expmae.jobs", "expmae.parentdeath", "expmae.runlock",
+      "expmae.settings", "expmae.shards", "expmae.shipped_configs")),
     ("config", "every setting, declared once, torch-free",
      ("expmae.model_config", "expmae.config", "expmae.finetune.config")),
     ("blocks", "torch building blocks, media reading, face detection and tracking",
@@ -22,10 +22,11 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("io", "weights in and out, checkpoints, clips and label files",
      ("expmae.checkpoint", "expmae.weights", "expmae.weights.*", "expmae.data", "expmae.data_*", "expmae.labels")),
     ("capabilities", "features, finetuning, pretraining, visualisation, benchmarks, face cropping",
-     ("expmae.features", "expmae.features.*", "expmae.facecrop",
+     ("expmae.features", "expmae.features.*", "expmae.facecrop_*",
       "expmae.finetune", "expmae.finetune.*", "expmae.pretrain", "expmae.pretrain.*", "expmae.visualize",
       "expmae.benchmark", "expmae.learning_benchmark", "expmae.supervised_reference")),
-    ("cli", "console scripts: parse, run, print", ("expmae.export", "expmae.demo", "expmae.*.cli", "expmae.*.__main__")),
+    ("cli", "console scripts: parse, run, print",
+     ("expmae.export", "expmae.demo", "expmae.facecrop", "expmae.*.cli", "expmae.*.__main__")),
 )
 CLI_MODULES = LAYERS[-1][2]
 

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 import torch
 
-from expmae.jobs import atomic_path, write_json
+from expmae.files import atomic_path, write_json
 from expmae.model import ExpMAEConfig, ExpMAEEncoder, get_config
 
 WEIGHTS_NAME = "weights.safetensors"

@@ -261,7 +261,7 @@ def to_yaml(cfg: PretrainConfig) -> str:
 
 def save_config(cfg: PretrainConfig, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically): the run's record of what it trained."""
-    from expmae.jobs import atomic_path
+    from expmae.files import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(to_yaml(cfg), encoding="utf-8")

@@ -32,7 +32,9 @@ from PIL import Image
 from torch.utils.data import default_collate
 
 from expmae.data_resample import augment_on_device
-from expmae.jobs import JsonlLog, JsonlShards, manifest_files, one_line, process_shard, read_manifest
+from expmae.files import JsonlLog
+from expmae.jobs import one_line
+from expmae.shards import JsonlShards, manifest_files, process_shard, read_manifest
 from expmae.labels import read_label_csv
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE, IMAGENET_MEAN, IMAGENET_STD  # one definition: the model un-normalises with them
 from expmae.video import VIDEO_EXTENSIONS, list_videos, open_video, read_frames

@@ -2,7 +2,7 @@
 
 1. a labelled synthetic expression set (expmae.synthetic: the held expression is the label; train and held-out
    test identities), rendered as talking heads in a room, made once and reused;
-2. face crops by the crop tool (expmae.facecrop.crop_folder: resumable, so a rerun skips finished videos);
+2. face crops by the crop tool (expmae.facecrop_folder.crop_folder: resumable, so a rerun skips finished videos);
 3. expMAE pretraining of a tiny model with 2 DeepSpeed ZeRO-2 ranks on the CPU on the train identities' crops,
    through the same ``accelerate launch -m expmae.pretrain`` command as a real run (the shipped configs
    ``tiny_demo`` and ``cpu_deepspeed_2proc``);
@@ -65,7 +65,7 @@ def make_sample_set(out: Path, args) -> dict[str, Path]:
 
 
 def crop(videos_dir: Path, crops_dir: Path, size: int, workers: int) -> int:
-    from expmae.facecrop import crop_folder
+    from expmae.facecrop_folder import crop_folder
 
     t0 = time.perf_counter()
     done = 0
@@ -241,7 +241,7 @@ def report_reconstruction(recon: dict) -> None:
 def online_curve(run_dir: Path) -> dict:
     """The pretraining's online evaluation (kNN and linear probe of the frozen encoder on the held-out people) at
     its first step (the random-init twin) and its last."""
-    from expmae.jobs import JsonlLog
+    from expmae.files import JsonlLog
 
     records = [r for r in JsonlLog(run_dir / "metrics.jsonl").read() if "eval/knn_acc" in r]
     keys = ("eval/knn_acc", "eval/probe_acc", "eval/probe_uar")

@@ -1,5 +1,5 @@
 """Face detection and tracking: MTCNN (facenet-pytorch) boxes per frame, linked into tracks, and the main track's
-box interpolated and smoothed over time (what :mod:`expmae.facecrop` crops along)."""
+box interpolated and smoothed over time (what :mod:`expmae.facecrop_video` crops along)."""
 from __future__ import annotations
 
 import contextlib

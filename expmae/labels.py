@@ -237,7 +237,7 @@ def write_predictions(path: str | os.PathLike, names: Sequence[str], label: np.n
                       extra: Mapping[str, Sequence] | None = None) -> Path:
     """Predictions in the label layout (name, class column, regression columns, then ``extra`` columns), so they
     read back with :func:`read_labels`; without ``targets`` just name and class (pseudo-labels)."""
-    from expmae.jobs import atomic_path
+    from expmae.files import atomic_path
 
     target_names = list(fmt.targets or ()) if targets is not None else []
     extra = dict(extra or {})

@@ -67,7 +67,7 @@ class Lease:
             return None
 
     def write(self, path: Path) -> None:
-        from expmae.jobs import atomic_path
+        from expmae.files import atomic_path
 
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(asdict(self)), encoding="utf-8")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from expmae.data import VideoClipDataset, normalize_clips
-from expmae.jobs import JsonlLog, atomic_path, write_json
+from expmae.files import JsonlLog, atomic_path, write_json
 from expmae.model import create_model
 from expmae.optim import cosine_lr
 from expmae.probe import accuracy_interval

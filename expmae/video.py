@@ -212,7 +212,7 @@ class VideoWriter:
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = DEFAULT_FPS, **options) -> Path:
     """Write uint8 frames (T, H, W, 3) to ``path`` atomically (see :class:`VideoWriter` for ``options``)."""
-    from expmae.jobs import atomic_path
+    from expmae.files import atomic_path
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:

@@ -31,7 +31,8 @@ from expmae.checkpoint import read_model_checkpoint
 from expmae.config import DataConfig
 from expmae.data import VideoClipDataset, normalize_clips
 from expmae.features.common import list_inputs, resolve_device
-from expmae.jobs import atomic_path, one_line
+from expmae.files import atomic_path
+from expmae.jobs import one_line
 from expmae.model import ExpMAE, patchify_clips, patchify_frames, unnormalize, unpatchify_clips, unpatchify_frames
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 from expmae.recon_baselines import PREDICTORS, baseline_losses

@@ -19,8 +19,10 @@ import pytest
 import torch
 from launching import free_port, kill_hard
 
-from expmae.facecrop import crop_folder, main as crop_main
-from expmae.jobs import TEMP_MARK, JsonlLog, manifest_files, read_manifest
+from expmae.facecrop import main as crop_main
+from expmae.facecrop_folder import crop_folder
+from expmae.files import TEMP_MARK, JsonlLog
+from expmae.shards import manifest_files, read_manifest
 from expmae.synthetic import make_face_videos, make_noface_video
 
 REPO = Path(__file__).resolve().parents[1]

@@ -169,7 +169,7 @@ def test_distributed_ranks_see_disjoint_clips(tmp_path):
 
 
 def test_bad_clips_are_skipped_logged_and_counted(tmp_path, grey_sources, caplog, monkeypatch):
-    from expmae.jobs import JsonlShards
+    from expmae.shards import JsonlShards
 
     monkeypatch.delenv("RANK", raising=False)
     bad_video = tmp_path / "corrupt.mp4"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from expmae.jobs import TEMP_MARK
+from expmae.files import TEMP_MARK
 from expmae.labels import MER_CLASSES
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +63,7 @@ def test_layer_decay_groups_hand_computed_and_as_timm_groups_the_exported_vit():
     import timm
     from timm.optim import param_groups_layer_decay
 
-    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups
+    from expmae.finetune.backends.video_model import VideoFusionModel, layer_decay_param_groups
     from expmae.optim import set_lr
     from expmae.finetune.heads import create_head
     from expmae.weights.timm_frame import timm_create_kwargs
@@ -127,7 +127,7 @@ def test_unfreeze_blocks_one_step_changes_exactly_the_last_blocks_at_their_decay
     """One AdamW step from zero moments moves every parameter with a gradient by lr x its lr_scale (Adam's first
     step is lr x g / |g|, weight decay 0 here): the last N blocks (+ final norm, fc_norm, head) move by exactly
     their layer-decayed lr, everything else stays bit-identical. Frozen blocks run in eval mode (no drop-path)."""
-    from expmae.finetune.backends.video import VideoFusionModel, layer_decay_param_groups
+    from expmae.finetune.backends.video_model import VideoFusionModel, layer_decay_param_groups
     from expmae.optim import set_lr
     from expmae.finetune.heads import create_head
 
@@ -162,7 +162,7 @@ def test_unfreeze_blocks_one_step_changes_exactly_the_last_blocks_at_their_decay
 
 
 def test_unfreeze_blocks_values_and_flags():
-    from expmae.finetune.backends.video import VideoFusionModel
+    from expmae.finetune.backends.video_model import VideoFusionModel
     from expmae.finetune.cli import config_from_args
     from expmae.finetune.config import FinetuneConfig
     from expmae.finetune.heads import create_head
@@ -181,7 +181,7 @@ def test_unfreeze_blocks_values_and_flags():
 
 
 def test_drop_path_comes_from_the_encoder_config_unless_overridden(tmp_path):
-    from expmae.finetune.backends.video import load_finetune_encoder
+    from expmae.finetune.backends.video_model import load_finetune_encoder
     from expmae.export import save_encoder
 
     folder = save_encoder(tiny_model(drop_path_rate=0.2), tmp_path / "enc")
@@ -599,7 +599,7 @@ def test_several_test_views_average_the_softmax_over_windows_spread_over_the_cli
     2 apart (a window spans 7 frames). 3 views: windows from the first frame to the last, evenly spread; a clip
     shorter than a window has its one padded window; a clip 1 frame longer than a window has 2 distinct ones."""
     from expmae.export import save_encoder
-    from expmae.jobs import JsonlLog
+    from expmae.files import JsonlLog
     from expmae.finetune.featureset import FeatureSet
 
     torch.manual_seed(0)
@@ -661,7 +661,7 @@ def test_several_test_views_average_the_softmax_over_windows_spread_over_the_cli
 
 
 def test_eval_windows_spread_evenly_and_dedupe():
-    from expmae.finetune.backends.video import eval_windows
+    from expmae.finetune.backends.video_data import eval_windows
 
     # by hand: a window of 4 frames 3 apart spans 10 frames
     assert eval_windows(100, 4, 3, 1).tolist() == [[45, 48, 51, 54]]  # the centre: (100 - 10) // 2

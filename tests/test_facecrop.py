@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from expmae.facecrop import CropOptions, crop_folder, crop_square, crop_video, main
+from expmae.facecrop import main
+from expmae.facecrop_folder import crop_folder
+from expmae.facecrop_video import CropOptions, crop_square, crop_video
 from expmae.facetrack import Track, jitter, smooth_track, torch_threads, track_faces
-from expmae.jobs import TEMP_MARK, JsonlLog
+from expmae.files import TEMP_MARK, JsonlLog
 from expmae.synthetic import make_face_videos, make_noface_video
 from expmae.video import open_video, read_frames
 
@@ -114,7 +116,7 @@ def test_smooth_track_interpolates_holds_ends_and_removes_jitter():
 
 
 def test_synthetic_two_faces_crop_follows_the_main_face(tmp_path):
-    from expmae.facecrop import plan_crop
+    from expmae.facecrop_video import plan_crop
     from expmae.synthetic import render_face_clip
     from expmae.video import write_video
 
@@ -224,6 +226,18 @@ def test_cli_exit_status(tmp_path, capsys):
     assert main([str(tmp_path / "none"), str(tmp_path / "out2"), "--quiet"]) == 1
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing"), str(tmp_path / "out3")])
+
+
+def test_the_console_script_module_keeps_the_python_crop_api():
+    """User scripts import the crop API from expmae.facecrop, the module of expmae-crop: the same objects as in the
+    modules that define them."""
+    import expmae.facecrop as facecrop
+    from expmae import facecrop_folder, facecrop_video
+
+    assert facecrop.crop_folder is facecrop_folder.crop_folder
+    assert facecrop.reencode_folder is facecrop_folder.reencode_folder
+    assert facecrop.CropOptions is facecrop_video.CropOptions and facecrop.crop_video is facecrop_video.crop_video
+    assert all(hasattr(facecrop, name) for name in facecrop.__all__)
 
 
 def test_killed_job_resumes_to_the_same_outputs_without_duplicates(tmp_path):

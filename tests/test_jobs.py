@@ -4,7 +4,8 @@ import os
 import numpy as np
 import pytest
 
-from expmae.jobs import JsonlLog, atomic_path, one_line, run_jobs, save_npy_atomic
+from expmae.files import JsonlLog, atomic_path, save_npy_atomic
+from expmae.jobs import one_line, run_jobs
 
 
 def square_to_npy(item, out_dir):
@@ -96,7 +97,7 @@ def test_atomic_outputs_get_umask_permissions_not_mkstemp_0600(tmp_path):
 
 
 def test_stale_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_path):
-    from expmae.jobs import TEMP_MARK, atomic_path, remove_stale_temp_files
+    from expmae.files import TEMP_MARK, atomic_path, remove_stale_temp_files
 
     with pytest.raises(RuntimeError):  # a writer that dies inside atomic_path cleans up after itself...
         with atomic_path(tmp_path / "a.npy") as tmp:
@@ -118,7 +119,7 @@ def test_stale_temp_files_of_killed_writers_are_removed_and_nothing_else(tmp_pat
 
 
 def test_shard_from_flag_launcher_and_slurm_array():
-    from expmae.jobs import Shard, parse_shard, resolve_shard, slurm_array_shard
+    from expmae.shards import Shard, parse_shard, resolve_shard, slurm_array_shard
 
     assert parse_shard("3/8") == Shard(3, 8) and str(Shard(3, 8)) == "3/8"
     for bad in ("8/8", "-1/4", "3", "a/b", "1/0"):
@@ -144,7 +145,7 @@ def test_shard_from_flag_launcher_and_slurm_array():
 def test_shards_split_keys_disjointly_completely_and_stably():
     import hashlib
 
-    from expmae.jobs import Shard, key_hash
+    from expmae.shards import Shard, key_hash
 
     keys = [f"video_{i:05d}" for i in range(500)]
     assert key_hash("video_00000") == int(hashlib.sha1(b"video_00000").hexdigest()[:16], 16)
@@ -159,7 +160,8 @@ def test_shards_split_keys_disjointly_completely_and_stably():
 
 
 def test_sharded_run_restarted_with_another_count_does_each_input_once(tmp_path):
-    from expmae.jobs import Shard, TEMP_MARK, manifest_files, merge_job_logs, read_manifest
+    from expmae.files import TEMP_MARK
+    from expmae.shards import Shard, manifest_files, merge_job_logs, read_manifest
 
     items = [str(i) for i in range(-2, 10)]  # -2, -1 fail
     for i in range(2):  # 2 processes, each stopped after 2 inputs
@@ -219,7 +221,7 @@ def test_background_iter_hands_over_items_and_errors():
 
 
 def test_create_exclusive_first_writer_wins(tmp_path):
-    from expmae.jobs import create_exclusive
+    from expmae.files import create_exclusive
 
     assert create_exclusive(tmp_path / "s.json", "first") is True
     assert create_exclusive(tmp_path / "s.json", "second") is False

@@ -161,5 +161,5 @@ def test_feature_listing_ignores_interrupted_atomic_write_temporaries(tmp_path):
     from expmae.finetune.featureset import list_feature_names
 
     np.save(tmp_path / "s1.npy", np.zeros(3))
-    np.save(tmp_path / ".s2.abc123.npy", np.zeros(3))  # what a killed expmae.jobs.atomic_path leaves behind
+    np.save(tmp_path / ".s2.abc123.npy", np.zeros(3))  # what a killed expmae.files.atomic_path leaves behind
     assert list_feature_names(tmp_path) == ["s1"]

@@ -146,7 +146,7 @@ def test_sync_counter_sees_synchronisations_and_read_backs_by_caller():
 
 
 def test_clip_failures_are_logged_per_rank_and_worker_and_merged_on_read(precision_runs):
-    from expmae.jobs import JsonlShards
+    from expmae.shards import JsonlShards
 
     folder = precision_runs["fp32"] / "data_failures"
     names = sorted(p.name for p in folder.iterdir())

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from expmae import facecrop
-from expmae.facecrop import CropOptions
+from expmae.facecrop_video import CropOptions
 from expmae.finetune.cli import build_parser, config_from_args
 from expmae.finetune.config import HEAD_NAMES, FinetuneConfig
 from expmae.settings import ConfigError, flag_of, given, unknown_key

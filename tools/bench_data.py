@@ -187,7 +187,7 @@ def video_size(path: Path) -> str:
 def plan_default_crops(videos: list[Path], options) -> tuple[dict, dict]:
     """Default-setting crop plans ({video: plan}) and the videos that have none ({stem: reason}): one bad input
     is left out of the loader and pipeline parts instead of ending the run."""
-    from expmae.facecrop import plan_crop
+    from expmae.facecrop_video import plan_crop
     from expmae.jobs import one_line
 
     plans, failed = {}, {}
@@ -260,7 +260,7 @@ def bench_crop(videos: list[Path], out: Path, base, emitter: Emitter) -> tuple[l
     import numpy as np
     from tqdm import tqdm
 
-    from expmae.facecrop import CropOptions, crop_video, plan_crop
+    from expmae.facecrop_video import CropOptions, crop_video, plan_crop
     from expmae.facetrack import get_detector
     from expmae.jobs import one_line
 
@@ -314,7 +314,8 @@ def bench_crop_pipeline(videos: list[Path], out: Path, base, device, emitter: Em
     times (a load change on a shared machine hits both); both through run_jobs (manifest, resume bookkeeping)."""
     import functools
 
-    from expmae.facecrop import CropOptions, crop_folder, crop_job, default_write_threads
+    from expmae.facecrop_folder import crop_folder, crop_job, default_write_threads
+    from expmae.facecrop_video import CropOptions
     from expmae.facetrack import get_detector
     from expmae.jobs import run_jobs
 
@@ -393,7 +394,7 @@ class PlainDecord:
 
 def store_form(videos: list[Path], plans: dict, folder: Path, options) -> list[Path]:
     """The face clips of ``videos`` (cut with ``plans``' boxes) stored as ``options`` say; reuses existing files."""
-    from expmae.facecrop import crop_video
+    from expmae.facecrop_video import crop_video
 
     paths = []
     for v in videos:
@@ -523,7 +524,7 @@ def loader_datasets(videos: list[Path], plans: dict, work: Path, forms: dict, ar
     """{name: (stored form, dataset)}: each stored form of the face clips under each LOADER_SETTINGS, the raw
     videos through the whole CPU pipeline, and the plain-decode baseline."""
     from expmae.data import VideoClipDataset
-    from expmae.facecrop import CropOptions
+    from expmae.facecrop_video import CropOptions
 
     size = next(iter(forms.values()))["size"]
     datasets = {}
@@ -685,7 +686,7 @@ def bench_pipeline(videos: list[Path], plans: dict, work: Path, form: tuple[str,
     from tqdm import tqdm
 
     from expmae.data import VideoClipDataset
-    from expmae.facecrop import CropOptions
+    from expmae.facecrop_video import CropOptions
 
     bp = load_bench_pretrain()
     name, overrides = form
@@ -841,7 +842,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from expmae.facecrop import CropOptions
+    from expmae.facecrop_video import CropOptions
 
     forms = STORED_FORMS["quick" if args.quick else "full"]
     default_form = next(iter(forms.items()))

@@ -98,7 +98,7 @@ def quick_overrides(args) -> list[str]:
 
 def eval_records(folder: Path) -> list[dict]:
     """The online evaluation's records of a run's metrics.jsonl, by step."""
-    from expmae.jobs import JsonlLog
+    from expmae.files import JsonlLog
 
     return sorted((r for r in JsonlLog(folder / "metrics.jsonl").read() if any(k.startswith("eval/") for k in r)),
                   key=lambda r: r["step"])
@@ -194,7 +194,7 @@ def supervised_reference(args, cfg, bench: dict, *, device, evaluator) -> dict:
 
 
 def write_json(path: Path, data) -> None:
-    from expmae.jobs import atomic_path
+    from expmae.files import atomic_path
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -30,7 +30,7 @@ from expmae.features.common import (
     resolve_dtype,
     run_extraction,
 )
-from expmae.jobs import Shard
+from expmae.shards import Shard
 
 SAMPLE_RATE = 16_000
 DEFAULT_LAYERS = (-1,)

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expmae.jobs import merge_job_logs, one_line, resolve_shard
+    from expmae.jobs import one_line
+    from expmae.shards import merge_job_logs, resolve_shard
 
     parser = build_parser()
     args = parser.parse_args(argv)

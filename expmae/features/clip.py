@@ -26,7 +26,7 @@ from expmae.features.common import (
     resolve_dtype,
     run_extraction,
 )
-from expmae.jobs import Shard
+from expmae.shards import Shard
 
 MODEL_EXAMPLE = "openai/clip-vit-large-patch14"
 

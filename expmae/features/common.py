@@ -16,7 +16,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from expmae.jobs import JobSummary, Prefetcher, Shard, create_exclusive, read_manifest, run_jobs, save_npy_atomic
+from expmae.files import create_exclusive, save_npy_atomic
+from expmae.jobs import JobSummary, Prefetcher, run_jobs
+from expmae.shards import Shard, read_manifest
 from expmae.runlock import FolderLock
 
 POOLINGS = ("mean", "none")
@@ -202,7 +204,7 @@ def run_extraction(
 
     Resumable, atomic and failure-recording through :func:`expmae.jobs.run_jobs`; a failing input becomes a
     line in ``failures.jsonl`` and the job goes on. The model runs in this process (``workers=0``): it is
-    loaded once, on the GPU when there is one. ``shard``: this process's share of ``items`` (``expmae.jobs``);
+    loaded once, on the GPU when there is one. ``shard``: this process's share of ``items`` (``expmae.shards``);
     every process checks the folder's settings (model and weights hashes included) before it writes anything.
     """
     if pooling not in POOLINGS:

@@ -37,7 +37,7 @@ import numpy as np
 
 from expmae.features.audio import load_audio
 from expmae.features.common import feature_dir_name, list_inputs, model_fingerprint, resolve_device, run_extraction
-from expmae.jobs import Shard
+from expmae.shards import Shard
 
 EMBEDDINGS = ("posterior", "reference")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".m4a")

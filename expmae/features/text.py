@@ -37,7 +37,7 @@ from expmae.features.common import (
     resolve_dtype,
     run_extraction,
 )
-from expmae.jobs import Shard
+from expmae.shards import Shard
 
 DEFAULT_LAYERS = (-4, -3, -2, -1)
 TEXT_COLUMNS = {"zh": ("chinese", "sentence"), "en": ("english",)}

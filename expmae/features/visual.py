@@ -17,7 +17,7 @@
   the CLI writes one feature per sample, several layers combined as the audio / text extractors do (sum or mean).
 
 Input: face clips (an ``expmae-crop`` output folder, mp4 or npy, or any folder of face videos), or raw videos
-with ``crop=True``: the main face is cropped on the fly by expmae.facecrop (MTCNN), nothing is kept on disk.
+with ``crop=True``: the main face is cropped on the fly by expmae.facecrop_video (MTCNN), nothing is kept on disk.
 Frames are centre-cropped to a square, resized to the encoder's img_size (PIL bilinear, as expmae.data does)
 and normalised with the encoder's mean / std. Everything is deterministic (eval mode, no random sampling).
 """
@@ -34,7 +34,7 @@ import numpy as np
 from expmae.features.clip import frame_indices
 from expmae.features.common import (LAYER_REDUCTIONS, check_layers, list_inputs, model_fingerprint, parse_layers, pool,
                                     resolve_device, resolve_dtype, run_extraction, weights_fingerprint)
-from expmae.jobs import Shard
+from expmae.shards import Shard
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 
 MODALITIES = ("video", "frame")
@@ -94,9 +94,9 @@ def _is_tensor(x) -> bool:
 
 
 def crop_face_frames(path: str | os.PathLike, size: int = 224, device: str = "cpu") -> tuple[np.ndarray, dict]:
-    """The main face of a raw video as uint8 (T, size, size, 3), cropped by expmae.facecrop (MTCNN, tracking,
+    """The main face of a raw video as uint8 (T, size, size, 3), cropped by expmae.facecrop_video (MTCNN, tracking,
     smoothing) into a temporary file; returns the frames and the crop tool's record (detection rate, ...)."""
-    from expmae.facecrop import CropOptions, crop_video
+    from expmae.facecrop_video import CropOptions, crop_video
 
     with tempfile.TemporaryDirectory(prefix="expmae-crop-") as tmp:
         out = Path(tmp) / "face.npy"

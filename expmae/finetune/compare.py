@@ -16,7 +16,7 @@ from expmae.finetune.common import fmt, log
 from expmae.finetune.config import FinetuneConfig
 from expmae.finetune.heads import parse_head_spec
 from expmae.finetune.metrics import Scorer
-from expmae.jobs import write_json
+from expmae.files import write_json
 from expmae.finetune.protocol import run_finetune
 
 TABLE_JSON, TABLE_MD = "compare.json", "compare.md"

@@ -78,7 +78,7 @@ def parse_feature_specs(specs: Iterable[str]) -> dict[str, list[Path]]:
 
 def list_feature_names(folder: str | os.PathLike) -> list[str]:
     """Sample names with a ``.npy`` in ``folder``, sorted."""
-    # Hidden files are temporaries of an interrupted atomic write (expmae.jobs.atomic_path), not samples.
+    # Hidden files are temporaries of an interrupted atomic write (expmae.files.atomic_path), not samples.
     return sorted(p.stem for p in Path(folder).glob("*.npy") if not p.name.startswith("."))
 
 

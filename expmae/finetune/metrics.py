@@ -163,7 +163,7 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     matplotlib.use("Agg")  # headless: CI and servers have no display
     import matplotlib.pyplot as plt
 
-    from expmae.jobs import atomic_path
+    from expmae.files import atomic_path
 
     cm = np.asarray(cm)
     rows = cm.sum(1, keepdims=True)

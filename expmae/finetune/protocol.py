@@ -33,7 +33,7 @@ from expmae.finetune.config import FinetuneConfig
 from expmae.finetune.featureset import FeatureSet, describe_missing
 from expmae.finetune.metrics import Scorer, confusion_matrix, plot_confusion_matrix
 from expmae.finetune.splits import check_folds, column_folds, file_folds, stratified_folds
-from expmae.jobs import atomic_path, remove_stale_temp_files, write_json
+from expmae.files import atomic_path, remove_stale_temp_files, write_json
 from expmae.labels import (LabelFormat, LabelSet, is_label_file, label_format, read_labels, read_name_list,
                            write_predictions)
 from expmae.runlock import FolderLock

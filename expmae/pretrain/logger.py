@@ -17,7 +17,7 @@ class TrainLogger:
                  flops_per_clip: float, tokens_per_clip: int, peak_flops: float | None, device):
         from tqdm.auto import tqdm
 
-        from expmae.jobs import JsonlLog
+        from expmae.files import JsonlLog
 
         self.enabled, self.plan, self.log_every, self.device = enabled, plan, log_every, device
         self.flops_per_clip, self.tokens_per_clip, self.peak_flops = flops_per_clip, tokens_per_clip, peak_flops

@@ -260,7 +260,7 @@ def stop_on_stall(run: Run, window_start: TrainState, rng_at_start: RngSnapshot,
 
 
 def finish(run: Run, state: TrainState, last_ckpt: Path | None) -> Path:
-    from expmae.jobs import JsonlShards
+    from expmae.shards import JsonlShards
 
     png = reconstruction(run, state.step)
     run.logger.close()

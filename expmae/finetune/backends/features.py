@@ -77,7 +77,7 @@ class FeatureBackend:
         """head.safetensors (a torch head's best state); a scikit-learn head leaves only its predictions."""
         from safetensors.torch import save_file
 
-        from expmae.jobs import atomic_path
+        from expmae.files import atomic_path
 
         if not fit.state_dict:
             return

@@ -25,7 +25,7 @@ class FoldCheckpoint:
 
     def save(self, loop: dict, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After an epoch: ``loop`` is fit_epochs' state (LOOP_KEYS), ``step`` the optimizer steps so far."""
-        from expmae.jobs import atomic_path
+        from expmae.files import atomic_path
 
         loop = _plain(loop)
         # Usually the best epoch is this one: its state is then the model's, and is not stored twice.

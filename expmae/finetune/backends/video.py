@@ -1,14 +1,12 @@
 """End-to-end finetuning of an exported encoder (``expmae-finetune --videos --encoder``): the protocol's
-:class:`VideoBackend`, which loads face clips, builds a fold's encoder + fusion head, trains it as MAE / VideoMAE
-finetuning does (AdamW, layer-wise lr decay, warmup + cosine, fc_norm after pooling), evaluates over
-``test_views`` windows per clip, saves it, and resumes a fold after its last finished epoch (each epoch's data
-order and augmentation depend on (seed, epoch) only, so a resumed fold ends as an uninterrupted one).
+:class:`VideoBackend` loads face clips, trains a fold's encoder + fusion head (``video_model``) with warmup + cosine
+lr, evaluates it over ``test_views`` windows per clip (``video_data``), saves it, and resumes a fold after its last
+finished epoch (each epoch's data order and augmentation depend on (seed, epoch) only, so a resumed fold ends as an
+uninterrupted one).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -16,203 +14,25 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from torch import nn
 from tqdm.auto import tqdm
 
-from expmae.data import VideoClipDataset, center_crop_box, crop_resize_frames, normalize_clips, sample_frame_indices
-from expmae.features.common import list_inputs, resolve_device
-from expmae.features.visual import clip_windows, frame_reader
+from expmae.data import VideoClipDataset, normalize_clips
+from expmae.features.common import resolve_device
+from expmae.files import JsonlLog, atomic_path
 from expmae.finetune import heads  # heads.task_loss looked up per call: the tests wrap it
 from expmae.finetune.backends.resume import FoldCheckpoint
+from expmae.finetune.backends.video_data import EvalViews, epoch_seed, index_videos
+from expmae.finetune.backends.video_model import (VIDEO_BRANCH, VideoFusionModel, check_unfreeze_blocks,
+                                                  layer_decay_param_groups, load_finetune_encoder)
 from expmae.finetune.common import digest, log
 from expmae.finetune.config import RUN_KEYS, FinetuneConfig
 from expmae.finetune.featureset import FeatureSet, list_feature_names, load_features, parse_feature_specs
 from expmae.finetune.training import FitResult, fit_epochs
-from expmae.jobs import JsonlLog, atomic_path, one_line
-from expmae.model import ExpMAEEncoder
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE
 from expmae.optim import cosine_lr, set_lr
-from expmae.vit import LayerNorm
-from expmae.weights import CONFIG_NAME, load_encoder, read_encoder_config, save_encoder
-
-VIDEO_BRANCH = "visual"  # the head's input branch fed by the encoder
+from expmae.weights import CONFIG_NAME, read_encoder_config, save_encoder
 
 
-# ----------------------------------------------------------------------------------------------- model
-class VideoFusionModel(nn.Module):
-    """Encoder -> mean-pooled tokens (all tokens for a head with ``token_inputs``, e.g. ``attentive``) -> LayerNorm
-    (``fc_norm``) -> fusion head (the "visual" branch, beside precomputed feature branches).
-
-    ``fc_norm`` is VideoMAE's / MAE's norm after mean pooling. It stands in for the per-dimension standardisation
-    the head applies to precomputed features: statistics measured once would go stale as the encoder (and
-    augmentation) moves the pooled features, and dimensions of small spread would then blow up.
-
-    ``unfreeze_blocks`` N >= 0 trains only the encoder's last N blocks and its final norm (MAE's partial
-    finetuning); the rest gets no gradients and stays in eval mode (no drop-path). 0 (or ``freeze_encoder``):
-    the whole encoder is frozen and only fc_norm and the head learn (probing, end to end); -1: all of it learns.
-    """
-
-    def __init__(self, encoder: ExpMAEEncoder, head: nn.Module, *, freeze_encoder: bool = False,
-                 unfreeze_blocks: int = -1):
-        super().__init__()
-        self.unfreeze_blocks = check_unfreeze_blocks(unfreeze_blocks, len(encoder.blocks), freeze_encoder)
-        self.encoder, self.head, self.freeze_encoder = encoder, head, self.unfreeze_blocks == 0
-        self.fc_norm = LayerNorm(encoder.cfg.embed_dim)
-        if self.unfreeze_blocks >= 0:
-            encoder.requires_grad_(False)
-            for module in self.trained_encoder_modules():
-                module.requires_grad_(True)
-            self.train(self.training)
-
-    def trained_encoder_modules(self) -> list[nn.Module]:
-        """The encoder's modules that learn: its last unfreeze_blocks blocks + final norm (all with -1)."""
-        n = self.unfreeze_blocks
-        if n < 0:
-            return [self.encoder]
-        return [*self.encoder.blocks[len(self.encoder.blocks) - n:], self.encoder.norm] if n else []
-
-    def pool(self, clips: torch.Tensor) -> torch.Tensor:
-        """Normalised clips (B, C, T, H, W) -> the mean of the encoder's tubelet tokens (B, D), or the tokens
-        themselves (B, T'*S, D) for a head with ``token_inputs``; before fc_norm."""
-        tokens = self.encoder.forward_clips(clips)[:, self.encoder.num_prefix_tokens:]
-        return tokens if getattr(self.head, "token_inputs", False) else tokens.mean(dim=1)
-
-    def forward(self, clips: torch.Tensor, features: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-        with torch.no_grad() if self.freeze_encoder else contextlib.nullcontext():
-            pooled = self.pool(clips)
-        return self.head({**(features or {}), VIDEO_BRANCH: self.fc_norm(pooled)})
-
-    def train(self, mode: bool = True) -> "VideoFusionModel":
-        super().train(mode)
-        if self.unfreeze_blocks >= 0:  # frozen parts run as the pretrained encoder did at export: eval mode
-            self.encoder.eval()
-            for module in self.trained_encoder_modules():
-                module.train(mode)
-        return self
-
-    def no_weight_decay(self) -> set[str]:
-        """Position codes (when learned) and the class token, as in timm's ViT; norms and biases by shape."""
-        names = ("pos_embed", "time_embed", "cls_token")
-        return {f"encoder.{n}" for n, _ in self.encoder.named_parameters() if n in names}
-
-
-def check_unfreeze_blocks(unfreeze_blocks: int, depth: int, freeze_encoder: bool = False) -> int:
-    """The encoder blocks that learn (-1: all, stem included; 0: none), checked; ``freeze_encoder`` means 0."""
-    if not -1 <= unfreeze_blocks <= depth or (freeze_encoder and unfreeze_blocks > 0):
-        raise ValueError(f"unfreeze_blocks={unfreeze_blocks}: expected -1 (all) or 0..{depth} (the encoder's depth)"
-                         + (", and not above 0 with freeze_encoder" if freeze_encoder else ""))
-    return 0 if freeze_encoder else unfreeze_blocks
-
-
-def load_finetune_encoder(path: str | os.PathLike, drop_path: float = -1.0) -> ExpMAEEncoder:
-    """The encoder of an expmae-export folder (or pretraining checkpoint) with stochastic depth ``drop_path``
-    (linearly increasing over the blocks); ``drop_path < 0`` keeps the encoder config's ``drop_path_rate``."""
-    encoder = load_encoder(path)
-    if drop_path >= 0 and drop_path != encoder.cfg.drop_path_rate:
-        state = encoder.state_dict()
-        encoder = ExpMAEEncoder(dataclasses.replace(encoder.cfg, drop_path_rate=float(drop_path)))
-        encoder.load_state_dict(state, strict=True)
-    return encoder.train()
-
-
-# ----------------------------------------------------------------------------------------------- optimisation
-def layer_id(name: str, depth: int) -> int:
-    """Layer index of a VideoFusionModel parameter for lr decay (MAE's ``get_layer_id_for_vit``, timm's
-    ViT group_matcher): 0 for the stem (patch embedding, class token) and position codes, i + 1 for encoder
-    block i, depth + 1 for the rest (final norm, fc_norm, head)."""
-    if name.startswith("encoder."):
-        rest = name[len("encoder."):]
-        if rest.startswith(("patch_embed.", "pos_embed", "time_embed", "cls_token")):
-            return 0
-        if rest.startswith("blocks."):
-            return int(rest.split(".")[1]) + 1
-    return depth + 1
-
-
-def layer_decay_param_groups(model: nn.Module, *, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups, one per (layer, decay or not), each with ``lr_scale = layer_decay ** (depth + 1 - layer)``.
-
-    No weight decay on 1-D parameters (norms, biases) and ``model.no_weight_decay()`` names (position codes, class
-    token).
-    Frozen parameters are left out. Each group lists its ``param_names``, in model order.
-    """
-    depth = len(model.encoder.blocks)
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        layer = layer_id(name, depth)
-        no_decay = param.ndim <= 1 or name.endswith(".bias") or name in skip
-        group = groups.setdefault((layer, no_decay), {
-            "params": [], "param_names": [], "lr_scale": layer_decay ** (depth + 1 - layer),
-            "weight_decay": 0.0 if no_decay else weight_decay})
-        group["params"].append(param)
-        group["param_names"].append(name)
-    return [groups[k] for k in sorted(groups)]
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    """A seed for one epoch's shuffle and DataLoader worker seeds: a function of (seed, epoch) only, so a
-    resumed run draws what an uninterrupted one does (the augmentation already is: expmae.data)."""
-    return int(np.random.SeedSequence((seed, epoch)).generate_state(1)[0])
-
-
-# ----------------------------------------------------------------------------------------------- data
-def index_videos(source: str | os.PathLike) -> dict[str, Path]:
-    """``{sample name: clip}`` of an expmae-crop output folder or a folder of videos; the name is the file stem,
-    as for the feature folders (expmae.features.common.list_inputs) and the MER2023 label names."""
-    index: dict[str, Path] = {}
-    for path in list_inputs(source):
-        if path.stem in index:
-            raise ValueError(f"{source}: two clips are named {path.stem!r} ({index[path.stem]} and {path}); "
-                             "sample names (file stems) must be unique")
-        index[path.stem] = path
-    return index
-
-
-def eval_windows(num_available: int, num_frames: int, sample_stride: int, views: int = 1) -> np.ndarray:
-    """Frame indices (V, num_frames) of a clip's evaluation views, V <= ``views``, distinct windows only.
-
-    One view: the centre window (expmae.data's deterministic view). More: windows from the first frame to the
-    last, evenly spread (expmae.features.visual.clip_windows at a 1-frame step; VideoMAE's test-time temporal
-    views), overlapping when the clip holds fewer back-to-back windows. A clip shorter than one window has one
-    view, padded with its last frame; one just a few frames longer has as many views as distinct starts.
-    """
-    if views < 1:
-        raise ValueError(f"views={views}: expected >= 1")
-    if views == 1:
-        return sample_frame_indices(num_available, num_frames, sample_stride)[None]
-    return clip_windows(num_available, num_frames, sample_stride, clip_stride=1, max_clips=views)
-
-
-class _EvalViews(torch.utils.data.Dataset):
-    """A clip's evaluation views (:func:`eval_windows`, centre crop), deterministic: ``(row, views, "")`` with
-    views uint8 (V, 3, T, S, S), or ``(row, no views, reason)`` for a clip that fails to load: an evaluation pass
-    never stops on one clip, and never silently scores another sample's clip in its place."""
-
-    def __init__(self, paths: Sequence[str], num_frames: int, sample_stride: int, input_size: int, views: int):
-        self.paths, self.num_frames, self.sample_stride = list(paths), num_frames, sample_stride
-        self.input_size, self.views = input_size, views
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, row: int):
-        try:
-            total, read = frame_reader(self.paths[row])
-            windows = eval_windows(total, self.num_frames, self.sample_stride, self.views)
-            unique, inverse = np.unique(windows, return_inverse=True)  # overlapping views: each frame decoded once
-            frames = read(unique)
-            pixels = crop_resize_frames(frames, center_crop_box(*frames.shape[1:3]), self.input_size)  # (3, U, S, S)
-            views = pixels[:, torch.from_numpy(inverse.reshape(windows.shape))].transpose(0, 1).contiguous()
-            return row, views, ""
-        except Exception as exc:  # noqa: BLE001 - reported by the caller
-            size = self.input_size
-            return row, torch.zeros(0, 3, self.num_frames, size, size, dtype=torch.uint8), one_line(exc)
-
-
-# ----------------------------------------------------------------------------------------------- backend
 class VideoBackend:
     """End-to-end mode of expmae.finetune: samples are face clips (+ optional feature folders); a fold
     finetunes a copy of the pretrained encoder together with a fresh fusion head."""
@@ -426,7 +246,6 @@ class VideoBackend:
         return probs, regression
 
     def save(self, model: VideoFusionModel, fit: FitResult, run_dir: Path) -> None:
-
         # fc_norm + head: what turns the encoder's mean-pooled tokens into predictions
         head = {k: v.contiguous().cpu() for k, v in fit.state_dict.items() if not k.startswith("encoder.")}
         with atomic_path(run_dir / "head.safetensors") as tmp:
@@ -450,7 +269,7 @@ class VideoBackend:
         a sample's views may span two batches. A clip that fails to load has no views; it is recorded once in
         the failure log."""
         enc, size = self.pretrained.cfg, self.cfg.batch_size
-        views = _EvalViews([str(self.videos[n]) for n in names], enc.num_frames, self.sample_stride, enc.img_size,
+        views = EvalViews([str(self.videos[n]) for n in names], enc.num_frames, self.sample_stride, enc.img_size,
                            self.cfg.test_views)
         # One item per sample (all its views: the clip is opened once), regrouped below into batches of clips.
         loader = torch.utils.data.DataLoader(views, batch_size=None, num_workers=self.cfg.workers)

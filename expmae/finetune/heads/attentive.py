@@ -1,7 +1,7 @@
 """``attentive``: V-JEPA's attentive probe as a head: a learned query cross-attends tokens (expmae.vit.AttentivePooler).
 
 A branch is either one vector per sample (B, D_m): one token, or tokens (B, N_m, D_m): the end-to-end encoder's
-patch / tubelet tokens (expmae.finetune.backends.video passes them instead of their mean to a head with
+patch / tubelet tokens (expmae.finetune.backends.video_model passes them instead of their mean to a head with
 ``token_inputs``), or a feature folder's frame-level (N, D) files (expmae.finetune.featureset, ``tokens``; rows of
 NaN are padding, left out of the attention). Every token -> its branch's linear map to the hidden size + a learned
 branch embedding; the query reads all branches' tokens at once; the pooled vector (after dropout) feeds the two
