@@ -2,8 +2,9 @@
 
 A self-supervised curve says little until it is placed between two levels: what an untrained encoder gives (the
 random-init band) and what a trained one reaches (this). The encoder is the pretraining config's, built from the
-same init seed; tokens are mean-pooled into a linear head (as ``expmae-features`` pools), trained with AdamW, a
-warmup + cosine schedule and VideoMAE's crop/flip augmentation. Every ``eval_every`` steps the head is scored on
+same init seed; its tokens, mean-pooled (as ``expmae-features`` pools) or kept per patch position (averaged over
+time, the probes' position read-out), feed a linear head, trained with AdamW, a warmup + cosine schedule and
+VideoMAE's crop/flip augmentation. Every ``eval_every`` steps the head is scored on
 the held-out people (``curve.jsonl``), so a run shows how far from its ceiling it still is.
 
 A run resumes exactly: ``state.pt`` (weights, optimizer, step, RNG) is written every ``save_every`` steps, the
@@ -36,6 +37,7 @@ class SupervisedRecipe:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_steps: int = 200
+    readout: str = "mean"  # the head's input: "mean" over all tokens, or "position" (time-averaged, per patch)
     eval_every: int = 250
     save_every: int = 250
     seed: int = 0
@@ -61,7 +63,11 @@ class SupervisedReference:
         model = create_model(m.name, **m.overrides())
         self.encoder, self.mcfg = model.encoder.to(self.device), model.cfg
         self.classes = sorted(set(train[1].values()))
-        self.head = torch.nn.Linear(self.mcfg.embed_dim, len(self.classes)).to(self.device)
+        if recipe.readout not in ("mean", "position"):
+            raise ValueError(f"readout={recipe.readout!r}; expected 'mean' or 'position'")
+        self.positions = (self.mcfg.img_size // self.mcfg.patch_size) ** 2
+        width = self.mcfg.embed_dim * (self.positions if recipe.readout == "position" else 1)
+        self.head = torch.nn.Linear(width, len(self.classes)).to(self.device)
         clip_args = dict(num_frames=self.mcfg.num_frames, sample_stride=cfg.data.sample_stride,
                          input_size=self.mcfg.img_size)
         self.train_set = VideoClipDataset(train[0], train=True, seed=recipe.seed, labels=train[1], **clip_args)
@@ -133,8 +139,12 @@ class SupervisedReference:
 
     def logits(self, clips: torch.Tensor) -> torch.Tensor:
         x = normalize_clips(clips.to(self.device), mean=self.mcfg.mean, std=self.mcfg.std)
-        tokens = self.encoder.forward_clips(x)[:, self.encoder.num_prefix_tokens:]  # (B, L, D)
-        return self.head(tokens.mean(1))
+        tokens = self.encoder.forward_clips(x)[:, self.encoder.num_prefix_tokens:]  # (B, L, D), L = T' * N
+        if self.recipe.readout == "mean":
+            return self.head(tokens.mean(1))
+        B, L, D = tokens.shape
+        per_position = tokens.view(B, L // self.positions, self.positions, D).mean(1)  # (B, N, D): mean over time
+        return self.head(per_position.flatten(1))  # (B, N * D)
 
     @torch.no_grad()
     def head_accuracy(self) -> float:
