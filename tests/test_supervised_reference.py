@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from expmae.config import load_config
+from expmae.data import normalize_clips
 from expmae.learning_benchmark import LearningBenchmarkSize, read_labels, write_learning_benchmark
 from expmae.shipped_configs import resolve_config
 from expmae.supervised_reference import SupervisedRecipe, SupervisedReference
@@ -62,3 +63,20 @@ def test_state_of_another_recipe_is_refused(bench, tmp_path):
     reference(bench, tmp_path).run(progress=False)
     with pytest.raises(ValueError, match="another recipe"):
         reference(bench, tmp_path, lr=3e-4).run(progress=False)
+
+
+def test_position_head_reads_time_averaged_tokens_per_patch(bench, tmp_path):
+    ref = reference(bench, tmp_path, readout="position")
+    m = ref.mcfg
+    n = (m.img_size // m.patch_size) ** 2
+    assert ref.head.in_features == n * m.embed_dim
+    clips = torch.randint(0, 255, (2, 3, m.num_frames, m.img_size, m.img_size), dtype=torch.uint8)
+    ref.encoder.eval()
+    with torch.no_grad():
+        tokens = ref.encoder.forward_clips(normalize_clips(clips, mean=m.mean, std=m.std))[:, ref.encoder.num_prefix_tokens:]
+        t = m.num_frames // m.tubelet_size
+        expected = torch.stack([torch.cat([tokens[b, [s * n + p for s in range(t)]].mean(0) for p in range(n)])
+                                for b in range(2)])  # token index = time slot * positions + position
+        assert torch.allclose(ref.logits(clips), ref.head(expected), atol=1e-5)
+    with pytest.raises(ValueError, match="readout='pooled'"):
+        reference(bench, tmp_path / "bad", readout="pooled")
