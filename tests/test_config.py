@@ -48,7 +48,7 @@ def test_overrides_are_parsed_by_the_field_type():
         "data.source=/data/a=b.d",  # only the first '=' splits
         "train.lr=1e-3",            # YAML 1.1 would read this as a string
         "train.max_steps=none", "train.warmup_steps=10", "train.betas=[0.8, 0.99]",
-        "model.norm_pix_loss=false", "model.mean=[0.5, 0.5, 0.5]", "model.mask_ratio=0.6",
+        "model.norm_pix_loss=false", "model.mean=[0.5, 0.5, 0.5]", "model.mae_mask_ratio=0.6",
         "debug.nonfinite_steps=[3, 4]",
     ])
     assert cfg.data.source == "/data/a=b.d"
@@ -57,7 +57,7 @@ def test_overrides_are_parsed_by_the_field_type():
     assert cfg.train.betas == (0.8, 0.99)
     assert cfg.model.norm_pix_loss is False and cfg.model.mean == (0.5, 0.5, 0.5)
     assert cfg.debug.nonfinite_steps == [3, 4]
-    assert cfg.model.overrides() == {"norm_pix_loss": False, "mean": (0.5, 0.5, 0.5), "mask_ratio": 0.6}
+    assert cfg.model.overrides() == {"norm_pix_loss": False, "mean": (0.5, 0.5, 0.5), "mae_mask_ratio": 0.6}
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -66,7 +66,7 @@ def test_overrides_are_parsed_by_the_field_type():
     ("model.mode=mea", "model.mode='mea' is not allowed; allowed values: expmae, mae, videomae"),
     ("train.batch_size=0", "train.batch_size=0 is out of range; expected a value >= 1"),
     ("train.batch_size=2.5", "train.batch_size='2.5' is not an integer"),
-    ("model.mask_ratio=1.0", "model.mask_ratio=1.0 is out of range; expected a value > 0 and < 1"),
+    ("model.mae_mask_ratio=1.0", "model.mae_mask_ratio=1.0 is out of range; expected a value > 0 and < 1"),
     ("train.betas=[0.9]", "train.betas='[0.9]' is not a list of 2 numbers"),
     ("train.betas=[0.9, 1.5]", "train.betas=1.5 is out of range; expected a value >= 0 and < 1"),
     ("train.clip_grad=abc", "train.clip_grad='abc' is not a number"),
