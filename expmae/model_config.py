@@ -6,7 +6,7 @@ Constructed from Python, a field takes its own type only (ints for floats, lists
 """
 from dataclasses import asdict, dataclass, fields
 
-from expmae.settings import check, rename_keys, setting, strict_type
+from expmae.settings import check, rename, rename_keys, setting, strict_type
 
 MODES = ("expmae", "mae", "videomae")
 POSITION_CODES = ("separable", "videomae")
@@ -110,6 +110,11 @@ class ExpMAEConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def __getattr__(self, name: str):  # only for names that are not fields: a script's read of an old spelling
+        if name in RENAMED:
+            return getattr(self, rename(name, RENAMED, "ExpMAEConfig."))
+        raise AttributeError(f"'ExpMAEConfig' object has no attribute {name!r}")
 
 
 def mae_num_kept(length: int, ratio: float) -> int:
