@@ -84,8 +84,8 @@ class ExpMAEConfig:
                 fail(dim, f"a positive multiple of 4 (sin-cos position code) and of {heads}={getattr(self, heads)}")
         num_kept = mae_num_kept(self.num_patches, self.mae_mask_ratio)
         if not 0 < num_kept < self.num_patches:
-            fail("mae_mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches visible "
-                               f"(int(N * (1 - ratio)) = {num_kept})")
+            fail("mae_mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches "
+                                   f"visible (int(N * (1 - ratio)) = {num_kept})")
         num_masked = tube_num_masked(self.num_patches, self.video_mask_ratio)
         if not 0 < num_masked < self.num_patches:
             fail("video_mask_ratio", f"a ratio masking 1..{self.num_patches - 1} of {self.num_patches} positions "
