@@ -36,7 +36,8 @@ from typing import Any, Mapping
 import torch
 
 from expmae.files import atomic_path, write_json
-from expmae.model import ExpMAEConfig, ExpMAEEncoder, get_config
+from expmae.model import ExpMAEConfig, ExpMAEEncoder, get_config, upgrade_state_dict
+from expmae.model_config import upgrade_config_dict
 
 WEIGHTS_NAME = "weights.safetensors"
 MODEL_CONFIG_NAME = "model_config.json"
@@ -150,8 +151,17 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict, dict]:
     from safetensors.torch import load_file
 
     path = resolve_checkpoint(path)
-    config = json.loads((path / MODEL_CONFIG_NAME).read_text(encoding="utf-8"))
-    return config, load_file(str(path / WEIGHTS_NAME))
+    return read_model_config(path), upgrade_state_dict(load_file(str(path / WEIGHTS_NAME)))
+
+
+def read_model_config(ckpt: Path) -> dict:
+    """A checkpoint's saved ExpMAEConfig fields, an earlier expmae's field names under today's."""
+    path = ckpt / MODEL_CONFIG_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON ({exc})") from None
+    return upgrade_config_dict(data) if isinstance(data, dict) else data
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -166,9 +176,11 @@ def describe_config(cfg: ExpMAEConfig) -> str:
 
 
 def config_from_dict(data: Mapping[str, Any], where: str) -> ExpMAEConfig:
-    """ExpMAEConfig from saved JSON (fields this version does not know are ignored with a warning)."""
+    """ExpMAEConfig from saved JSON (fields an earlier version named otherwise are renamed; fields this version does
+    not know are ignored with a warning)."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a JSON object of ExpMAEConfig fields, got {type(data).__name__}")
+    data = upgrade_config_dict(dict(data))
     known = {f.name for f in fields(ExpMAEConfig)}
     unknown = sorted(set(data) - known)
     if unknown:  # written by another expmae version; the weights' shapes are still checked strictly on load
@@ -274,14 +286,11 @@ def _run_config(ckpt: Path) -> dict:
 def _checkpoint_config(ckpt: Path, run_cfg: dict) -> ExpMAEConfig:
     path = ckpt / MODEL_CONFIG_NAME
     if path.is_file():
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: invalid JSON ({exc})") from None
-        return config_from_dict(data, str(path))
+        return config_from_dict(read_model_config(ckpt), str(path))
     model = run_cfg.get("model") if isinstance(run_cfg.get("model"), dict) else None
     if model and model.get("name"):  # an older checkpoint: rebuild from the run's training config
-        return get_config(model["name"], **{k: v for k, v in model.items() if k != "name" and v is not None})
+        fields = upgrade_config_dict({k: v for k, v in model.items() if k != "name" and v is not None})
+        return get_config(model["name"], **fields)
     raise FileNotFoundError(f"{ckpt}: no {MODEL_CONFIG_NAME} and no run config.yaml beside it: the model config "
                             "is needed to rebuild the encoder")
 
@@ -367,7 +376,7 @@ def read_model_checkpoint(path: str | os.PathLike, weights: str = "auto") -> tup
     run_cfg = _run_config(ckpt)
     cfg = _checkpoint_config(ckpt, run_cfg)
     state, source = _checkpoint_weights(ckpt, weights)
-    state = {strip_wrappers(k): v for k, v in state.items()}
+    state = upgrade_state_dict({strip_wrappers(k): v for k, v in state.items()})
     dtypes = sorted({str(v.dtype).replace("torch.", "") for v in state.values() if v.is_floating_point()})
     info: dict[str, Any] = {"checkpoint": str(ckpt.resolve()), "weights": source, "dtype": ",".join(dtypes)}
     train_state = ckpt / "train_state.json"

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE, MODEL_SIZES, ExpMAEConfig, get_config
-from expmae.settings import ConfigError, allowed, check, coerce, setting, type_name, unknown_key
+from expmae.model_config import RENAMED as MODEL_RENAMED
+from expmae.settings import ConfigError, allowed, check, coerce, rename, rename_keys, setting, type_name, unknown_key
 
 
 
@@ -153,6 +154,7 @@ class PretrainConfig:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(PretrainConfig)
+RENAMED: dict[str, dict[str, str]] = {"model": MODEL_RENAMED}  # section -> {old key: new key} (settings.rename)
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -160,9 +162,11 @@ SECTIONS: dict[str, type] = typing.get_type_hints(PretrainConfig)
 
 def _set_field(section_obj: Any, section: str, name: str, raw: Any, where: str) -> None:
     fields = {f.name: f for f in dataclasses.fields(section_obj)}
+    renamed = RENAMED.get(section, {})
+    if name not in fields and name not in renamed:
+        raise unknown_key(f"{section}.{name}", name, list(fields), where, renamed=renamed)
+    name = rename(name, renamed, where, prefix=f"{section}.")
     key = f"{section}.{name}"
-    if name not in fields:
-        raise unknown_key(key, name, list(fields), where)
     tp = typing.get_type_hints(type(section_obj))[name]
     try:
         value = coerce(raw, tp)
@@ -188,8 +192,9 @@ def apply_dict(cfg: PretrainConfig, data: Any, where: str = "") -> PretrainConfi
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"{where}section '{section}' must be a mapping of keys, got {values!r}")
+        values = rename_keys({str(k): v for k, v in values.items()}, RENAMED.get(section, {}), where, f"{section}.")
         for name, raw in values.items():
-            _set_field(getattr(cfg, section), section, str(name), raw, where)
+            _set_field(getattr(cfg, section), section, name, raw, where)
     return cfg
 
 

@@ -38,8 +38,8 @@ def branch_forward_flops(cfg: ExpMAEConfig, branch: str) -> float:
     """Forward FLOPs per clip of one branch: 'mae' (one frame, random masking) or 'video' (tube masking)."""
     p, C, N = cfg.patch_size, cfg.in_chans, cfg.num_patches
     if branch == "mae":
-        visible, total, pixels = mae_num_kept(N, cfg.mask_ratio), N, p * p * C
-        dec_dim, dec_depth = cfg.decoder_embed_dim, cfg.decoder_depth
+        visible, total, pixels = mae_num_kept(N, cfg.mae_mask_ratio), N, p * p * C
+        dec_dim, dec_depth = cfg.mae_decoder_embed_dim, cfg.mae_decoder_depth
     elif branch == "video":
         visible = cfg.num_time * (N - tube_num_masked(N, cfg.video_mask_ratio))
         total, pixels = cfg.num_time * N, cfg.tubelet_size * p * p * C
@@ -63,7 +63,7 @@ def train_flops_per_clip(cfg: ExpMAEConfig, mode: str | None = None) -> float:
 def encoder_tokens_per_clip(cfg: ExpMAEConfig, mode: str | None = None) -> int:
     """Tokens the encoder sees per clip: the visible frame patches and / or the visible tubelets."""
     N = cfg.num_patches
-    counts = {"mae": mae_num_kept(N, cfg.mask_ratio),
+    counts = {"mae": mae_num_kept(N, cfg.mae_mask_ratio),
               "video": cfg.num_time * (N - tube_num_masked(N, cfg.video_mask_ratio))}
     return sum(counts[b] for b in BRANCHES[mode or cfg.mode])
 

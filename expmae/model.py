@@ -371,7 +371,7 @@ class VideoInputs(NamedTuple):
 
 
 class ExpMAE(nn.Module):
-    """Shared encoder + MAE frame decoder (`decoder`) + VideoMAE clip decoder (`video_decoder`), per cfg.mode."""
+    """Shared encoder + MAE frame decoder (`mae_decoder`) + VideoMAE clip decoder (`video_decoder`), per cfg.mode."""
 
     def __init__(self, cfg: ExpMAEConfig):
         super().__init__()
@@ -379,12 +379,12 @@ class ExpMAE(nn.Module):
         p, t, C = cfg.patch_size, cfg.tubelet_size, cfg.in_chans
         self.encoder = ExpMAEEncoder(cfg)
         # A disabled branch has no decoder at all: no dead parameters for DDP / DeepSpeed to trip over.
-        self.decoder = self.video_decoder = None
+        self.mae_decoder = self.video_decoder = None
         if cfg.mode in ("expmae", "mae"):
-            self.decoder = MaskedDecoder(cfg.embed_dim, cfg.decoder_embed_dim, cfg.decoder_depth,
-                                         cfg.decoder_num_heads, cfg.mlp_ratio, p * p * C,
-                                         position_codes(cfg, cfg.decoder_embed_dim, clips=False),
-                                         embed_bias=True, learn_pos_embed=cfg.learn_pos_embed)
+            self.mae_decoder = MaskedDecoder(cfg.embed_dim, cfg.mae_decoder_embed_dim, cfg.mae_decoder_depth,
+                                             cfg.mae_decoder_num_heads, cfg.mlp_ratio, p * p * C,
+                                             position_codes(cfg, cfg.mae_decoder_embed_dim, clips=False),
+                                             embed_bias=True, learn_pos_embed=cfg.learn_pos_embed)
         if cfg.mode in ("expmae", "videomae"):
             # VideoMAE's encoder_to_decoder projection has no bias
             self.video_decoder = MaskedDecoder(cfg.embed_dim, cfg.video_decoder_embed_dim, cfg.video_decoder_depth,
@@ -393,6 +393,8 @@ class ExpMAE(nn.Module):
                                                learn_pos_embed=cfg.learn_pos_embed)
         self._init_weights()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
+        # every load_state_dict (accelerate's load_state when resuming, DeepSpeed's engine) reads earlier key names
+        self.register_load_state_dict_pre_hook(_upgrade_state_dict_hook)
 
     def _init_weights(self) -> None:
         # MAE's initialisation: xavier-uniform linears (and the stem, seen as a linear), N(0, .02) mask tokens.
@@ -406,7 +408,7 @@ class ExpMAE(nn.Module):
                 nn.init.zeros_(m.bias)
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for decoder in (self.decoder, self.video_decoder):
+        for decoder in (self.mae_decoder, self.video_decoder):
             if decoder is not None:
                 nn.init.normal_(decoder.mask_token, std=0.02)
         if self.encoder.cls_token is not None:
@@ -431,7 +433,7 @@ class ExpMAE(nn.Module):
         """
         _check_clips(clips, self.cfg)
         # 1. mask and embed: each branch's visible tokens
-        mae = self.mae_tokens(clips, frame_idx, mask_mae, generator) if self.decoder is not None else None
+        mae = self.mae_tokens(clips, frame_idx, mask_mae, generator) if self.mae_decoder is not None else None
         video = self.video_tokens(clips, mask_video, generator) if self.video_decoder is not None else None
         # 2. encode: the shared encoder, both branches in one packed pass (cfg.pack_branches)
         latent_mae, latent_video = self.encode(mae.tokens if mae else None, video.tokens if video else None)
@@ -486,14 +488,14 @@ class ExpMAE(nn.Module):
             frame_idx = frame_idx.expand(B)
         frames = clips.transpose(1, 2)[torch.arange(B, device=clips.device), frame_idx]  # (B, C, H, W)
         if mask is None:
-            masking = random_masking(B, N, self.cfg.mask_ratio, clips.device, generator)
+            masking = random_masking(B, N, self.cfg.mae_mask_ratio, clips.device, generator)
         else:
             masking = masking_from_mask(mask.to(clips.device), B, N, "mask_mae")
         return MaeInputs(frames, frame_idx, masking, self.encoder.embed_visible_frames(frames, masking.ids_keep))
 
     def mae_loss(self, mae: "MaeInputs", latent: torch.Tensor) -> dict[str, torch.Tensor]:
         """MAE branch, step 3: decode the latents into the masked patches and score them."""
-        pred = self.decoder(latent, mae.masking.ids_keep, mae.masking.ids_masked)
+        pred = self.mae_decoder(latent, mae.masking.ids_keep, mae.masking.ids_masked)
         loss = F.mse_loss(pred.float(), self.mae_target(mae.frames, mae.masking.ids_masked))
         return {"loss_mae": loss, "pred_mae": pred, "mask_mae": mae.masking.mask, "frame_idx": mae.frame_idx}
 
@@ -561,9 +563,26 @@ class ExpMAE(nn.Module):
                 if name.endswith(("mask_token", "cls_token", "pos_embed", "time_embed"))}
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for module in (self.encoder, self.decoder, self.video_decoder):
+        for module in (self.encoder, self.mae_decoder, self.video_decoder):
             if module is not None:
                 module.grad_checkpointing = enable
+
+
+# State-dict key prefixes an earlier expMAE wrote -> today's: the MAE frame decoder was `decoder`.
+RENAMED_KEYS: dict[str, str] = {"decoder.": "mae_decoder."}
+
+
+def upgrade_state_dict(state: dict, prefix: str = "") -> dict:
+    """Rename, in place, the keys of an ExpMAE state dict written by an earlier expMAE (RENAMED_KEYS) that follow
+    ``prefix`` (a wrapper's, e.g. "module."); returns ``state``. Keys already in today's names are left alone."""
+    for old, new in RENAMED_KEYS.items():
+        for key in [k for k in state if k.startswith(prefix + old)]:
+            state[prefix + new + key[len(prefix + old):]] = state.pop(key)
+    return state
+
+
+def _upgrade_state_dict_hook(module, state_dict, prefix, *args) -> None:
+    upgrade_state_dict(state_dict, prefix)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

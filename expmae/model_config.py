@@ -6,7 +6,7 @@ Constructed from Python, a field takes its own type only (ints for floats, lists
 """
 from dataclasses import asdict, dataclass, fields
 
-from expmae.settings import check, setting, strict_type
+from expmae.settings import check, rename, rename_keys, setting, strict_type
 
 MODES = ("expmae", "mae", "videomae")
 POSITION_CODES = ("separable", "videomae")
@@ -32,16 +32,16 @@ class ExpMAEConfig:
     qkv_bias: bool = setting(True, "bias in the qkv projection")
     drop_path_rate: float = setting(0.0, "stochastic depth rate", min=0, lt=1)
     # MAE frame decoder
-    decoder_embed_dim: int = setting(512, "MAE (frame) decoder width", min=1)
-    decoder_depth: int = setting(8, "MAE (frame) decoder blocks", min=1)
-    decoder_num_heads: int = setting(16, "MAE (frame) decoder heads", min=1)
+    mae_decoder_embed_dim: int = setting(512, "MAE (frame) decoder width", min=1)
+    mae_decoder_depth: int = setting(8, "MAE (frame) decoder blocks", min=1)
+    mae_decoder_num_heads: int = setting(16, "MAE (frame) decoder heads", min=1)
     # VideoMAE clip decoder
     video_decoder_embed_dim: int = setting(384, "VideoMAE decoder width", min=1)
     video_decoder_depth: int = setting(4, "VideoMAE decoder blocks", min=1)
     video_decoder_num_heads: int = setting(6, "VideoMAE decoder heads", min=1)
     # objective
     mode: str = setting("expmae", "which branches train the encoder", choices=MODES)
-    mask_ratio: float = setting(0.75, "MAE random patch masking ratio", gt=0, lt=1)
+    mae_mask_ratio: float = setting(0.75, "MAE random patch masking ratio", gt=0, lt=1)
     video_mask_ratio: float = setting(0.9, "VideoMAE tube masking ratio", gt=0, lt=1)
     norm_pix_loss: bool = setting(True, "per-patch normalised reconstruction targets")
     mae_loss_weight: float = setting(1.0, "weight of the MAE loss in the total", min=0)
@@ -78,14 +78,14 @@ class ExpMAEConfig:
             fail("img_size", f"a multiple of patch_size={self.patch_size}")
         if self.num_frames % self.tubelet_size:
             fail("num_frames", f"a multiple of tubelet_size={self.tubelet_size}")
-        for dim, heads in (("embed_dim", "num_heads"), ("decoder_embed_dim", "decoder_num_heads"),
+        for dim, heads in (("embed_dim", "num_heads"), ("mae_decoder_embed_dim", "mae_decoder_num_heads"),
                            ("video_decoder_embed_dim", "video_decoder_num_heads")):
             if getattr(self, dim) < 4 or getattr(self, dim) % 4 or getattr(self, dim) % getattr(self, heads):
                 fail(dim, f"a positive multiple of 4 (sin-cos position code) and of {heads}={getattr(self, heads)}")
-        num_kept = mae_num_kept(self.num_patches, self.mask_ratio)
+        num_kept = mae_num_kept(self.num_patches, self.mae_mask_ratio)
         if not 0 < num_kept < self.num_patches:
-            fail("mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches visible "
-                               f"(int(N * (1 - ratio)) = {num_kept})")
+            fail("mae_mask_ratio", f"a ratio leaving 1..{self.num_patches - 1} of {self.num_patches} patches "
+                                   f"visible (int(N * (1 - ratio)) = {num_kept})")
         num_masked = tube_num_masked(self.num_patches, self.video_mask_ratio)
         if not 0 < num_masked < self.num_patches:
             fail("video_mask_ratio", f"a ratio masking 1..{self.num_patches - 1} of {self.num_patches} positions "
@@ -111,6 +111,11 @@ class ExpMAEConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def __getattr__(self, name: str):  # only for names that are not fields: a script's read of an old spelling
+        if name in RENAMED:
+            return getattr(self, rename(name, RENAMED, "ExpMAEConfig."))
+        raise AttributeError(f"'ExpMAEConfig' object has no attribute {name!r}")
+
 
 def mae_num_kept(length: int, ratio: float) -> int:
     return int(length * (1 - ratio))  # MAE's random_masking count
@@ -120,20 +125,32 @@ def tube_num_masked(length: int, ratio: float) -> int:
     return int(ratio * length)  # VideoMAE's TubeMaskingGenerator count
 
 
+# Old spelling -> field: the MAE frame branch's settings once had no prefix. Settings written by hand under an old
+# name work with a FutureWarning (expmae.settings.rename); files an earlier expmae wrote are read silently.
+RENAMED: dict[str, str] = {"decoder_embed_dim": "mae_decoder_embed_dim", "decoder_depth": "mae_decoder_depth",
+                           "decoder_num_heads": "mae_decoder_num_heads", "mask_ratio": "mae_mask_ratio"}
+
+
+def upgrade_config_dict(data: dict) -> dict:
+    """ExpMAEConfig fields saved by an earlier expmae (a checkpoint's model_config.json, an encoder folder's config)
+    under today's names, silently."""
+    return rename_keys(data, RENAMED, where=None)
+
+
 # name -> encoder size (timm ViT names) + decoders. VideoMAE's decoders: small 192/4/3, base 384/4/6, large 512/4/8;
 # MAE's frame decoder: 512 wide, 8 deep, 16 heads for base/large; tiny/small get a scaled-down 256/4/8 (MAE has none).
 MODEL_SIZES: dict[str, dict] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3,
-                 decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+                 mae_decoder_embed_dim=256, mae_decoder_depth=4, mae_decoder_num_heads=8,
                  video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
     "small": dict(embed_dim=384, depth=12, num_heads=6,
-                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8,
+                  mae_decoder_embed_dim=256, mae_decoder_depth=4, mae_decoder_num_heads=8,
                   video_decoder_embed_dim=192, video_decoder_depth=4, video_decoder_num_heads=3),
     "base": dict(embed_dim=768, depth=12, num_heads=12,
-                 decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mae_decoder_embed_dim=512, mae_decoder_depth=8, mae_decoder_num_heads=16,
                  video_decoder_embed_dim=384, video_decoder_depth=4, video_decoder_num_heads=6),
     "large": dict(embed_dim=1024, depth=24, num_heads=16,
-                  decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                  mae_decoder_embed_dim=512, mae_decoder_depth=8, mae_decoder_num_heads=16,
                   video_decoder_embed_dim=512, video_decoder_depth=4, video_decoder_num_heads=8),
 }
 
@@ -143,9 +160,11 @@ def list_models() -> list[str]:
 
 
 def get_config(name: str, **overrides) -> ExpMAEConfig:
-    """The registry entry `name` with ExpMAEConfig field overrides applied (validated)."""
+    """The registry entry `name` with ExpMAEConfig field overrides applied (validated); a field's old name (RENAMED)
+    works with a FutureWarning."""
     if name not in MODEL_SIZES:
         raise ValueError(f"unknown expMAE model {name!r}: expected one of {list_models()}")
+    overrides = rename_keys(overrides, RENAMED, "ExpMAEConfig.")
     known = {f.name for f in fields(ExpMAEConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

@@ -1,7 +1,8 @@
 """Settings declared once: a dataclass field with its type, default, checks and help (:func:`setting`); YAML / CLI
 values coerced to the field's type (:func:`coerce`); range and choice checks (:func:`check`); one-line errors with a
-"did you mean" (:func:`unknown_key`); argparse flags and --help generated from the fields (:func:`add_arguments`).
-Standard library only, so a bad setting fails before torch is imported.
+"did you mean" (:func:`unknown_key`); old spellings of renamed settings (:func:`rename`, :func:`rename_keys`); argparse
+flags and --help generated from the fields (:func:`add_arguments`). Standard library only, so a bad setting fails
+before torch is imported.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import dataclasses
 import difflib
 import types
 import typing
+import warnings
 from dataclasses import field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 
 class ConfigError(ValueError):
@@ -31,11 +33,42 @@ def allowed(names: Sequence[str]) -> str:
     return ", ".join(names)
 
 
-def unknown_key(key: str, name: str, known: Sequence[str], where: str, what: str = "key") -> ConfigError:
-    """``{where}unknown {what} '{key}' (did you mean '...'?); allowed: ...``: ``name`` is matched against ``known``."""
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+def unknown_key(key: str, name: str, known: Sequence[str], where: str, what: str = "key",
+                renamed: Mapping[str, str] | None = None) -> ConfigError:
+    """``{where}unknown {what} '{key}' (did you mean '...'?); allowed: ...``: ``name`` is matched against ``known``
+    and the old spellings in ``renamed`` (a match there suggests the new name)."""
+    renamed = renamed or {}
+    close = difflib.get_close_matches(name, [*known, *renamed], n=1)
+    hint = f" (did you mean '{renamed.get(close[0], close[0])}'?)" if close else ""
     return ConfigError(f"{where}unknown {what} '{key}'{hint}; allowed: {allowed(known)}")
+
+
+def rename(key: str, renamed: Mapping[str, str], where: str | None = "", prefix: str = "") -> str:
+    """The current name of setting ``key`` (``renamed`` maps old spellings to new ones). An old spelling works with a
+    one-line FutureWarning naming ``{where}{prefix}{key}`` and its new name; ``where=None`` renames silently, for
+    files an earlier expmae wrote (checkpoints, exported folders), which nobody can be asked to re-spell."""
+    new = renamed.get(key)
+    if new is None:
+        return key
+    if where is not None:
+        warnings.warn(f"{where}{prefix}{key} is renamed {prefix}{new}; the old name still works but is deprecated",
+                      FutureWarning, stacklevel=3)
+    return new
+
+
+def rename_keys(data: Mapping[str, Any], renamed: Mapping[str, str], where: str | None = "",
+                prefix: str = "") -> dict[str, Any]:
+    """``data`` with every old spelling of ``renamed`` under its new name (see :func:`rename`); an old and a new
+    spelling of one setting with different values is a ConfigError."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        new = rename(key, renamed, where, prefix)
+        if new in out and out[new] != value:
+            old = key if new != key else next(k for k, n in renamed.items() if n == new and k in data)
+            raise ConfigError(f"{where or ''}{prefix}{old} (the old name of {prefix}{new}) and {prefix}{new} are both "
+                              f"set, to different values; keep {prefix}{new}")
+        out[new] = value
+    return out
 
 
 def type_name(tp: Any) -> str:

@@ -19,11 +19,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # The tests' tiny models (create_model("tiny", **TINY)); each file picks the geometry its checks need.
 # 32 px, patch 8 (16 patches), 4 frames, tubelet 2, width 48, 2 blocks, one-block decoders: pretraining and export.
-TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
-            decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=32, video_decoder_depth=1,
+TINY = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=2, num_heads=3, mae_decoder_embed_dim=32,
+            mae_decoder_depth=1, mae_decoder_num_heads=2, video_decoder_embed_dim=32, video_decoder_depth=1,
             video_decoder_num_heads=2)
 # as TINY, 64 wide with 4 heads and a two-block clip decoder: the model's own tests (32 tubelets)
-TINY_MODEL = dict(TINY, embed_dim=64, num_heads=4, decoder_num_heads=4, video_decoder_depth=2, video_decoder_num_heads=4)
+TINY_MODEL = dict(TINY, embed_dim=64, num_heads=4, mae_decoder_num_heads=4, video_decoder_depth=2,
+                  video_decoder_num_heads=4)
 # 64 px, patch 16 (4 x 4 patches), one block: reconstruction pictures large enough to see
 TINY_PICTURES = dict(TINY, img_size=64, patch_size=16, depth=1, embed_dim=64, num_heads=2)
 SHARED_DATA = Path(os.environ.get("EXPMAE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -33,7 +33,7 @@ def free_port() -> int:
 def write_tiny_config(path: Path, videos: Path, output_dir: Path, **sections) -> Path:
     cfg = {
         "model": {"name": "tiny", "img_size": 32, "num_frames": 4, "patch_size": 8, "embed_dim": 48, "depth": 2,
-                  "num_heads": 3, "decoder_embed_dim": 32, "decoder_depth": 1, "decoder_num_heads": 2,
+                  "num_heads": 3, "mae_decoder_embed_dim": 32, "mae_decoder_depth": 1, "mae_decoder_num_heads": 2,
                   "video_decoder_embed_dim": 32, "video_decoder_depth": 1, "video_decoder_num_heads": 2},
         "data": {"source": str(videos), "sample_stride": 2, "num_workers": 1},
         "train": {"output_dir": str(output_dir), "batch_size": 2, "max_steps": 2 * N, "warmup_steps": 2,

@@ -48,7 +48,7 @@ def test_overrides_are_parsed_by_the_field_type():
         "data.source=/data/a=b.d",  # only the first '=' splits
         "train.lr=1e-3",            # YAML 1.1 would read this as a string
         "train.max_steps=none", "train.warmup_steps=10", "train.betas=[0.8, 0.99]",
-        "model.norm_pix_loss=false", "model.mean=[0.5, 0.5, 0.5]", "model.mask_ratio=0.6",
+        "model.norm_pix_loss=false", "model.mean=[0.5, 0.5, 0.5]", "model.mae_mask_ratio=0.6",
         "debug.nonfinite_steps=[3, 4]",
     ])
     assert cfg.data.source == "/data/a=b.d"
@@ -57,7 +57,7 @@ def test_overrides_are_parsed_by_the_field_type():
     assert cfg.train.betas == (0.8, 0.99)
     assert cfg.model.norm_pix_loss is False and cfg.model.mean == (0.5, 0.5, 0.5)
     assert cfg.debug.nonfinite_steps == [3, 4]
-    assert cfg.model.overrides() == {"norm_pix_loss": False, "mean": (0.5, 0.5, 0.5), "mask_ratio": 0.6}
+    assert cfg.model.overrides() == {"norm_pix_loss": False, "mean": (0.5, 0.5, 0.5), "mae_mask_ratio": 0.6}
 
 
 @pytest.mark.parametrize("override, expected", [
@@ -66,7 +66,7 @@ def test_overrides_are_parsed_by_the_field_type():
     ("model.mode=mea", "model.mode='mea' is not allowed; allowed values: expmae, mae, videomae"),
     ("train.batch_size=0", "train.batch_size=0 is out of range; expected a value >= 1"),
     ("train.batch_size=2.5", "train.batch_size='2.5' is not an integer"),
-    ("model.mask_ratio=1.0", "model.mask_ratio=1.0 is out of range; expected a value > 0 and < 1"),
+    ("model.mae_mask_ratio=1.0", "model.mae_mask_ratio=1.0 is out of range; expected a value > 0 and < 1"),
     ("train.betas=[0.9]", "train.betas='[0.9]' is not a list of 2 numbers"),
     ("train.betas=[0.9, 1.5]", "train.betas=1.5 is out of range; expected a value >= 0 and < 1"),
     ("train.clip_grad=abc", "train.clip_grad='abc' is not a number"),
@@ -147,3 +147,53 @@ def test_validation_path_imports_neither_torch_nor_deepspeed(tmp_path):
             "print(sorted(m for m in ('torch', 'deepspeed', 'accelerate', 'timm') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(bad)], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == [f"{bad}: train.batch_size=0 is out of range; expected a value >= 1", "[]"]
+
+
+OLD_MODEL_KEYS = {"decoder_embed_dim": 64, "decoder_depth": 2, "decoder_num_heads": 4, "mask_ratio": 0.8}
+
+
+def test_old_spellings_of_the_mae_branch_load_the_same_config_with_a_pointer(tmp_path):
+    """The MAE branch's settings were unprefixed; scripts and YAML files that still say so keep working, each old key
+    with a one-line FutureWarning naming its new name."""
+    new = load_config(None, ["data.source=clips", *(f"model.mae_{k}={v}" for k, v in OLD_MODEL_KEYS.items())])
+    assert new.model.overrides() == {f"mae_{k}": v for k, v in OLD_MODEL_KEYS.items()}
+    with pytest.warns(FutureWarning) as caught:
+        old = load_config(None, ["data.source=clips", *(f"model.{k}={v}" for k, v in OLD_MODEL_KEYS.items())])
+    assert old == new
+    messages = [str(w.message) for w in caught]
+    assert "override: model.mask_ratio is renamed model.mae_mask_ratio; the old name still works but is deprecated" \
+        in messages and len(messages) == len(OLD_MODEL_KEYS) and all("\n" not in m for m in messages)
+
+    path = tmp_path / "old.yaml"
+    path.write_text("model:\n" + "".join(f"  {k}: {v}\n" for k, v in OLD_MODEL_KEYS.items()))
+    with pytest.warns(FutureWarning) as caught:
+        assert load_config(path, ["data.source=clips"]) == new
+    assert f"{path}: model.decoder_depth is renamed model.mae_decoder_depth; the old name still works but is " \
+        "deprecated" in [str(w.message) for w in caught]
+    path.write_text("model:\n  mask_ratio: 0.8\n  mae_mask_ratio: 0.6\n")  # which one? neither, say so
+    with pytest.warns(FutureWarning):
+        assert "model.mask_ratio (the old name of model.mae_mask_ratio) and model.mae_mask_ratio are both set" in \
+            error_of([], path)
+
+
+def test_old_spellings_reach_the_model_registry_too():
+    from expmae.model import get_config
+
+    with pytest.warns(FutureWarning) as caught:
+        old = get_config("tiny", decoder_depth=2, mask_ratio=0.8)
+    assert [str(w.message).split(";")[0] for w in caught] == ["ExpMAEConfig.decoder_depth is renamed mae_decoder_depth",
+                                                             "ExpMAEConfig.mask_ratio is renamed mae_mask_ratio"]
+    assert old == get_config("tiny", mae_decoder_depth=2, mae_mask_ratio=0.8) and old.mae_decoder_depth == 2
+    with pytest.warns(FutureWarning, match="ExpMAEConfig.mask_ratio is renamed mae_mask_ratio"):
+        assert old.mask_ratio == 0.8  # a script reading the old attribute
+    with pytest.raises(AttributeError, match="has no attribute 'mask_ratios'"):
+        old.mask_ratios
+
+
+@pytest.mark.parametrize("override, suggested", [
+    ("model.decoder_dept=2", "mae_decoder_depth"),  # a typo of the old name points to the new one
+    ("model.mae_decoder_dept=2", "mae_decoder_depth"),
+    ("model.mask_rato=0.8", "mae_mask_ratio"),
+])
+def test_unknown_model_key_suggests_the_new_name(override, suggested):
+    assert f"unknown key '{override.split('=')[0]}' (did you mean '{suggested}'?)" in error_of([override])

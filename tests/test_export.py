@@ -373,13 +373,13 @@ def test_official_mae_checkpoint_initialises_the_encoder(tmp_path):
     model = create_model("tiny", **TINY, class_token=True)
     report = load_pretrained_weights(model, path)
     assert report.layout == "mae" and report.missing == [] and report.unexpected == []
-    assert report.position_code == "separable" and report.decoders == {"decoder": "loaded"} and report.class_token
+    assert report.position_code == "separable" and report.decoders == {"mae_decoder": "loaded"} and report.class_token
     assert set(report.dropped) == {"pos_embed", "decoder_pos_embed"}  # MAE's sin-cos codes are ours
     assert torch.equal(model.encoder.cls_token.detach(), state["cls_token"])  # its slot's code is zero
     # the MAE decoder is the frame decoder (its class token's slot aside)
-    assert torch.equal(model.decoder.embed.weight.detach(), state["decoder_embed.weight"])
-    assert torch.equal(model.decoder.blocks[0].attn.qkv.weight.detach(), state["decoder_blocks.0.attn.qkv.weight"])
-    assert torch.equal(model.decoder.head.weight.detach(), state["decoder_pred.weight"])
+    assert torch.equal(model.mae_decoder.embed.weight.detach(), state["decoder_embed.weight"])
+    assert torch.equal(model.mae_decoder.blocks[0].attn.qkv.weight.detach(), state["decoder_blocks.0.attn.qkv.weight"])
+    assert torch.equal(model.mae_decoder.head.weight.detach(), state["decoder_pred.weight"])
 
     # Oracle: timm's ViT with its class token (MAE's encoder), on the same weights as they are.
     oracle = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=cfg.img_size,
@@ -463,8 +463,8 @@ def test_own_expmae_checkpoint_round_trips_through_import():
     target = create_model("tiny", **TINY, mode="mae")
     report = load_pretrained_weights(target, {"model": source.state_dict()})
     assert report.layout == "expmae" and report.missing == [] and report.unexpected == []
-    assert {k.split(".")[0] for k in report.dropped} == {"video_decoder"} and report.decoders == {"decoder": "loaded"}
-    assert torch.equal(target.decoder.head.weight, source.decoder.head.weight)
+    assert {k.split(".")[0] for k in report.dropped} == {"video_decoder"} and report.decoders == {"mae_decoder": "loaded"}
+    assert torch.equal(target.mae_decoder.head.weight, source.mae_decoder.head.weight)
     for k, v in source.encoder.state_dict().items():
         assert torch.equal(target.encoder.state_dict()[k], v), k
 
@@ -552,10 +552,10 @@ def test_init_from_an_expmae_checkpoint_loads_the_whole_model_and_fills_missing_
     videomae = randomize_(create_model("tiny", **TINY, mode="videomae"), seed=2)
     fake_checkpoint(tmp_path / "videomae", videomae)
     model = create_model("tiny", **TINY)
-    fresh = {k: v.clone() for k, v in model.decoder.state_dict().items()}
-    assert init_from(model, tmp_path / "videomae").endswith("; decoder freshly initialised (not in the checkpoint)")
+    fresh = {k: v.clone() for k, v in model.mae_decoder.state_dict().items()}
+    assert init_from(model, tmp_path / "videomae").endswith("; mae_decoder freshly initialised (not in the checkpoint)")
     assert all(torch.equal(model.state_dict()[k], v) for k, v in videomae.state_dict().items())
-    assert all(torch.equal(model.decoder.state_dict()[k], v) for k, v in fresh.items())
+    assert all(torch.equal(model.mae_decoder.state_dict()[k], v) for k, v in fresh.items())
 
 
 def test_init_from_public_weights_loads_the_encoder_only(tmp_path):
@@ -570,7 +570,7 @@ def test_init_from_public_weights_loads_the_encoder_only(tmp_path):
     decoders = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("encoder.")}
     note = init_from(model, path)
     assert note.startswith(f"encoder from {path} (mae layout") and note.endswith(
-        "; decoder from it too; video_decoder freshly initialised")
+        "; mae_decoder from it too; video_decoder freshly initialised")
     assert all(torch.equal(v, reference.state_dict()[k]) for k, v in model.state_dict().items()
                if not k.startswith("video_decoder."))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in decoders.items() if k.startswith("video_decoder."))

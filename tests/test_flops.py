@@ -22,7 +22,7 @@ def test_forward_flops_match_torch_flop_counter(mode, class_token):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    overrides = dict(img_size=32, num_frames=4, patch_size=8, depth=2, decoder_depth=2, video_decoder_depth=1)
+    overrides = dict(img_size=32, num_frames=4, patch_size=8, depth=2, mae_decoder_depth=2, video_decoder_depth=1)
     model = create_model("tiny", mode=mode, class_token=class_token, **overrides)
     cfg = model.cfg
     clips = torch.randn(3, 3, cfg.num_frames, cfg.img_size, cfg.img_size)

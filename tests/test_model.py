@@ -41,7 +41,7 @@ def clips_like(model: ExpMAE, batch: int = 2, seed: int = 0) -> torch.Tensor:
     (dict(num_frames=5), "num_frames"),
     (dict(mode="simclr"), "mode"),
     (dict(embed_dim=66, num_heads=3), "embed_dim"),
-    (dict(mask_ratio=1.0), "mask_ratio"),
+    (dict(mae_mask_ratio=1.0), "mae_mask_ratio"),
     (dict(video_mask_ratio=0.05), "video_mask_ratio"),  # int(0.05 * 16) = 0 masked positions
     (dict(depth="2"), "depth"),
     (dict(norm_pix_loss=1), "norm_pix_loss"),
@@ -62,7 +62,7 @@ def test_create_model_rejects_unknown_name_and_field():
 
 
 def test_config_coerces_yaml_values():
-    cfg = ExpMAEConfig(**{**TINY, "mask_ratio": 1 - 0.25, "mae_loss_weight": 2, "mean": [0.5, 0.5, 0.5]})
+    cfg = ExpMAEConfig(**{**TINY, "mae_mask_ratio": 1 - 0.25, "mae_loss_weight": 2, "mean": [0.5, 0.5, 0.5]})
     assert cfg.mae_loss_weight == 2.0 and isinstance(cfg.mae_loss_weight, float) and cfg.mean == (0.5,) * 3
 
 
@@ -118,7 +118,7 @@ def test_videomae_position_code_in_encoder_and_decoders():
     assert enc.time_embed is None and model.video_decoder.time_embed is None
     assert torch.equal(enc.clip_pos_embed(2), get_sinusoid_encoding_table(32, 64))
     assert torch.equal(model.video_decoder.pos_embed, get_sinusoid_encoding_table(32, 32))
-    assert torch.equal(model.decoder.pos_embed[0], get_2d_sincos_pos_embed(32, 4))
+    assert torch.equal(model.mae_decoder.pos_embed[0], get_2d_sincos_pos_embed(32, 4))
     randomize_(model).eval()
     image = torch.randn(2, 3, 32, 32)
     one_tubelet = image[:, :, None].expand(-1, -1, 2, -1, -1)  # the frame as a static 2-frame clip
@@ -174,7 +174,7 @@ def test_default_size_mask_counts():
     from expmae.model import random_masking
     cfg = get_config("base")
     assert (cfg.num_patches, cfg.num_time) == (196, 8)
-    m = random_masking(3, cfg.num_patches, cfg.mask_ratio)
+    m = random_masking(3, cfg.num_patches, cfg.mae_mask_ratio)
     assert m.ids_keep.shape == (3, 49) and (m.mask.sum(1) == 147).all()
     v = tube_masking(3, cfg.num_time, cfg.num_patches, cfg.video_mask_ratio)
     assert v.ids_keep.shape == (3, 160) and (v.mask.sum(1) == 8 * 176).all()
@@ -198,7 +198,7 @@ def test_loss_weights_and_single_branch_modes():
 
     video = tiny_model(mode="videomae")
     out = video(clips)
-    assert video.decoder is None and {"loss_mae", "pred_mae", "mask_mae", "frame_idx"}.isdisjoint(out)
+    assert video.mae_decoder is None and {"loss_mae", "pred_mae", "mask_mae", "frame_idx"}.isdisjoint(out)
     assert torch.equal(out["loss"], out["loss_video"])
 
 
@@ -464,7 +464,7 @@ def test_reconstruct_returns_images_and_inverts_the_targets(norm_pix_loss, monke
     frame_idx = torch.tensor([2, 1])
     frames = clips[torch.arange(2), :, frame_idx]
     mask_mae = tube_masking(2, 1, 16, 0.75, generator=torch.Generator().manual_seed(1)).mask
-    monkeypatch.setattr(model.decoder, "forward", lambda latent, ids_keep, ids_masked: model.mae_target(frames, ids_masked))
+    monkeypatch.setattr(model.mae_decoder, "forward", lambda latent, ids_keep, ids_masked: model.mae_target(frames, ids_masked))
     monkeypatch.setattr(model.video_decoder, "forward",
                         lambda latent, ids_keep, ids_masked: model.video_target(clips, ids_masked))
     images = reconstruct(model, clips, frame_idx=frame_idx, mask_mae=mask_mae)
@@ -486,17 +486,17 @@ def test_reconstruct_returns_images_and_inverts_the_targets(norm_pix_loss, monke
 
 def test_no_weight_decay_names_real_parameters():
     names = dict(tiny_model().named_parameters())
-    assert tiny_model().no_weight_decay() == {"decoder.mask_token", "video_decoder.mask_token"}
+    assert tiny_model().no_weight_decay() == {"mae_decoder.mask_token", "video_decoder.mask_token"}
     learned = tiny_model(learn_pos_embed=True)
     skip = learned.no_weight_decay()
     assert {"encoder.pos_embed", "encoder.time_embed", "video_decoder.time_embed"} <= skip
-    assert skip <= set(dict(learned.named_parameters())) and "decoder.mask_token" in names
+    assert skip <= set(dict(learned.named_parameters())) and "mae_decoder.mask_token" in names
 
 
 def test_state_dict_keys_follow_timm_naming():
     keys = set(tiny_model().state_dict())
     assert {"encoder.patch_embed.proj.weight", "encoder.blocks.1.attn.qkv.weight", "encoder.blocks.0.mlp.fc2.bias",
-            "encoder.norm.weight", "decoder.head.weight", "video_decoder.blocks.1.norm2.weight"} <= keys
+            "encoder.norm.weight", "mae_decoder.head.weight", "video_decoder.blocks.1.norm2.weight"} <= keys
     assert not any("pos_embed" in k or "time_embed" in k for k in keys)  # fixed codes are not checkpointed
 
 

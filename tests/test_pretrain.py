@@ -245,8 +245,8 @@ def test_adamw_groups_exclude_norms_biases_and_tokens_from_weight_decay():
     from expmae.optim import create_optimizer
 
     model = create_model("tiny", img_size=32, num_frames=4, patch_size=8, embed_dim=48, depth=1, num_heads=3,
-                         decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=32,
-                         video_decoder_depth=1, video_decoder_num_heads=2)
+                         mae_decoder_embed_dim=32, mae_decoder_depth=1, mae_decoder_num_heads=2,
+                         video_decoder_embed_dim=32, video_decoder_depth=1, video_decoder_num_heads=2)
     opt = create_optimizer(model, lr=1e-3, weight_decay=0.05, betas=(0.9, 0.95))
     names = {id(p): n for n, p in model.named_parameters()}
     decay = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.05 for p in g["params"]}

@@ -146,7 +146,7 @@ def test_position_code_mismatch_is_a_one_line_error_before_training(videomae_fol
                          position_code="videomae")
     note = init_from(model, videomae_folder)
     assert "transformers-videomae layout" in note and "video_decoder from it too" in note
-    assert note.endswith("; decoder freshly initialised")
+    assert note.endswith("; mae_decoder freshly initialised")
 
 
 # ---- official VideoMAE .pth, built from the transformers model by the known key map ------------------------------
@@ -250,9 +250,9 @@ def test_vitmae_loss_matches_vitmae_for_pretraining(vitmae_folder, norm_pix_loss
     frame decoder gives ViTMAEForPreTraining's loss and the logits of the masked patches; transformers untouched."""
     fields = {**read_source(vitmae_folder).config, "norm_pix_loss": norm_pix_loss}
     model = ExpMAE(ExpMAEConfig(**fields)).eval()
-    assert (model.cfg.mode, model.cfg.class_token, model.cfg.decoder_embed_dim) == ("mae", True, 32)
+    assert (model.cfg.mode, model.cfg.class_token, model.cfg.mae_decoder_embed_dim) == ("mae", True, 32)
     report = load_pretrained_weights(model, vitmae_folder)
-    assert report.decoders == {"decoder": "loaded"} and report.missing == [] and report.unexpected == []
+    assert report.decoders == {"mae_decoder": "loaded"} and report.missing == [] and report.unexpected == []
     hf = transformers.ViTMAEForPreTraining.from_pretrained(str(vitmae_folder), norm_pix_loss=norm_pix_loss).eval()
     x = clips(batch=3)
     noise, mask = vitmae_noise(3, seed=7)

@@ -33,7 +33,8 @@ TASKS = ("static", "dynamic")
 def model_overrides(size: int) -> list[str]:
     """The tiny encoder every mode trains (tiny_demo's geometry at ``size`` px); decoders as small as the demo's."""
     return ["model.name=tiny", "model.depth=6", f"model.img_size={size}", "model.num_frames=8", "model.patch_size=8",
-            "model.tubelet_size=2", "model.decoder_embed_dim=128", "model.decoder_depth=2", "model.decoder_num_heads=4",
+            "model.tubelet_size=2", "model.mae_decoder_embed_dim=128", "model.mae_decoder_depth=2",
+            "model.mae_decoder_num_heads=4",
             "model.video_decoder_embed_dim=128", "model.video_decoder_depth=2", "model.video_decoder_num_heads=4"]
 
 

@@ -68,7 +68,7 @@ def launcher_yaml(name: str, nproc: int, bf16: bool, work: Path) -> dict:
 def train_config(work: Path, data: Path, model: str, steps: int, batch: int) -> dict:
     return {
         "model": {"name": "tiny", "img_size": 64, "num_frames": 4, "patch_size": 16, **MODELS[model],
-                  "decoder_embed_dim": 256, "decoder_depth": 2, "decoder_num_heads": 8,
+                  "mae_decoder_embed_dim": 256, "mae_decoder_depth": 2, "mae_decoder_num_heads": 8,
                   "video_decoder_embed_dim": 256, "video_decoder_depth": 2, "video_decoder_num_heads": 8},
         "data": {"source": str(data), "sample_stride": 1, "num_workers": 1},
         "train": {"output_dir": str(work), "batch_size": batch, "max_steps": steps, "warmup_steps": 1, "lr": 1e-4},

@@ -4,7 +4,7 @@
     python tools/bench_pretrain.py                   # CPU: ViT-S, 16 x 112, batch 4, fp32, 1 thread (~1 min)
     python tools/bench_pretrain.py --quick           # seconds: a toy size, for smoke tests
     python tools/bench_pretrain.py --device cuda     # GPU: ViT-B, 16 x 224, batch 16, bf16 autocast, MFU
-    python tools/bench_pretrain.py --set decoder_depth=1 --out runs/bench.jsonl
+    python tools/bench_pretrain.py --set mae_decoder_depth=1 --out runs/bench.jsonl
 
 A step is what a training loop does: draw the masks, forward, backward, AdamW step (set_to_none zero_grad).
 Configurations: expmae (both branches, the config's defaults), expmae_unpacked (the same with pack_branches=False:
@@ -65,7 +65,7 @@ PRESETS = {
     "cuda": dict(model="base", img_size=224, num_frames=16, batch_size=16, warmup=5, repeats=20, threads=None),
     # a toy size that still has >1 token kept and masked per branch
     "quick": dict(model="tiny", img_size=32, num_frames=4, batch_size=2, warmup=1, repeats=2, threads=1,
-                  overrides=dict(patch_size=8, depth=2, decoder_depth=1, video_decoder_depth=1)),
+                  overrides=dict(patch_size=8, depth=2, mae_decoder_depth=1, video_decoder_depth=1)),
 }
 
 
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, help="timed rounds (one step of each configuration per round)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="ExpMAEConfig field override for every configuration, e.g. decoder_depth=1")
+                        help="ExpMAEConfig field override for every configuration, e.g. mae_decoder_depth=1")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="float32, or bfloat16 autocast (fp32 weights); default float32 on CPU, bfloat16 on GPU")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on CPU, torch's default on GPU)")

@@ -23,8 +23,8 @@ from expmae.model import create_model
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "compat"
 # 32 px, patch 8, 4 frames, tubelet 2, width 32, 2 blocks, a class token: every weight kind, a few hundred KB.
-CONFIG = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16,
-              decoder_depth=1, decoder_num_heads=2, video_decoder_embed_dim=16, video_decoder_depth=1,
+CONFIG = dict(img_size=32, num_frames=4, patch_size=8, embed_dim=32, depth=2, num_heads=2, mae_decoder_embed_dim=16,
+              mae_decoder_depth=1, mae_decoder_num_heads=2, video_decoder_embed_dim=16, video_decoder_depth=1,
               video_decoder_num_heads=2, class_token=True)
 
 

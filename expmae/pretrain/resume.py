@@ -114,9 +114,9 @@ def check_shared_output_dir(accelerator, out_dir: Path, seen_as: Path | None = N
 
 def check_resumable(checkpoint: Path, model_config: dict, run_shape: dict) -> None:
     """Before loading: a different model or run shape would fail deep inside load_state, or resume inexactly."""
-    from expmae.checkpoint import MODEL_CONFIG_NAME, TRAIN_STATE_NAME
+    from expmae.checkpoint import TRAIN_STATE_NAME, read_model_config
 
-    saved_model = json.loads((checkpoint / MODEL_CONFIG_NAME).read_text())
+    saved_model = read_model_config(checkpoint)
     changed = sorted(k for k in model_config if json.dumps(model_config[k]) != json.dumps(saved_model.get(k)))
     if changed:
         raise ConfigError(f"{checkpoint}: the model config differs from the checkpoint's in {', '.join(changed)}")

@@ -20,10 +20,20 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from expmae.config import ConfigError, PretrainConfig  # light: no torch
 from expmae.pretrain.state import Plan, RngSnapshot, TrainState
+
+if TYPE_CHECKING:  # for the annotations only: the CLI imports this module before torch is needed
+    import torch
+    from accelerate import Accelerator
+
+    from expmae.data import VideoClipDataset
+    from expmae.model import ExpMAE
+    from expmae.pretrain.logger import TrainLogger
+    from expmae.pretrain.online_eval import OnlineEvaluator
+    from expmae.pretrain.step import StepContext
 
 
 class NonFiniteLossError(RuntimeError):
@@ -139,17 +149,17 @@ class Run:
     """Everything built once at start-up; the loop reads it, the TrainState is what changes."""
 
     cfg: PretrainConfig
-    accelerator: Any
-    model: Any  # as prepared (DeepSpeed engine / DDP wrapper)
-    raw_model: Any
+    accelerator: Accelerator
+    model: torch.nn.Module  # as prepared (DeepSpeed engine / DDP wrapper)
+    raw_model: ExpMAE  # the model inside it
     plan: Plan
-    step: Any  # expmae.pretrain.step.StepContext
-    logger: Any  # expmae.pretrain.logger.TrainLogger
-    dataset: Any
-    recon_clips: Any
+    step_context: StepContext  # what train_step needs (model, optimizer, accumulation, clipping, faults)
+    logger: TrainLogger
+    dataset: VideoClipDataset
+    recon_clips: torch.Tensor  # uint8 (n, 3, T, S, S): the fixed batch of the reconstruction grids
     model_config: dict
     resumed_from: Path | None
-    evaluator: Any = None  # expmae.pretrain.online_eval.OnlineEvaluator when eval.source is set
+    evaluator: OnlineEvaluator | None = None  # when eval.source is set
     started: float = dataclasses.field(default_factory=time.perf_counter)
 
     @property
@@ -189,7 +199,7 @@ def train_one_epoch(run: Run, state: TrainState, data) -> Path | None:
         window_start, rng_at_start = state.copy(), RngSnapshot()
         lr = cosine_lr(state.step, peak_lr=plan.peak_lr, min_lr=cfg.train.min_lr, warmup_steps=plan.warmup_steps,
                        total_steps=plan.total_steps)
-        result = train_step(run.step, state, data, lr)
+        result = train_step(run.step_context, state, data, lr)
         if result.stall is not None:
             stop_on_stall(run, window_start, rng_at_start, result.stall)
         run.logger.log_step(result, state)
@@ -264,8 +274,8 @@ def finish(run: Run, state: TrainState, last_ckpt: Path | None) -> Path:
 
     png = reconstruction(run, state.step)
     run.logger.close()
-    if run.step.syncs is not None:
-        run.step.syncs.save(run.out_dir / "debug" / f"syncs_rank{run.accelerator.process_index}.json")
+    if run.step_context.syncs is not None:
+        run.step_context.syncs.save(run.out_dir / "debug" / f"syncs_rank{run.accelerator.process_index}.json")
     if run.accelerator.is_main_process:
         failures = JsonlShards(run.out_dir / "data_failures").read()
         if failures:
@@ -333,8 +343,8 @@ def setup(cfg: PretrainConfig, resume: str, accelerator) -> tuple[Run, TrainStat
             + (f" | initialised: {init_note}" if init_note else "")
         )
     return Run(cfg=cfg, accelerator=accelerator, model=model, raw_model=raw_model, plan=plan,
-               step=build_step_context(cfg, accelerator, model, optimizer, raw_model), logger=logger, dataset=dataset,
-               recon_clips=recon_clips, model_config=model_config, resumed_from=resume_from,
+               step_context=build_step_context(cfg, accelerator, model, optimizer, raw_model), logger=logger,
+               dataset=dataset, recon_clips=recon_clips, model_config=model_config, resumed_from=resume_from,
                evaluator=build_evaluator(cfg, accelerator, raw_model)), state
 
 

@@ -6,6 +6,7 @@ from typing import Callable, Mapping
 import torch
 
 from expmae.checkpoint import strip_wrappers, unwrap_state_dict
+from expmae.model import upgrade_state_dict
 from expmae.weights.hf_import import convert_hf_videomae, convert_hf_vitmae
 from expmae.weights.layouts import Collector, Converted, ImportReport, block_key
 from expmae.weights.mae import convert_mae
@@ -39,8 +40,10 @@ def convert(state: Mapping[str, torch.Tensor], source: str = "state dict") -> tu
 
 
 def convert_expmae(keys: dict, c: Collector) -> str | None:
-    """expMAE's own keys: a model state dict (encoder. / decoder. / video_decoder.) or a bare encoder."""
-    full = any(k.startswith(("encoder.", "decoder.", "video_decoder.")) for k in keys)
+    """expMAE's own keys: a model state dict (encoder. / mae_decoder. / video_decoder.; an earlier expMAE's names
+    upgraded) or a bare encoder."""
+    keys = upgrade_state_dict(dict(keys))
+    full = any(k.startswith(("encoder.", "mae_decoder.", "video_decoder.")) for k in keys)
     for key, value in keys.items():
         key = key if full else f"encoder.{key}"
         if (blk := block_key(key)) is not None:

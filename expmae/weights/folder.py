@@ -22,6 +22,7 @@ import torch
 
 from expmae.checkpoint import config_from_dict, encoder_shapes, load_safetensors, read_checkpoint
 from expmae.model import ExpMAEConfig, ExpMAEEncoder, unwrap_encoder
+from expmae.model_config import upgrade_config_dict
 from expmae.weights.timm_frame import frame_encoder_timm_state_dict, timm_create_kwargs
 
 ENCODER_WEIGHTS = "encoder.safetensors"
@@ -132,7 +133,8 @@ def folder_of(path: str | os.PathLike) -> Path:
 
 
 def read_encoder_config(path: str | os.PathLike) -> dict:
-    """The parsed config.json of an encoder folder (one-line errors for anything else)."""
+    """The parsed config.json of an encoder folder (one-line errors for anything else); its ExpMAEConfig fields
+    (``["expmae"]["config"]``) under today's names, whichever expmae wrote it."""
     folder = folder_of(path)
     cfg_path = folder / CONFIG_NAME
     if not cfg_path.is_file():
@@ -146,6 +148,8 @@ def read_encoder_config(path: str | os.PathLike) -> dict:
     version = config["expmae"].get("format_version")
     if version != FORMAT_VERSION:
         raise ValueError(f"{cfg_path}: encoder folder format_version={version!r}, this expmae reads {FORMAT_VERSION}")
+    if isinstance(config["expmae"]["config"], dict):
+        config["expmae"]["config"] = upgrade_config_dict(config["expmae"]["config"])
     return config
 
 

@@ -67,10 +67,10 @@ encoder (tubelets over time) is the parent folder's `encoder.safetensors`.
 
 - Source checkpoint: `{source.get('checkpoint', 'unknown')}` ({source.get('weights', '')})
 - Input: `pixel_values` (batch, channels, height, width), normalised with mean {list(cfg.mean)} and std {list(cfg.std)}.
-- The config keeps the MAE branch's `mask_ratio` ({cfg.mask_ratio}), as ViTMAE checkpoints do: `ViTMAEModel`
-  then encodes a random {1 - cfg.mask_ratio:.0%} of the patches, shuffled. For every patch in order, load it with
-  `mask_ratio=0.0` and pass `noise=torch.arange(N)`: `last_hidden_state` is then the class token followed by the
-  {cfg.num_patches} patch tokens after the final norm, exactly expMAE's `forward_frames`.
+- The config keeps the MAE branch's mask ratio as `mask_ratio` ({cfg.mae_mask_ratio}), as ViTMAE checkpoints do:
+  `ViTMAEModel` then encodes a random {1 - cfg.mae_mask_ratio:.0%} of the patches, shuffled. For every patch in order,
+  load it with `mask_ratio=0.0` and pass `noise=torch.arange(N)`: `last_hidden_state` is then the class token followed
+  by the {cfg.num_patches} patch tokens after the final norm, exactly expMAE's `forward_frames`.
 - `ViTMAEForPreTraining.from_pretrained` loads the encoder; its decoder (the MAE branch's shape) starts fresh.
 - expMAE config:
 

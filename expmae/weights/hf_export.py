@@ -84,10 +84,10 @@ def hf_vitmae_config(cfg) -> dict[str, Any]:
     return dict(image_size=cfg.img_size, patch_size=cfg.patch_size, num_channels=cfg.in_chans,
                 hidden_size=cfg.embed_dim, num_hidden_layers=cfg.depth, num_attention_heads=cfg.num_heads,
                 intermediate_size=int(cfg.embed_dim * cfg.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-6,
-                qkv_bias=cfg.qkv_bias, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
-                decoder_hidden_size=cfg.decoder_embed_dim, decoder_num_hidden_layers=cfg.decoder_depth,
-                decoder_num_attention_heads=cfg.decoder_num_heads,
-                decoder_intermediate_size=int(cfg.decoder_embed_dim * cfg.mlp_ratio))
+                qkv_bias=cfg.qkv_bias, mask_ratio=cfg.mae_mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
+                decoder_hidden_size=cfg.mae_decoder_embed_dim, decoder_num_hidden_layers=cfg.mae_decoder_depth,
+                decoder_num_attention_heads=cfg.mae_decoder_num_heads,
+                decoder_intermediate_size=int(cfg.mae_decoder_embed_dim * cfg.mlp_ratio))
 
 
 def check_vitmae_exportable(encoder) -> None:

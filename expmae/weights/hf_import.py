@@ -41,8 +41,8 @@ _VIDEOMAE = {"embeddings.patch_embeddings.projection.": "encoder.patch_embed.pro
              "encoder_to_decoder.": "video_decoder.embed.", "mask_token": "video_decoder.mask_token",
              "decoder.norm.": "video_decoder.norm.", "decoder.head.": "video_decoder.head."}
 _VITMAE = {"embeddings.patch_embeddings.projection.": "encoder.patch_embed.proj.", "layernorm.": "encoder.norm.",
-           "decoder.decoder_embed.": "decoder.embed.", "decoder.mask_token": "decoder.mask_token",
-           "decoder.decoder_norm.": "decoder.norm.", "decoder.decoder_pred.": "decoder.head."}
+           "decoder.decoder_embed.": "mae_decoder.embed.", "decoder.mask_token": "mae_decoder.mask_token",
+           "decoder.decoder_norm.": "mae_decoder.norm.", "decoder.decoder_pred.": "mae_decoder.head."}
 
 
 def _layer(key: str, value: torch.Tensor, c: Collector, part: str, src: str) -> bool:
@@ -91,14 +91,14 @@ def convert_hf_vitmae(keys: dict, c: Collector) -> str:
         target = next((new + key[len(old):] for old, new in _VITMAE.items() if key.startswith(old)), None)
         if target is not None:
             c.put(target, value, raw)
-        elif _layer(key, value, c, "decoder", raw):
+        elif _layer(key, value, c, "mae_decoder", raw):
             continue
         elif key == "embeddings.cls_token":
             c.put("encoder.cls_token", with_slot_code(value, pos_embed, c), raw)
         elif key.split(".")[-1] in OTHER_TOKENS:
             c.drop(raw, "distillation / register token (the expMAE encoder has only a class token)")
         elif key in ("embeddings.position_embeddings", "decoder.decoder_pos_embed"):
-            target = "encoder.pos_embed" if key.startswith("embeddings") else "decoder.pos_embed"
+            target = "encoder.pos_embed" if key.startswith("embeddings") else "mae_decoder.pos_embed"
             c.put(target, without_class_slot(value, True, raw, c), raw)
         elif key.startswith("classifier."):
             c.drop(raw, "classifier head")
@@ -134,9 +134,10 @@ def config_from_hf(hf: dict[str, Any], where: str) -> dict[str, Any]:
                       video_decoder_num_heads=hf["decoder_num_attention_heads"], mode="videomae",
                       position_code="videomae")
     else:
-        fields.update(qkv_bias=hf.get("qkv_bias", True), decoder_embed_dim=dec,
-                      decoder_depth=hf["decoder_num_hidden_layers"], decoder_num_heads=hf["decoder_num_attention_heads"],
-                      mask_ratio=hf.get("mask_ratio", 0.75), mode="mae", position_code="separable", class_token=True)
+        fields.update(qkv_bias=hf.get("qkv_bias", True), mae_decoder_embed_dim=dec,
+                      mae_decoder_depth=hf["decoder_num_hidden_layers"],
+                      mae_decoder_num_heads=hf["decoder_num_attention_heads"],
+                      mae_mask_ratio=hf.get("mask_ratio", 0.75), mode="mae", position_code="separable", class_token=True)
     return fields
 
 

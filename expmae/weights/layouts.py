@@ -2,7 +2,7 @@
 to a model (convert.py detects the layout and dispatches to its converter).
 
 Each converter (mae.py, videomae.py, hf_import.py, convert.convert_expmae) renames a checkpoint's tensors to expMAE model keys (``encoder.*``,
-``decoder.*`` = the MAE frame decoder, ``video_decoder.*`` = the VideoMAE clip decoder) through a
+``mae_decoder.*`` = the MAE frame decoder, ``video_decoder.*`` = the VideoMAE clip decoder) through a
 :class:`Collector`, which also fuses split attention projections and folds layer scale. :func:`fit` then checks
 the result against the target model: the encoder strictly (one-line errors naming the key and both shapes), the
 position code against ``cfg.position_code`` and the class token against ``cfg.class_token`` (a mismatch of either is
@@ -20,8 +20,8 @@ from expmae.checkpoint import describe_config
 from expmae.model import ExpMAE, ExpMAEConfig, ExpMAEEncoder, unwrap_model
 
 POSITION_CODE_HELP = {"separable": "the 2-D + temporal sin-cos code", "videomae": "VideoMAE's 1-D sin-cos table"}
-PARTS = ("encoder", "decoder", "video_decoder")
-_PART_NAMES = {"decoder": "MAE frame decoder", "video_decoder": "VideoMAE clip decoder"}
+PARTS = ("encoder", "mae_decoder", "video_decoder")
+_PART_NAMES = {"mae_decoder": "MAE frame decoder", "video_decoder": "VideoMAE clip decoder"}
 _BLOCK = re.compile(r"^(\w+)\.blocks\.(\d+)\.(.+)$")
 _LAYER_SCALE = {"gamma_1": "attn.proj", "ls1.gamma": "attn.proj", "gamma_2": "mlp.fc2", "ls2.gamma": "mlp.fc2"}
 _QKV_PIECES = {"attn.q_bias": "q.bias", "attn.v_bias": "v.bias", "q.weight": "q.weight", "k.weight": "k.weight",

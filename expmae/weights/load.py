@@ -116,7 +116,7 @@ def init_from(model: torch.nn.Module, source: str | os.PathLike) -> str:
     target = unwrap_model(model)
     if is_weights_source(path):
         report = load_pretrained_weights(model, path, strict=True)
-        parts = [p for p in ("decoder", "video_decoder") if getattr(target, p, None) is not None]
+        parts = [p for p in ("mae_decoder", "video_decoder") if getattr(target, p, None) is not None]
         loaded = [p for p in parts if report.decoders.get(p) == "loaded"]
         fresh = [p for p in parts if p not in loaded]
         return (f"encoder from {path} ({report.layout} layout, {len(report.loaded)} tensors)"

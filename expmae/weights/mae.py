@@ -10,8 +10,8 @@ import math
 
 from expmae.weights.layouts import Collector, block_key
 
-_DECODER = {"decoder_embed.": "decoder.embed.", "decoder_norm.": "decoder.norm.", "decoder_pred.": "decoder.head.",
-            "decoder_blocks.": "decoder.blocks."}
+_DECODER = {"decoder_embed.": "mae_decoder.embed.", "decoder_norm.": "mae_decoder.norm.",
+            "decoder_pred.": "mae_decoder.head.", "decoder_blocks.": "mae_decoder.blocks."}
 OTHER_TOKENS = ("dist_token", "reg_token")
 
 
@@ -25,10 +25,10 @@ def convert_mae(keys: dict, c: Collector) -> str:
         elif key.startswith(("head.", "head_dist.", "pre_logits.")):
             c.drop(key, "classifier head")
         elif key in ("pos_embed", "decoder_pos_embed"):  # (1, 1 + N, D): a class slot first
-            target = "encoder.pos_embed" if key == "pos_embed" else "decoder.pos_embed"
+            target = "encoder.pos_embed" if key == "pos_embed" else "mae_decoder.pos_embed"
             c.put(target, without_class_slot(value, "cls_token" in keys, key, c), key)
         elif key == "mask_token":
-            c.put("decoder.mask_token", value, key)
+            c.put("mae_decoder.mask_token", value, key)
         elif key.startswith("fc_norm."):
             fc_norm(key, value, "norm.weight" in keys, c)
         else:
