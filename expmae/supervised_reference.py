@@ -25,6 +25,7 @@ from expmae.files import JsonlLog, atomic_path, write_json
 from expmae.model import create_model
 from expmae.optim import cosine_lr
 from expmae.probe import accuracy_interval
+from expmae.weights import load_encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SupervisedRecipe:
     weight_decay: float = 0.05
     warmup_steps: int = 200
     readout: str = "mean"  # the head's input: "mean" over all tokens, or "position" (time-averaged, per patch)
+    init: str = ""  # "": the init seed's random weights; a checkpoint / encoder folder: finetune that encoder instead
     eval_every: int = 250
     save_every: int = 250
     seed: int = 0
@@ -61,6 +63,8 @@ class SupervisedReference:
         m = cfg.model
         torch.manual_seed(recipe.seed)  # the init of the pretraining run with this seed (train.seed)
         model = create_model(m.name, **m.overrides())
+        if recipe.init:  # the same recipe from pretrained weights: MAE's finetune-vs-from-scratch comparison
+            model.encoder.load_state_dict(load_encoder(recipe.init).state_dict())
         self.encoder, self.mcfg = model.encoder.to(self.device), model.cfg
         self.classes = sorted(set(train[1].values()))
         if recipe.readout not in ("mean", "position"):

@@ -80,3 +80,18 @@ def test_position_head_reads_time_averaged_tokens_per_patch(bench, tmp_path):
         assert torch.allclose(ref.logits(clips), ref.head(expected), atol=1e-5)
     with pytest.raises(ValueError, match="readout='pooled'"):
         reference(bench, tmp_path / "bad", readout="pooled")
+
+
+def test_init_from_a_checkpoint_finetunes_that_encoder(bench, tmp_path):
+    from conftest import write_checkpoint
+    from expmae.model import create_model
+
+    cfg = bench[0]
+    torch.manual_seed(123)  # not the recipe's seed: the weights must come from the file
+    pretrained = create_model(cfg.model.name, **cfg.model.overrides())
+    path = write_checkpoint(tmp_path / "run", pretrained)
+    ref = reference(bench, tmp_path / "ref", init=str(path))
+    for (name, a), b in zip(pretrained.encoder.state_dict().items(), ref.encoder.state_dict().values()):
+        assert torch.equal(a, b), name
+    scratch = reference(bench, tmp_path / "scratch")
+    assert not torch.equal(scratch.encoder.patch_embed.proj.weight, ref.encoder.patch_embed.proj.weight)
