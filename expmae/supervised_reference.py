@@ -38,6 +38,7 @@ class SupervisedRecipe:
     min_lr: float = 1e-5
     weight_decay: float = 0.05
     warmup_steps: int = 200
+    model: str = "encoder"  # the pretraining config's encoder + a linear head, or "frame_cnn" (see FrameCNN)
     readout: str = "mean"  # the head's input: "mean" over all tokens, or "position" (time-averaged, per patch)
     init: str = ""  # "": the init seed's random weights; a checkpoint / encoder folder: finetune that encoder instead
     eval_every: int = 250
@@ -47,6 +48,47 @@ class SupervisedRecipe:
     def identity(self) -> dict:
         """The fields that change the trained weights (how often it scores and saves does not)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("eval_every", "save_every")}
+
+
+class EncoderClassifier(torch.nn.Module):
+    """The encoder and a linear head on its mean-pooled or per-position (time-averaged, per patch) tokens."""
+
+    def __init__(self, encoder: torch.nn.Module, readout: str, num_classes: int):
+        super().__init__()
+        if readout not in ("mean", "position"):
+            raise ValueError(f"readout={readout!r}; expected 'mean' or 'position'")
+        self.encoder, self.readout, cfg = encoder, readout, encoder.cfg
+        self.positions = (cfg.img_size // cfg.patch_size) ** 2
+        self.head = torch.nn.Linear(cfg.embed_dim * (self.positions if readout == "position" else 1), num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder.forward_clips(x)[:, self.encoder.num_prefix_tokens:]  # (B, L, D), L = T' * N
+        if self.readout == "mean":
+            return self.head(tokens.mean(1))
+        B, L, D = tokens.shape
+        per_position = tokens.view(B, L // self.positions, self.positions, D).mean(1)  # (B, N, D): mean over time
+        return self.head(per_position.flatten(1))  # (B, N * D)
+
+
+class FrameCNN(torch.nn.Module):
+    """Four conv blocks (32-64-128-128, BatchNorm, ReLU) on each frame, logits averaged over the clip's frames.
+
+    Not the encoder: a model with convolution's locality prior and no pretraining, which shows whether a task's
+    labels can be learned from its pixels at all. Frame-level, so it cannot read frame order (the dynamic task)."""
+
+    def __init__(self, num_classes: int, in_chans: int = 3):
+        super().__init__()
+        layers, width = [], in_chans
+        for i, out in enumerate((32, 64, 128, 128)):
+            layers += [torch.nn.Conv2d(width, out, 3, padding=1), torch.nn.BatchNorm2d(out), torch.nn.ReLU()]
+            layers.append(torch.nn.MaxPool2d(2) if i < 3 else torch.nn.AdaptiveAvgPool2d(1))
+            width = out
+        self.net = torch.nn.Sequential(*layers, torch.nn.Flatten(), torch.nn.Linear(width, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, T, H, W = x.shape
+        frames = x.transpose(1, 2).reshape(B * T, C, H, W)  # (B * T, C, H, W)
+        return self.net(frames).view(B, T, -1).mean(1)  # (B, classes)
 
 
 class SupervisedReference:
@@ -60,26 +102,33 @@ class SupervisedReference:
                  device="cpu", num_workers: int = 0):
         self.cfg, self.recipe, self.device, self.folder = cfg, recipe, torch.device(device), Path(folder)
         self.num_workers = num_workers
-        m = cfg.model
-        torch.manual_seed(recipe.seed)  # the init of the pretraining run with this seed (train.seed)
-        model = create_model(m.name, **m.overrides())
-        if recipe.init:  # the same recipe from pretrained weights: MAE's finetune-vs-from-scratch comparison
-            model.encoder.load_state_dict(load_encoder(recipe.init).state_dict())
-        self.encoder, self.mcfg = model.encoder.to(self.device), model.cfg
         self.classes = sorted(set(train[1].values()))
-        if recipe.readout not in ("mean", "position"):
-            raise ValueError(f"readout={recipe.readout!r}; expected 'mean' or 'position'")
-        self.positions = (self.mcfg.img_size // self.mcfg.patch_size) ** 2
-        width = self.mcfg.embed_dim * (self.positions if recipe.readout == "position" else 1)
-        self.head = torch.nn.Linear(width, len(self.classes)).to(self.device)
+        self.classifier, self.mcfg = self.build(cfg, recipe, len(self.classes))
+        self.classifier.to(self.device)
         clip_args = dict(num_frames=self.mcfg.num_frames, sample_stride=cfg.data.sample_stride,
                          input_size=self.mcfg.img_size)
         self.train_set = VideoClipDataset(train[0], train=True, seed=recipe.seed, labels=train[1], **clip_args)
         self.test_set = VideoClipDataset(test[0], train=False, labels=test[1], **clip_args)
-        self.optimizer = torch.optim.AdamW([*self.encoder.parameters(), *self.head.parameters()], lr=recipe.lr,
-                                           weight_decay=recipe.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.classifier.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
         self.step, self.seconds = 0, 0.0
         self.curve = JsonlLog(self.folder / "curve.jsonl")
+
+    @staticmethod
+    def build(cfg, recipe: SupervisedRecipe, num_classes: int):
+        """(classifier, the model config whose frames and normalisation it reads)."""
+        torch.manual_seed(recipe.seed)  # the init of the pretraining run with this seed (train.seed)
+        model = create_model(cfg.model.name, **cfg.model.overrides())
+        if recipe.model == "frame_cnn":
+            return FrameCNN(num_classes, model.cfg.in_chans), model.cfg
+        if recipe.model != "encoder":
+            raise ValueError(f"model={recipe.model!r}; expected 'encoder' or 'frame_cnn'")
+        if recipe.init:  # the same recipe from pretrained weights: MAE's finetune-vs-from-scratch comparison
+            model.encoder.load_state_dict(load_encoder(recipe.init).state_dict())
+        return EncoderClassifier(model.encoder, recipe.readout, num_classes), model.cfg
+
+    @property
+    def encoder(self) -> torch.nn.Module | None:
+        return getattr(self.classifier, "encoder", None)
 
     # ------------------------------------------------------------------------------------------ state
     def state_path(self) -> Path:
@@ -87,8 +136,7 @@ class SupervisedReference:
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"encoder": self.encoder.state_dict(), "head": self.head.state_dict(),
-                 "optimizer": self.optimizer.state_dict(), "step": self.step, "seconds": self.seconds,
+        state = {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step, "seconds": self.seconds,
                  "torch_rng": torch.get_rng_state(), "recipe": self.recipe.identity()}
         with atomic_path(self.state_path()) as tmp:
             torch.save(state, tmp)
@@ -101,8 +149,7 @@ class SupervisedReference:
         if state["recipe"] != self.recipe.identity():
             raise ValueError(f"{self.state_path()}: written by another recipe ({state['recipe']}), not "
                              f"{self.recipe.identity()}; use another folder or remove it")
-        self.encoder.load_state_dict(state["encoder"])
-        self.head.load_state_dict(state["head"])
+        self.classifier.load_state_dict(state["classifier"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.seconds = int(state["step"]), float(state["seconds"])
         torch.set_rng_state(state["torch_rng"])
@@ -142,28 +189,23 @@ class SupervisedReference:
         return float(loss.detach())
 
     def logits(self, clips: torch.Tensor) -> torch.Tensor:
-        x = normalize_clips(clips.to(self.device), mean=self.mcfg.mean, std=self.mcfg.std)
-        tokens = self.encoder.forward_clips(x)[:, self.encoder.num_prefix_tokens:]  # (B, L, D), L = T' * N
-        if self.recipe.readout == "mean":
-            return self.head(tokens.mean(1))
-        B, L, D = tokens.shape
-        per_position = tokens.view(B, L // self.positions, self.positions, D).mean(1)  # (B, N, D): mean over time
-        return self.head(per_position.flatten(1))  # (B, N * D)
+        return self.classifier(normalize_clips(clips.to(self.device), mean=self.mcfg.mean, std=self.mcfg.std))
 
     @torch.no_grad()
     def head_accuracy(self) -> float:
         """The trained head's accuracy on the held-out people (centre crop, no flip)."""
-        self.encoder.eval()
+        self.classifier.eval()
         loader = self.loader(self.test_set, batch_size=64)
         correct = sum(sum(self.classes[i] == y for i, y in zip(self.logits(x).argmax(1).tolist(), labels))
                       for x, labels in loader)
-        self.encoder.train()
+        self.classifier.train()
         return correct / len(self.test_set)
 
-    def run(self, progress: bool = True) -> torch.nn.Module:
-        """Train to ``recipe.steps`` (from the saved state, if any); the encoder comes back in eval mode."""
+    def run(self, progress: bool = True) -> torch.nn.Module | None:
+        """Train to ``recipe.steps`` (from the saved state, if any); the encoder comes back in eval mode (None
+        for the frame CNN)."""
         self.load()
-        self.encoder.train()
+        self.classifier.train()
         r = self.recipe
         bar = tqdm(total=r.steps, initial=self.step, disable=not progress, desc="supervised reference", unit="step")
         losses, last = [], time.perf_counter()
@@ -182,7 +224,7 @@ class SupervisedReference:
                 if self.step >= r.steps:
                     break
         bar.close()
-        self.encoder.eval()
+        self.classifier.eval()
         return self.encoder
 
     def log(self, losses: list[float]) -> None:

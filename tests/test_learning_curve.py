@@ -33,13 +33,18 @@ def test_quick_study_writes_curves_table_and_pictures(tmp_path):
     held_out = sum(1 for line in (tmp_path / "benchmark/labelled/labels.csv").read_text().splitlines()
                    if line.endswith(",test,static"))
     assert summary["held_out"] == held_out
-    sup = study["references"]["supervised"]["static"]
-    assert summary["supervised_head"] == sup["head_acc"] and sup["test_clips"] == held_out and sup["steps"] == 4
-    margin = summary["supervised"] - max(summary["random_init"]["max"], summary["pixels"])
+    sup, cnn = study["references"]["supervised"]["static"], study["references"]["frame_cnn"]["static"]
+    assert sup["test_clips"] == cnn["test_clips"] == held_out and sup["steps"] == cnn["steps"] == 4
+    assert summary["end_to_end"] == {"supervised": sup["head_acc"], "frame_cnn": cnn["head_acc"]}
+    assert summary["supervised"] == sup["eval/static/L4/mean/knn_acc"] and "eval/static/knn_acc" not in cnn
+    best = max(summary["end_to_end"], key=summary["end_to_end"].get)
+    assert summary["ceiling"] == {"reference": best, "head_acc": summary["end_to_end"][best]}
+    margin = summary["end_to_end"][best] - max(summary["random_init"]["max"], summary["pixels"])
     assert summary["ceiling_margin"] == pytest.approx(margin)
     table = (tmp_path / "table.md").read_text()
-    assert "| random init (mean, min-max) |" in table and "| supervised, its own head |" in table
+    assert "| random init (mean, min-max) |" in table and "| supervised (its encoder, probed) |" in table
     assert f"{margin:+.3f}" in table and f"accuracy on {held_out} held-out clips" in table
+    assert f"| frame_cnn | {cnn['head_acc']:.3f} [" in table
     # a rerun resumes: nothing is pretrained again, the references come from their caches
     log = tmp_path / "runs" / "expmae_seed0" / "console.log"
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "learning_curve.py"), "--quick", "--out", str(tmp_path)],

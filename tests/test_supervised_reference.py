@@ -69,7 +69,7 @@ def test_position_head_reads_time_averaged_tokens_per_patch(bench, tmp_path):
     ref = reference(bench, tmp_path, readout="position")
     m = ref.mcfg
     n = (m.img_size // m.patch_size) ** 2
-    assert ref.head.in_features == n * m.embed_dim
+    assert ref.classifier.head.in_features == n * m.embed_dim
     clips = torch.randint(0, 255, (2, 3, m.num_frames, m.img_size, m.img_size), dtype=torch.uint8)
     ref.encoder.eval()
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_position_head_reads_time_averaged_tokens_per_patch(bench, tmp_path):
         t = m.num_frames // m.tubelet_size
         expected = torch.stack([torch.cat([tokens[b, [s * n + p for s in range(t)]].mean(0) for p in range(n)])
                                 for b in range(2)])  # token index = time slot * positions + position
-        assert torch.allclose(ref.logits(clips), ref.head(expected), atol=1e-5)
+        assert torch.allclose(ref.logits(clips), ref.classifier.head(expected), atol=1e-5)
     with pytest.raises(ValueError, match="readout='pooled'"):
         reference(bench, tmp_path / "bad", readout="pooled")
 
@@ -95,3 +95,15 @@ def test_init_from_a_checkpoint_finetunes_that_encoder(bench, tmp_path):
         assert torch.equal(a, b), name
     scratch = reference(bench, tmp_path / "scratch")
     assert not torch.equal(scratch.encoder.patch_embed.proj.weight, ref.encoder.patch_embed.proj.weight)
+
+
+def test_frame_cnn_averages_per_frame_logits_and_trains(bench, tmp_path):
+    ref = reference(bench, tmp_path, model="frame_cnn")
+    net = ref.classifier.eval()
+    x = torch.randn(2, 3, 4, 48, 48)
+    per_frame = torch.stack([net.net(x[:, :, t]) for t in range(4)], 1)  # (B, T, classes)
+    assert torch.allclose(net(x), per_frame.mean(1), atol=1e-6)
+    assert ref.run(progress=False) is None  # no encoder to probe: its own head's accuracy is the score
+    assert ref.summary()["steps"] == 4
+    with pytest.raises(ValueError, match="model='resnet'"):
+        reference(bench, tmp_path / "bad", model="resnet")

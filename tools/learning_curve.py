@@ -35,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(REPO))
 
+from expmae.files import write_json  # noqa: E402  (after the path: runs from a checkout)
+
 MODES = ("expmae", "mae", "videomae")
 PROBES = ("knn", "linear")
 READOUTS = ("mean", "position")
@@ -50,7 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=1000)
     p.add_argument("--layers", default="-1,2", help="hidden states probed (the first is the headline)")
     p.add_argument("--random-seeds", type=int, default=8, help="init seeds of the random-init band")
-    p.add_argument("--supervised-steps", type=int, default=3000, help="0: no supervised reference")
+    p.add_argument("--supervised-steps", type=int, default=3000,
+                   help="steps of the end-to-end references (the encoder from scratch; 0: none of them)")
+    p.add_argument("--cnn-steps", type=int, default=2000, help="steps of the frame-CNN reference (0: none)")
+    p.add_argument("--finetune", action="store_true",
+                   help="also finetune each mode's pretrained encoder end to end with the supervised recipe")
     p.add_argument("--batch-size", type=int, default=None, help="pretraining batch per rank (default: the config's)")
     p.add_argument("--launcher", default=None, help="accelerate config file: launch pretraining through accelerate")
     p.add_argument("--device", default="auto", help="references' device (pretraining: the launcher's)")
@@ -167,38 +173,49 @@ def supervised_split(bench: dict, task: str) -> tuple[tuple, tuple]:
     return (paths, {**pool, **train}), (bench["labelled"] / "clips", test)
 
 
-def supervised_reference(args, cfg, bench: dict, *, device, evaluator) -> dict:
-    """The ceiling, per task (expmae.supervised_reference): the same encoder trained end to end, scored by its own
-    head and by the same probes on the held-out people. Resumes a stopped run; cached when finished."""
-    from expmae.supervised_reference import SupervisedRecipe, SupervisedReference
+def end_to_end(args, cfg, bench: dict, name: str, recipe, *, device, evaluator=None) -> dict:
+    """One end-to-end reference per task (expmae.supervised_reference), in ``references/<name>_<task>``: its own
+    head's held-out accuracy and, when it has an encoder, the same probes on that encoder. Resumes a stopped
+    run; cached when finished."""
+    from expmae.supervised_reference import SupervisedReference
 
-    recipe = SupervisedRecipe(steps=args.supervised_steps)
-    if args.quick:
-        recipe = SupervisedRecipe(steps=args.supervised_steps, batch_size=4, warmup_steps=1, eval_every=2, save_every=2)
     results = {}
     for task in ("static", "dynamic"):
-        folder = args.out / "references" / f"supervised_{task}"
+        folder = args.out / "references" / f"{name}_{task}"
         cache = folder / "scores.json"
-        if cache.is_file() and json.loads(cache.read_text())["steps"] == recipe.steps:
+        if cache.is_file() and json.loads(cache.read_text())["recipe"] == recipe.identity():
             results[task] = json.loads(cache.read_text())
             continue
         ref = SupervisedReference(cfg, *supervised_split(bench, task), folder, recipe, device,
                                   num_workers=min(cfg.data.num_workers, 4))
         encoder = ref.run(progress=not args.quick)
-        scores = {k: v for k, v in evaluator(encoder).items() if k.startswith(f"eval/{task}/")}
-        results[task] = {**scores, **ref.summary()}
+        scores = {} if encoder is None or evaluator is None else evaluator(encoder)
+        results[task] = {**{k: v for k, v in scores.items() if k.startswith(f"eval/{task}/")}, **ref.summary()}
         write_json(cache, results[task])
-        print(f"[learning_curve] supervised reference, {task}: head {results[task]['head_acc']:.3f}, "
-              f"probe {results[task].get(f'eval/{task}/probe_acc')}", flush=True)
+        print(f"[learning_curve] {name}, {task}: held-out head accuracy {results[task]['head_acc']:.3f}", flush=True)
     return results
 
 
-def write_json(path: Path, data) -> None:
-    from expmae.files import atomic_path
+def end_to_end_references(args, cfg, bench: dict, runs: dict, *, device, evaluator) -> dict:
+    """The ceiling: the encoder trained from scratch ("supervised"), a frame CNN ("frame_cnn"), and with
+    ``--finetune`` the same recipe from each mode's seed-0 pretrained encoder ("finetuned_<mode>")."""
+    import dataclasses
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=1))
+    from expmae.checkpoint import find_checkpoint
+    from expmae.supervised_reference import SupervisedRecipe
+
+    base = SupervisedRecipe(steps=args.supervised_steps)
+    if args.quick:
+        base = dataclasses.replace(base, batch_size=4, warmup_steps=1, eval_every=2, save_every=2)
+    refs = {"supervised": end_to_end(args, cfg, bench, "supervised", base, device=device, evaluator=evaluator)}
+    if args.cnn_steps:
+        cnn = dataclasses.replace(base, steps=args.cnn_steps, model="frame_cnn")
+        refs["frame_cnn"] = end_to_end(args, cfg, bench, "frame_cnn", cnn, device=device)
+    for mode, seeds in runs.items() if args.finetune else ():
+        init = str(find_checkpoint(next(iter(seeds.values())) / "checkpoints").resolve())
+        refs[f"finetuned_{mode}"] = end_to_end(args, cfg, bench, f"finetuned_{mode}",
+                                               dataclasses.replace(base, init=init), device=device, evaluator=evaluator)
+    return refs
 
 
 def main(argv=None) -> int:
@@ -207,6 +224,7 @@ def main(argv=None) -> int:
 
     if args.quick:
         args.random_seeds, args.supervised_steps = min(args.random_seeds, 2), min(args.supervised_steps, 4)
+        args.cnn_steps = min(args.cnn_steps, 4)
     t0 = time.perf_counter()
     size = LearningBenchmarkSize.quick() if args.quick else LearningBenchmarkSize()
     bench = write_learning_benchmark(args.out / "benchmark", size, workers=args.workers, progress=not args.quick)
@@ -221,8 +239,8 @@ def main(argv=None) -> int:
     band = random_init_band(args, cfg, device)
     refs = {"random_init": band, "pixels": pixel_reference(evaluator_for(cfg, _any_encoder(cfg), "cpu"))}
     if args.supervised_steps:
-        refs["supervised"] = supervised_reference(args, cfg, bench, device=device,
-                                                  evaluator=lambda enc: evaluator_for(cfg, enc, device)(enc))
+        refs.update(end_to_end_references(args, cfg, bench, runs, device=device,
+                                          evaluator=lambda enc: evaluator_for(cfg, enc, device)(enc)))
     curves = {mode: {seed: eval_records(folder) for seed, folder in seeds.items()} for mode, seeds in runs.items()}
     written = write_report(args.out, curves, refs, samples_per_step=samples_per_step(args, cfg),
                            headline=headline_layer(args, cfg), held_out=held_out_counts(bench))
@@ -263,11 +281,17 @@ def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
     return steps, np.array([r[key] for r in records if key in r])
 
 
+def end_to_end_names(refs: dict) -> list[str]:
+    return [name for name in refs if name not in ("random_init", "pixels")]
+
+
 def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step: int, held_out: int) -> dict:
-    """Per probe and read-out: the references, the ceiling's margin over pixels and the random-init band, and, per
-    mode, the curve (mean and spread over seeds) and the first samples-seen count where its mean leaves the
-    random-init band upwards (None: never). ``held_out``: clips scored (for the 95% intervals)."""
-    supervised = refs.get("supervised", {}).get(task, {})
+    """Per probe and read-out: the references, the ceiling (the best end-to-end reference's own head) and its
+    margin over pixels and the random-init band, and, per mode, the curve (mean and spread over seeds) and the
+    first samples-seen count where its mean leaves the random-init band upwards (None: never). ``held_out``: the
+    clips scored (for the 95% intervals)."""
+    heads = {name: refs[name][task]["head_acc"] for name in end_to_end_names(refs) if task in refs[name]}
+    ceiling = max(heads, key=heads.get) if heads else None
     out = {}
     for readout in READOUTS:
         for probe in PROBES:
@@ -276,25 +300,30 @@ def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step:
             pixel = refs["pixels"].get(f"eval/{task}/pixels/{'clip' if readout == 'mean' else 'position'}/{probe}_acc")
             entry = {"random_init": {"mean": float(band.mean()), "sd": float(band.std()), "min": float(band.min()),
                                      "max": float(band.max()), "n": int(len(band))},
-                     "pixels": pixel, "supervised": supervised.get(key), "held_out": held_out,
-                     "supervised_head": supervised.get("head_acc"), "modes": {}}
-            if entry["supervised"] is not None:  # how far the best untrained read-out stays below the ceiling
-                entry["ceiling_margin"] = entry["supervised"] - max(band.max(), pixel if pixel is not None else 0.0)
-            for mode, seeds in curves.items():
-                runs = [series(records, key) for records in seeds.values()]
-                steps = runs[0][0]
-                accs = np.stack([a[: len(steps)] for _, a in runs if len(a) >= len(steps)])  # (seeds, points)
-                mean = accs.mean(0)
-                above = np.nonzero(mean > band.max())[0]
-                below = np.nonzero(mean <= band.max())[0]  # stays above the band after the last point inside it
-                stays = below[-1] + 1 if len(below) else 0
-                entry["modes"][mode] = {"samples": (steps * samples_per_step).tolist(), "mean": mean.tolist(),
-                                        "min": accs.min(0).tolist(), "max": accs.max(0).tolist(), "seeds": len(accs),
-                                        "last": float(mean[-1]), "best": float(mean.max()),
-                                        "leaves_band_at": int(steps[above[0]] * samples_per_step) if len(above) else None,
-                                        "above_band_from": int(steps[stays] * samples_per_step) if stays < len(steps) else None}
+                     "pixels": pixel, "held_out": held_out, "end_to_end": heads, "modes": {},
+                     "probed": {name: refs[name][task].get(key) for name in heads}}  # probes on their encoders
+            entry["supervised"] = entry["probed"].get("supervised")
+            if ceiling is not None:  # how far the best untrained read-out stays below what training reaches
+                entry["ceiling"] = {"reference": ceiling, "head_acc": heads[ceiling]}
+                entry["ceiling_margin"] = heads[ceiling] - max(band.max(), pixel if pixel is not None else 0.0)
+            entry["modes"] = {mode: mode_curve(seeds, key, band, samples_per_step) for mode, seeds in curves.items()}
             out[f"{readout}/{probe}"] = entry
     return out
+
+
+def mode_curve(seeds: dict, key: str, band: np.ndarray, samples_per_step: int) -> dict:
+    """One mode's curve: mean and spread over seeds, and where its mean leaves / stays above the band."""
+    runs = [series(records, key) for records in seeds.values()]
+    steps = runs[0][0]
+    accs = np.stack([a[: len(steps)] for _, a in runs if len(a) >= len(steps)])  # (seeds, points)
+    mean = accs.mean(0)
+    above = np.nonzero(mean > band.max())[0]
+    below = np.nonzero(mean <= band.max())[0]  # stays above the band after the last point inside it
+    stays = below[-1] + 1 if len(below) else 0
+    return {"samples": (steps * samples_per_step).tolist(), "mean": mean.tolist(), "min": accs.min(0).tolist(),
+            "max": accs.max(0).tolist(), "seeds": len(accs), "last": float(mean[-1]), "best": float(mean.max()),
+            "leaves_band_at": int(steps[above[0]] * samples_per_step) if len(above) else None,
+            "above_band_from": int(steps[stays] * samples_per_step) if stays < len(steps) else None}
 
 
 def plot(summary: dict, task: str, layer: str, path: Path) -> Path:
@@ -312,7 +341,10 @@ def plot(summary: dict, task: str, layer: str, path: Path) -> Path:
         if entry["pixels"] is not None:
             ax.axhline(entry["pixels"], color="black", ls="--", lw=1, label="pixels")
         if entry["supervised"] is not None:
-            ax.axhline(entry["supervised"], color="green", ls=":", lw=1.5, label="supervised reference")
+            ax.axhline(entry["supervised"], color="green", ls=":", lw=1.5, label="supervised encoder, probed")
+        if "ceiling" in entry:
+            ax.axhline(entry["ceiling"]["head_acc"], color="purple", ls="-.", lw=1.5,
+                       label=f"ceiling: {entry['ceiling']['reference']}, own head")
         for mode, curve in entry["modes"].items():
             line, = ax.plot(curve["samples"], curve["mean"], marker=".", label=f"{mode} ({curve['seeds']} seeds)")
             ax.fill_between(curve["samples"], curve["min"], curve["max"], color=line.get_color(), alpha=0.2)
@@ -338,31 +370,34 @@ def with_interval(acc: float | None, n: int) -> str:
 
 
 def markdown(summaries: dict, layer: str) -> str:
-    """Table-1 shaped: per task, rows random init / pixels / supervised / each mode's last point; columns the
-    probes and read-outs at the headline layer; 95% intervals on the held-out people."""
+    """Table-1 shaped, per task: rows random init / pixels / the end-to-end references' encoders probed / each
+    mode's last point, columns the probes and read-outs at the headline layer; then the ceiling's margin and the
+    end-to-end references' own heads. 95% intervals on the held-out people."""
     cols = [f"{readout}/{probe}" for readout in READOUTS for probe in PROBES]
     lines = []
     for task, summary in summaries.items():
-        first = summary[cols[0]]
+        cell = {c: summary[c] for c in cols}
+        first = cell[cols[0]]
         n = first["held_out"]
         lines += [f"**{task}** ({layer}; accuracy on {n} held-out clips, [95% interval])", "",
                   "| encoder | " + " | ".join(c.replace("/", " ") for c in cols) + " |", "|---|" + "---|" * len(cols)]
-        cell = {c: summary[c] for c in cols}
         lines.append("| random init (mean, min-max) | " + " | ".join(
             f"{e['random_init']['mean']:.3f} ({e['random_init']['min']:.2f}-{e['random_init']['max']:.2f})" for e in cell.values()) + " |")
-        for name in ("pixels", "supervised"):
-            lines.append(f"| {name} | " + " | ".join(with_interval(e[name], n) for e in cell.values()) + " |")
-        if first["supervised_head"] is not None:
-            lines.append(f"| supervised, its own head | {with_interval(first['supervised_head'], n)} |"
-                         + " |" * (len(cols) - 1))
-            lines.append("| ceiling margin: supervised - max(pixels, random-init max) | " + " | ".join(
-                f"{e['ceiling_margin']:+.3f}" for e in cell.values()) + " |")
-        for mode in next(iter(cell.values()))["modes"]:
+        lines.append("| pixels | " + " | ".join(with_interval(e["pixels"], n) for e in cell.values()) + " |")
+        for name in (k for k, v in first["probed"].items() if v is not None):
+            lines.append(f"| {name} (its encoder, probed) | "
+                         + " | ".join(with_interval(e["probed"][name], n) for e in cell.values()) + " |")
+        for mode in first["modes"]:
             lines.append(f"| {mode} (last; best) | " + " | ".join(
                 f"{e['modes'][mode]['last']:.3f}; {e['modes'][mode]['best']:.3f}" for e in cell.values()) + " |")
             lines.append(f"| {mode}: above the random band from (samples seen) | " + " | ".join(
                 "never" if e["modes"][mode]["above_band_from"] is None else f"{e['modes'][mode]['above_band_from']:,}"
                 for e in cell.values()) + " |")
+        if "ceiling" in first:
+            lines.append(f"| ceiling margin: {first['ceiling']['reference']}'s head - max(pixels, random-init max) | "
+                         + " | ".join(f"{e['ceiling_margin']:+.3f}" for e in cell.values()) + " |")
+            lines += ["", "| trained end to end (its own head) | held-out accuracy |", "|---|---|"]
+            lines += [f"| {name} | {with_interval(acc, n)} |" for name, acc in first["end_to_end"].items()]
         lines.append("")
     return "\n".join(lines)
 
