@@ -55,6 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--supervised-steps", type=int, default=3000,
                    help="steps of the end-to-end references (the encoder from scratch; 0: none of them)")
     p.add_argument("--cnn-steps", type=int, default=2000, help="steps of the frame-CNN reference (0: none)")
+    p.add_argument("--reference-tasks", default="static,dynamic", help="tasks the end-to-end references train on")
     p.add_argument("--finetune", action="store_true",
                    help="also finetune each mode's pretrained encoder end to end with the supervised recipe")
     p.add_argument("--batch-size", type=int, default=None, help="pretraining batch per rank (default: the config's)")
@@ -180,7 +181,7 @@ def end_to_end(args, cfg, bench: dict, name: str, recipe, *, device, evaluator=N
     from expmae.supervised_reference import SupervisedReference
 
     results = {}
-    for task in ("static", "dynamic"):
+    for task in args.reference_tasks.split(","):
         folder = args.out / "references" / f"{name}_{task}"
         cache = folder / "scores.json"
         if cache.is_file() and json.loads(cache.read_text())["recipe"] == recipe.identity():
