@@ -9,8 +9,9 @@ lines, comments and ``try:`` between are fine), and the kind is one of REASONS, 
   make its ``--help`` and argument/config checks pay for what only a valid run needs (torch, transformers, ...).
   Checked: the module is loaded by the ``--help`` of a console script whose ``--help`` loads no torch
   (LIGHT_HELP_SCRIPTS), and the imported module is not.
-- ``optional dependency``: the imported distribution is not in install_requires (an extra, such as ``tts``).
-  Checked against setup.cfg.
+- ``optional dependency``: a third-party package that only an optional path of the module needs: an extra (such
+  as ``tts``), or a heavy or noisy package that only an opt-in setting uses (DeepSpeed for a debug probe).
+  Checked: a third-party package that the file does not import at its top.
 - ``upward shim``: a lazy public-API name that goes up a layer on purpose. Checked: the pair is in
   expmae.architecture.ALLOWED_UPWARD.
 
@@ -25,7 +26,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from test_dependencies import declared_modules
 from test_package import console_scripts
 
 from expmae.architecture import ALLOWED_UPWARD, LAYERS, is_cli, layer_of
@@ -118,7 +118,7 @@ def test_pending_entries_are_still_needed():
 MARK = "# deferred:"
 REASONS = {
     "console start-up": "a light console script's --help loads the module, and not what the import brings in",
-    "optional dependency": "the imported distribution is only in an extra of setup.cfg, not in install_requires",
+    "optional dependency": "a third-party package only an optional path needs, not imported at the file's top",
     "upward shim": "a lazy public-API name going up a layer on purpose (expmae.architecture.ALLOWED_UPWARD)",
 }
 # Deferred imports in files other helpers are editing at the time of writing, and the lines that import expmae.jobs
@@ -233,15 +233,33 @@ def reason_of(node: ast.stmt, lines: list[str], import_lines: set[int]) -> str |
     return next((line.split(MARK, 1)[1].strip() for line in own + above if MARK in line), None)
 
 
-def deferral_problems(package: Path, start_ups: dict[str, frozenset[str]], install_requires: set[str],
-                      allowed_upward, pending: set[tuple[str, str]]) -> list[str]:
+def top_level_packages(tree: ast.Module) -> set[str]:
+    """The top-level names of the third-party (and stdlib) packages a module imports outside functions."""
+    found = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.Import):
+                found.update(a.name.split(".")[0] for a in child.names)
+            elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
+                found.add(child.module.split(".")[0])
+            elif not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                visit(child)
+
+    visit(tree)
+    return found - {"expmae", "__future__"}
+
+
+def deferral_problems(package: Path, start_ups: dict[str, frozenset[str]], allowed_upward,
+                      pending: set[tuple[str, str]]) -> list[str]:
     """One line per import inside a function of ``package`` whose deferral gives no reason of REASONS, or one that
     the code contradicts; ``start_ups``: script -> the modules its --help loads."""
     known, problems = modules(package), []
     for module, path in sorted(known.items()):
         rel = path.relative_to(package.parent).as_posix()
         lines = path.read_text(encoding="utf-8").splitlines()
-        found = function_imports(ast.parse("\n".join(lines)))
+        tree = ast.parse("\n".join(lines))
+        found, at_top = function_imports(tree), top_level_packages(tree)
         import_lines = {i for node, _ in found for i in range(node.lineno - 1, node.end_lineno)}
         for node, function in found:
             text, reason = ast.unparse(node), reason_of(node, lines, import_lines)
@@ -260,28 +278,25 @@ def deferral_problems(package: Path, start_ups: dict[str, frozenset[str]], insta
                                                          for loaded in start_ups.values()):
                 problems.append(f"{where}: console start-up, but no light console script's --help loads {module} "
                                 f"without {sorted(ours | tops)}")
-            elif kind == "optional dependency" and (not tops or tops & install_requires):
-                problems.append(f"{where}: optional dependency, but {sorted(tops)} is in install_requires")
+            elif kind == "optional dependency" and (not tops or tops & (at_top | set(sys.stdlib_module_names))):
+                problems.append(f"{where}: optional dependency, but {sorted(tops) or 'expmae'} is not a third-party "
+                                "package the file leaves out of its top-level imports")
             elif kind == "upward shim" and (not ours or any((module, t) not in allowed_upward for t in ours)):
                 problems.append(f"{where}: upward shim, but {sorted((module, t) for t in ours)} "
                                 "is not in ALLOWED_UPWARD")
     return problems
 
 
-def install_requires_modules() -> set[str]:
-    return {m for m, groups in declared_modules((PACKAGE.parent / "setup.cfg").read_text()).items()
-            if "install_requires" in groups}
-
-
-def test_light_console_scripts_help_loads_no_torch():
-    heavy = {name: sorted(m for m in ("torch", "transformers", "sklearn", "matplotlib", "decord", "av")
-                          if m in help_start_up(target)) for name, target in LIGHT_HELP_SCRIPTS.items()}
-    assert all(not loaded for loaded in heavy.values()), heavy
+def test_light_console_scripts_help_loads_no_heavy_library():
+    heavy = {name: sorted(m for m in ("torch", "transformers", "timm", "accelerate", "deepspeed", "facenet_pytorch",
+                                      "sklearn", "matplotlib", "av") if m in help_start_up(target))
+             for name, target in LIGHT_HELP_SCRIPTS.items()}
+    assert not any(heavy.values()), heavy
 
 
 def test_every_import_inside_a_function_says_why_it_is_deferred():
     start_ups = {name: help_start_up(target) for name, target in LIGHT_HELP_SCRIPTS.items()}
-    problems = deferral_problems(PACKAGE, start_ups, install_requires_modules(), ALLOWED_UPWARD, PENDING_DEFERRED)
+    problems = deferral_problems(PACKAGE, start_ups, ALLOWED_UPWARD, PENDING_DEFERRED)
     assert not problems, "\n".join(problems)
 
 
@@ -304,6 +319,7 @@ def test_the_deferral_check_reads_comments_and_checks_each_kind(tmp_path):
                                      "    return thing\n")
     (pkg / "heavy.py").write_text("import torch\nthing = 1\n")
     (pkg / "cli.py").write_text(
+        "import numpy\n"
         "def main():\n"
         "    # deferred: console start-up: torch (+2 s on --help)\n"
         "    # and transformers\n"
@@ -315,22 +331,22 @@ def test_the_deferral_check_reads_comments_and_checks_each_kind(tmp_path):
         "        import TTS  # deferred: optional dependency: the tts extra\n"
         "    except ImportError:\n"
         "        pass\n"
-        "    import yaml  # deferred: optional dependency: but it is a core one\n"
+        "    import numpy  # deferred: optional dependency: but imported at the top\n"
         "    import json\n"
         "    import csv  # deferred: import cycle: csv\n"
         "    import os  # deferred: console start-up: os\n"
         "    from expmae import heavy  # deferred: upward shim: not declared\n"
-        "    import numpy  # left for later\n"
+        "    import yaml  # left for later\n"
         "\n"
         "class C:\n"
         "    def method(self):\n"
         "        import torch  # deferred: console start-up:\n")
     start_ups = {"tool": frozenset({"expmae", "expmae.cli", "os"})}
-    problems = deferral_problems(pkg, start_ups, {"torch", "transformers", "yaml", "numpy"},
-                                 {("expmae", "expmae.heavy"): "lazy"}, {("expmae/cli.py", "import numpy")})
-    assert [p.split(":")[1].split(" ")[0] for p in problems] == ["12", "13", "14", "15", "16", "21"], problems
+    upward, pending = {("expmae", "expmae.heavy"): "lazy"}, {("expmae/cli.py", "import yaml")}
+    problems = deferral_problems(pkg, start_ups, upward, pending)
+    assert [p.split(":")[1].split(" ")[0] for p in problems] == ["13", "14", "15", "16", "17", "22"], problems
     assert "console start-up, but no light console script's --help loads expmae.cli without ['os']" in problems[3]
     assert "found 'import cycle: csv'" in problems[2] and "found 'console start-up:'" in problems[5]
     # the same code with the module outside every start-up: a console start-up reason no longer holds
-    moved = deferral_problems(pkg, {"tool": frozenset({"expmae"})}, set(), {("expmae", "expmae.heavy"): "lazy"}, set())
+    moved = deferral_problems(pkg, {"tool": frozenset({"expmae"})}, upward, set())
     assert sum("console start-up, but" in p for p in moved) == 4, moved
