@@ -14,7 +14,7 @@ def add_version_argument(parser) -> None:
 def __getattr__(name: str):
     # Lazy public API: torch / timm load only when used.
     if name == "load_encoder":
-        from expmae.weights import load_encoder
+        from expmae.weights import load_encoder  # deferred: upward shim: `import expmae` loads no torch
 
         return load_encoder
     raise AttributeError(f"module 'expmae' has no attribute {name!r}")

@@ -7,19 +7,27 @@ console scripts (called in-process through their entry points) and ``expmae.feat
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from accelerate.utils import set_seed
+
+from expmae.features.common import list_inputs
+from expmae.features.visual import extract_visual_features
+from expmae.model import create_model
+from expmae.probe import linear_probe, read_features
+from expmae.weights import save_encoder
 
 
 def console_script(name: str):
     """The ``main(argv)`` of an installed console script (what ``expmae-export ...`` runs)."""
-    from importlib.metadata import entry_points
-
     found = [e for e in entry_points(group="console_scripts") if e.name == name]
     if not found:
         raise RuntimeError(f"console script {name} is not installed; install the package (pip install -e .)")
@@ -28,9 +36,6 @@ def console_script(name: str):
 
 def run_script(name: str, argv: Sequence[str], quiet: bool = False) -> None:
     """Run a console script in-process; ``quiet`` drops what it prints on stdout (errors still reach stderr)."""
-    import contextlib
-    import io
-
     with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
         rc = console_script(name)([str(a) for a in argv])
     if rc:
@@ -46,18 +51,12 @@ def read_clips(csv_path: str | os.PathLike) -> list[dict]:
 def random_init_model(model_name: str, overrides: dict, seed: int):
     """The whole ExpMAE (encoder and decoders) a pretraining run with this model config and ``train.seed`` starts
     from."""
-    from accelerate.utils import set_seed
-
-    from expmae.model import create_model
-
     set_seed(seed)  # as the training loop seeds before it builds the model: the same initial weights
     return create_model(model_name, **overrides)
 
 
 def save_random_init_encoder(model_name: str, overrides: dict, out_dir: str | os.PathLike, seed: int) -> Path:
     """The encoder a pretraining run with this model config and ``train.seed`` starts from, as an encoder folder."""
-    from expmae.weights import save_encoder
-
     model = random_init_model(model_name, overrides, seed)
     return save_encoder(model, out_dir, model_name=model_name, overwrite=True,
                         source={"kind": "random-init", "seed": seed})
@@ -67,9 +66,6 @@ def extract_features(encoder_dir: str | os.PathLike, sources: Sequence[str | os.
                      out_dir: str | os.PathLike) -> Path:
     """Clip-encoder features of every video of ``sources`` (folders of videos or expmae-crop outputs; mean over
     tokens and windows), one .npy per video in ``out_dir`` (resumable)."""
-    from expmae.features.common import list_inputs
-    from expmae.features.visual import extract_visual_features
-
     videos = [path for source in sources for path in list_inputs(source)]
     extract_visual_features(videos, out_dir, encoder_dir, modality="video", pooling="mean", progress=False)
     return Path(out_dir)
@@ -77,8 +73,6 @@ def extract_features(encoder_dir: str | os.PathLike, sources: Sequence[str | os.
 
 def probe(features: str | os.PathLike, clips: list[dict]) -> dict[str, float]:
     """Linear probe: fit on the train identities' clips, score on the held-out identities'."""
-    from expmae.probe import linear_probe, read_features
-
     train = [c for c in clips if c["split"] == "train"]
     test = [c for c in clips if c["split"] == "test"]
     return linear_probe(read_features(features, [c["name"] for c in train]), [c["label"] for c in train],

@@ -51,8 +51,9 @@ def say(step: int, msg: str) -> None:
     print(f"[{step}/{STEPS}] {msg}", flush=True)
 
 
+# Each step imports what it runs: `expmae-demo --help` (50 ms) would otherwise load numpy (+150 ms) and torch (+1.5 s).
 def make_sample_set(out: Path, args) -> dict[str, Path]:
-    from expmae.synthetic import write_expression_benchmark
+    from expmae.synthetic import write_expression_benchmark  # deferred: console start-up: numpy
 
     t0 = time.perf_counter()
     paths = write_expression_benchmark(out, "static", num_frames=args.frames, size=128, framing="scene",
@@ -65,7 +66,7 @@ def make_sample_set(out: Path, args) -> dict[str, Path]:
 
 
 def crop(videos_dir: Path, crops_dir: Path, size: int, workers: int) -> int:
-    from expmae.facecrop_folder import crop_folder
+    from expmae.facecrop_folder import crop_folder  # deferred: console start-up: numpy
 
     t0 = time.perf_counter()
     done = 0
@@ -93,8 +94,8 @@ def pretrain(crops_dir: Path, run_dir: Path, overrides: list[str]) -> int:
 
 def encoders(run_dir: Path, out: Path) -> dict[str, Path]:
     """The pretrained encoder (expmae-export of the run) and the one the run started from (random init)."""
-    from expmae.benchmark import run_script, save_random_init_encoder
-    from expmae.config import load_config
+    from expmae.benchmark import run_script, save_random_init_encoder  # deferred: console start-up: torch
+    from expmae.config import load_config  # deferred: console start-up: +16 ms on expmae-demo --help
 
     cfg = load_config(run_dir / "config.yaml")
     pretrained, random_init = out / "encoder", out / "encoder_random_init"
@@ -108,6 +109,7 @@ def heldout_recon(pretrained, random_init, clips_uint8, *, draws: int = RECON_DR
     """Masked-reconstruction losses on held-out clips (uint8 (B, C, T, H, W)) of the pretrained model, its random
     initialisation and the trivial predictors, all on the same ``draws`` mask draws (seeds seed, seed + 1, ...):
     {name: {"loss", "loss_mae", "loss_video"}} for random_init, patch_mean, copy_visible, pretrained."""
+    # deferred: console start-up: torch
     import torch
 
     from expmae.recon_baselines import PREDICTORS
@@ -122,6 +124,7 @@ def heldout_recon(pretrained, random_init, clips_uint8, *, draws: int = RECON_DR
 def reconstruction(run_dir: Path, clips_dir: Path) -> dict:
     """heldout_recon of the run's last checkpoint (encoder and decoders) and of the model it started from, on the
     evaluation views (centre window and crop, the run's frame stride) of every clip in ``clips_dir``."""
+    # deferred: console start-up: torch
     import torch
 
     from expmae.benchmark import random_init_model
@@ -142,7 +145,7 @@ def reconstruction(run_dir: Path, clips_dir: Path) -> dict:
 
 
 def evaluate(encoder_dirs: dict[str, Path], benchmark: dict[str, Path], crops_dir: Path, out: Path) -> dict:
-    from expmae.benchmark import evaluate_encoder
+    from expmae.benchmark import evaluate_encoder  # deferred: console start-up: torch
 
     t0 = time.perf_counter()
     # Always from scratch, as the run: features are resumable per file and keyed by the encoder's config, not its
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="training config overrides (python -m expmae.pretrain --help-config)")
     args = p.parse_args(argv)
 
-    from expmae.config import ConfigError, load_config
+    from expmae.config import ConfigError, load_config  # deferred: console start-up: +16 ms on expmae-demo --help
 
     out = Path(args.out).resolve()
     crops_dir, run_dir = out / "crops", out / "run"
@@ -273,7 +276,7 @@ def report_probes(summary: dict) -> None:
 
 
 def report_paths(summary: dict, run_dir: Path, out: Path) -> None:
-    from expmae.checkpoint import latest_checkpoint
+    from expmae.checkpoint import latest_checkpoint  # deferred: console start-up: torch
 
     pngs = sorted((run_dir / "recon").glob("step_*.png"))
     details = summary["details"]

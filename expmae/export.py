@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import yaml
+
 from expmae import add_version_argument
 from expmae.checkpoint import WEIGHT_SOURCES, read_checkpoint, read_model_checkpoint  # noqa: F401 (public API)
 from expmae.model import ExpMAEEncoder
@@ -71,8 +73,6 @@ def export_encoder(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *,
 
 # ----------------------------------------------------------------------------------------------- CLI
 def _parse_overrides(items: Sequence[str]) -> dict:
-    import yaml
-
     out = {}
     for item in items:
         key, sep, value = item.partition("=")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import multiprocessing
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -18,8 +19,7 @@ def get_detector(device: str = "cpu", min_face_size: int = 20):
     """One MTCNN per process and setting (weights ship with facenet-pytorch: no download)."""
     key = (str(device), int(min_face_size))
     if key not in _DETECTORS:
-        import multiprocessing
-
+        # deferred: console start-up: torch and facenet-pytorch, +2.9 s on expmae-crop --help
         import torch
         from facenet_pytorch import MTCNN
 
@@ -33,7 +33,7 @@ def get_detector(device: str = "cpu", min_face_size: int = 20):
 def torch_threads(n: int):
     """Temporarily use ``n`` intra-op threads. MTCNN's many tiny convolutions gain little from threads, and on a
     busy machine OpenMP's spinning threads make it several times slower (measured: 45 ms vs 800 ms per frame)."""
-    import torch
+    import torch  # deferred: console start-up: torch, +1.5 s on expmae-crop --help
 
     before = torch.get_num_threads()
     if n > 0 and n != before:

@@ -29,6 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from expmae.synthetic import TASKS, ExpressionClip, expression_benchmark, render_expression_clip
 
@@ -94,8 +95,6 @@ def _write_labels(path: Path, clips: list[ExpressionClip]) -> None:
 def write_learning_benchmark(out_dir: str | os.PathLike, size: LearningBenchmarkSize | None = None, *,
                              workers: int = 1, progress: bool = True) -> dict[str, Path]:
     """Render the benchmark into ``out_dir`` (resumable: finished clips are kept); returns its paths."""
-    from tqdm import tqdm
-
     size = size or LearningBenchmarkSize()
     out = Path(out_dir)
     pool = pool_clips(size)

@@ -14,6 +14,7 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageFilter
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,6 @@ SKINLIKE = ((224, 172, 140), (198, 134, 96), (161, 102, 68), (241, 194, 167))  #
 
 def degrade(frame: np.ndarray, nuisance: Nuisance, center: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
     """One rendered frame (H, W, 3) float32 in 0-255 -> uint8 with roll, light, blur, compression and noise."""
-    from PIL import Image, ImageFilter
-
     h, w = frame.shape[:2]
     if nuisance.roll:
         pad = h // 4  # reflect the borders out so the rotation brings in more of the room, not a fill colour

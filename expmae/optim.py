@@ -10,6 +10,7 @@ import math
 from typing import Iterable
 
 import torch
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 
@@ -30,8 +31,6 @@ def cosine_lr(step: int, *, peak_lr: float, min_lr: float, warmup_steps: int, to
 def param_groups(model: nn.Module, weight_decay: float, no_weight_decay: Iterable[str] = ()) -> list[dict]:
     """Two AdamW groups: decay on weight matrices, none on norms, biases and ``no_weight_decay`` names
     (position embeddings, mask tokens: the model's own ``no_weight_decay()``, fnmatch patterns allowed)."""
-    from timm.optim import param_groups_weight_decay
-
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=tuple(no_weight_decay))
 
 

@@ -29,6 +29,7 @@ of a JSON-lines log is skipped when read, the run folder's lock is released by t
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
@@ -64,8 +65,6 @@ def worker_init(parent: int, worker_id: int) -> None:
 def _set_pdeathsig(sig: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
-    import ctypes
-
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0

@@ -17,10 +17,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from statistics import NormalDist
 from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, balanced_accuracy_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from expmae.vit import AttentivePooler
@@ -44,10 +50,6 @@ def read_features(folder: str | os.PathLike, names: Sequence[str]) -> np.ndarray
 def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, test_y: Sequence, *,
                  C: float = 0.1, seed: int = 0) -> dict:
     """Fit on (train_x, train_y), score on (test_x, test_y): see :func:`score`."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     check_lengths(train_x, train_y, test_x, test_y)
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, random_state=seed))
     clf.fit(train_x, np.asarray(train_y))
@@ -56,8 +58,6 @@ def linear_probe(train_x: np.ndarray, train_y: Sequence, test_x: np.ndarray, tes
 
 def score(test_y: Sequence, pred: Sequence, *, num_train: int) -> dict:
     """A probe's result: accuracy (WAR), balanced accuracy (UAR), sample counts, 95% Wilson interval (ci95)."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score
-
     test_y, pred = np.asarray(test_y), np.asarray(pred)
     accuracy = float(accuracy_score(test_y, pred))
     return {"accuracy": accuracy, "balanced_accuracy": float(balanced_accuracy_score(test_y, pred)),
@@ -68,8 +68,6 @@ def score(test_y: Sequence, pred: Sequence, *, num_train: int) -> dict:
 def accuracy_interval(accuracy: float, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of an accuracy measured on n samples: (low, high). Unlike the normal approximation it
     stays inside [0, 1] and is not empty at an accuracy of 0 or 1."""
-    from statistics import NormalDist
-
     if n < 1 or not 0 <= accuracy <= 1 or not 0 < level < 1:
         raise ValueError(f"accuracy={accuracy}, n={n}, level={level}: expected 0 <= accuracy <= 1, n >= 1, "
                          "0 < level < 1")
@@ -198,8 +196,6 @@ def attentive_probe(train_tokens: np.ndarray, train_y: Sequence, test_tokens: np
 def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float,
                      weight_decay: float, batch_size: int, seed: int) -> None:
     """Cross-entropy, AdamW, lr cosine-decayed to 0 over all steps; batches reshuffled every epoch."""
-    import torch.nn.functional as F
-
     if epochs < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"epochs={epochs}, batch_size={batch_size}, lr={lr}: expected positive values")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)

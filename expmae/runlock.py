@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -169,8 +170,6 @@ class FolderLock:
 
     def _flock(self) -> bool | None:
         """True: we hold the flock; False: another process does; None: this filesystem has no working flock."""
-        import fcntl
-
         self.fd = os.open(self.folder / LOCK_NAME, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

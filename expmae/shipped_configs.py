@@ -17,6 +17,8 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from expmae import add_version_argument
+
 # kind -> folder inside the package (relative to expmae/)
 KINDS = {
     "pretrain": "pretrain/configs",
@@ -81,8 +83,6 @@ def add_list_configs_argument(parser: argparse.ArgumentParser, kinds: tuple[str,
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expmae import add_version_argument
-
     p = argparse.ArgumentParser(prog="expmae-configs", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     add_version_argument(p)

@@ -8,12 +8,16 @@ mouth well below the eyes, with face width >= ~25 px; flat cartoon ellipses with
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from expmae.nuisance import Nuisance, degrade
+from expmae.video import write_video
 
 # Skin tones from light to dark; MTCNN finds the face on all of them (tests/test_synthetic.py checks).
 SKIN_TONES = ((241, 194, 167), (224, 172, 140), (198, 134, 96), (161, 102, 68), (120, 76, 50), (92, 58, 40))
@@ -165,8 +169,6 @@ def make_face_videos(out_dir: str | os.PathLike, n: int = 8, num_frames: int = 4
 
     Video ``i`` uses seed ``seed * 1000 + i``, so a set is reproducible and its members differ.
     """
-    from expmae.video import write_video
-
     _check_size(size)
     out_dir = Path(out_dir)
     paths = []
@@ -178,8 +180,6 @@ def make_face_videos(out_dir: str | os.PathLike, n: int = 8, num_frames: int = 4
 
 def make_noface_video(path: str | os.PathLike, num_frames: int = 48, size: int = 128, fps: int = 25, seed: int = 0) -> Path:
     """A background-only clip (no face anywhere): the 'no face found' case for tests and demos."""
-    from expmae.video import write_video
-
     _check_size(size)
     frames, _ = render_face_clip(num_frames, size, seed, face=False)
     return write_video(path, frames, fps)
@@ -258,8 +258,6 @@ def render_expression_clip(clip: ExpressionClip, num_frames: int = 16, size: int
     a face crop) or "scene" (a head in a room, for the face-crop tool). ``nuisance`` > 0 adds what real face
     crops vary in (expmae.nuisance: framing, roll, light, occlusion, blur, compression, noise, more talking);
     0 draws exactly the clip it always did."""
-    from expmae.nuisance import Nuisance, degrade
-
     if framing not in ("face", "scene"):
         raise ValueError(f"framing={framing!r}; expected 'face' or 'scene'")
     if not 0 <= nuisance <= 2:
@@ -313,10 +311,6 @@ def write_expression_benchmark(out_dir: str | os.PathLike, task: str, *, num_fra
     (``name,discrete,valence``): ``train-label.csv`` (train identities), ``test-label.csv`` (held-out identities)
     and ``clips.csv`` (every clip with identity, split, label, valence). Existing videos are kept (reruns reuse
     them). ``sizes``: identities, test_identities, clips_per_identity (see expression_benchmark)."""
-    import csv
-
-    from expmae.video import write_video
-
     _check_size(size)
     out_dir = Path(out_dir)
     clips = expression_benchmark(task, seed=seed, **sizes)

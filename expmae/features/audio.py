@@ -43,7 +43,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.nd
     Channels are averaged, i.e. (L + R) / 2, which is what ``ffmpeg -ac 1`` writes to the 16-bit wav files the
     MER2023 baseline reads (swresample's own float downmix would scale stereo by sqrt(2) instead).
     """
-    import av
+    import av  # deferred: console start-up: PyAV, +40 ms on expmae-features --help
 
     chunks = []
     with av.open(str(path)) as container:
@@ -88,6 +88,7 @@ class AudioEncoder:
     ):
         # Check the folder before the slow imports, so a wrong path fails at once.
         self.model_dir = check_model_dir(model_dir, what="a HuBERT/wav2vec2 model", example=MODEL_EXAMPLE)
+        # deferred: console start-up: torch and transformers, +1.5 s on expmae-features --help
         import torch
         from transformers import AutoFeatureExtractor, AutoModel
 

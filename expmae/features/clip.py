@@ -27,6 +27,7 @@ from expmae.features.common import (
     run_extraction,
 )
 from expmae.shards import Shard
+from expmae.video import open_video, read_frames
 
 MODEL_EXAMPLE = "openai/clip-vit-large-patch14"
 
@@ -49,8 +50,6 @@ def read_face_frames(path: str | os.PathLike, num_frames: int = 16) -> np.ndarra
         if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or len(clip) == 0:
             raise ValueError(f"{path}: a {clip.dtype} array shaped {clip.shape}; expected a uint8 (T, H, W, 3) face clip")
         return np.ascontiguousarray(clip[frame_indices(len(clip), num_frames)])
-    from expmae.video import open_video, read_frames
-
     reader = open_video(path)
     return read_frames(reader, frame_indices(len(reader), num_frames), path)
 
@@ -61,6 +60,7 @@ class ClipImageEncoder:
     def __init__(self, model_dir: str | os.PathLike, *, batch_size: int = 32, device: str = "auto", dtype: str = "float32"):
         # Check the folder before the slow imports, so a wrong path fails at once.
         self.model_dir = check_model_dir(model_dir, what="a CLIP model", example=MODEL_EXAMPLE)
+        # deferred: console start-up: torch and transformers, +1.5 s on expmae-features --help
         import torch
         from transformers import AutoImageProcessor, AutoModel
 

@@ -20,6 +20,7 @@ from expmae.files import create_exclusive, save_npy_atomic
 from expmae.jobs import JobSummary, Prefetcher, run_jobs
 from expmae.shards import Shard, read_manifest
 from expmae.runlock import FolderLock
+from expmae.video import VIDEO_EXTENSIONS, list_videos
 
 POOLINGS = ("mean", "none")
 LAYER_REDUCTIONS = ("sum", "mean")
@@ -35,8 +36,6 @@ def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
     - a .txt file, one path per line (relative to the list; ``#`` starts a comment), or a single video;
     - an iterable of paths.
     """
-    from expmae.video import VIDEO_EXTENSIONS, list_videos
-
     if not isinstance(source, (str, os.PathLike)):
         return [Path(p) for p in source]
     source = Path(source)
@@ -61,7 +60,7 @@ def list_inputs(source: str | os.PathLike | Iterable[str | os.PathLike]) -> list
 def resolve_device(device: str | None = "auto"):
     """"auto" -> a GPU when there is one, else the CPU. "auto" and "cuda" (no index) mean this process's own GPU
     under a launcher (``LOCAL_RANK`` of accelerate launch / torchrun), so 8 launched processes use 8 GPUs."""
-    import torch
+    import torch  # deferred: console start-up: torch, +1.5 s on expmae-crop --help and expmae-features --help
 
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,7 +70,7 @@ def resolve_device(device: str | None = "auto"):
 
 
 def resolve_dtype(name: str):
-    import torch
+    import torch  # deferred: console start-up: torch, +1.5 s on expmae-crop --help and expmae-features --help
 
     dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
     if name not in dtypes:
@@ -137,7 +136,7 @@ def check_layers(layers: Sequence[int], num_hidden_states: int) -> None:
 
 def combine_layers(hidden_states: Sequence, layers: Sequence[int], reduce: str = "sum"):
     """Sum (the MER2023 baseline) or mean of the chosen hidden states, each (B, T, D) -> (B, T, D)."""
-    import torch
+    import torch  # deferred: console start-up: torch, +1.5 s on expmae-crop --help and expmae-features --help
 
     check_layers(layers, len(hidden_states))
     if reduce not in LAYER_REDUCTIONS:

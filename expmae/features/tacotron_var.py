@@ -28,6 +28,7 @@ unpickler that admits numpy arrays and plain values only.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import pickle
 from pathlib import Path
@@ -37,6 +38,7 @@ import numpy as np
 
 from expmae.features.audio import load_audio
 from expmae.features.common import feature_dir_name, list_inputs, model_fingerprint, resolve_device, run_extraction
+from expmae.features.text import read_transcripts
 from expmae.shards import Shard
 
 EMBEDDINGS = ("posterior", "reference")
@@ -48,8 +50,6 @@ INSTALL_HINT = "pip install 'expmae[tts]' (coqui-tts)"
 
 def coqui(module: str):
     """A module of coqui-tts (the optional ``tts`` extra), or the one-line error that names the extra."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as exc:
@@ -93,7 +93,7 @@ def resolve_checkpoint(model: str | os.PathLike, config: str | os.PathLike | Non
 
 def load_state_dict(checkpoint: Path) -> dict:
     """The model's tensors from a coqui checkpoint (``{"model": state_dict, ...}``) or a bare state dict."""
-    import torch
+    import torch  # deferred: console start-up: torch, +1.5 s on expmae-features --help
 
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -192,7 +192,7 @@ class TacotronVarEncoder:
             raise ValueError(f"embedding {embedding!r}; expected one of {', '.join(EMBEDDINGS)}")
         # Check the files before the slow imports, so a wrong path fails at once.
         self.checkpoint, self.config_path = resolve_checkpoint(model, config)
-        import torch
+        import torch  # deferred: console start-up: torch, +1.5 s on expmae-features --help
 
         coqui("TTS")  # the optional extra: a one-line error before anything else loads
         cfg, stats = load_capacitron_config(self.config_path)
@@ -276,8 +276,6 @@ def extract_tacotron_var_features(
         if isinstance(transcripts, Mapping):
             texts = dict(transcripts)
         else:
-            from expmae.features.text import read_transcripts
-
             texts = read_transcripts(transcripts, language=language, column=column)
 
     def load(path: Path):

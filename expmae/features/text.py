@@ -38,6 +38,7 @@ from expmae.features.common import (
     run_extraction,
 )
 from expmae.shards import Shard
+from expmae.video import VIDEO_EXTENSIONS
 
 DEFAULT_LAYERS = (-4, -3, -2, -1)
 TEXT_COLUMNS = {"zh": ("chinese", "sentence"), "en": ("english",)}
@@ -83,6 +84,7 @@ class TextEncoder:
     ):
         # Check the folder before the slow imports, so a wrong path fails at once.
         self.model_dir = check_model_dir(model_dir, what="a BERT-family model", example=MODEL_EXAMPLE)
+        # deferred: console start-up: torch and transformers, +1.5 s on expmae-features --help
         import torch
         from transformers import AutoModel, AutoTokenizer
 
@@ -180,8 +182,6 @@ def run_cli(args: argparse.Namespace, out_root: Path):
     elif args.transcripts is None:
         raise ValueError(f"{source}: give the transcript CSV with --transcripts (INPUT names the samples: videos or a .txt list)")
     else:
-        from expmae.video import VIDEO_EXTENSIONS
-
         # Samples are named by their file stems; a .txt list may also hold bare names (which may contain dots).
         transcripts = args.transcripts
         names = [p.stem if p.suffix.lower() in (*VIDEO_EXTENSIONS, ".npy") else p.name for p in list_inputs(source)]

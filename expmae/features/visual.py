@@ -36,6 +36,7 @@ from expmae.features.common import (LAYER_REDUCTIONS, check_layers, list_inputs,
                                     resolve_device, resolve_dtype, run_extraction, weights_fingerprint)
 from expmae.shards import Shard
 from expmae.model_config import DEFAULT_SAMPLE_STRIDE
+from expmae.video import open_video, read_frames
 
 MODALITIES = ("video", "frame")
 DEFAULT_FRAME_COUNT = 16
@@ -51,7 +52,7 @@ def clip_windows(num_available: int, num_frames: int, sample_stride: int, clip_s
     Windows start at 0, clip_stride, 2 x clip_stride, ... while they fit; ``max_clips`` > 0 keeps that many,
     spread evenly. A video shorter than one window gives one window padded with its last frame.
     """
-    from expmae.data import sample_frame_indices
+    from expmae.data import sample_frame_indices  # deferred: console start-up: torch
 
     if num_frames < 1 or sample_stride < 1 or (clip_stride is not None and clip_stride < 1) or max_clips < 0:
         raise ValueError(f"num_frames={num_frames}, sample_stride={sample_stride}, clip_stride={clip_stride}, "
@@ -81,14 +82,13 @@ def frame_reader(source) -> tuple[int, Any]:
         if clip.ndim != 4 or clip.shape[-1] != 3 or clip.dtype != np.uint8 or len(clip) == 0:
             raise ValueError(f"{path}: a {clip.dtype} array shaped {clip.shape}; expected a uint8 (T, H, W, 3) face clip")
         return len(clip), lambda idx: np.ascontiguousarray(clip[idx])
-    from expmae.video import open_video, read_frames
 
     reader = open_video(path)
     return len(reader), lambda idx: read_frames(reader, idx, path)
 
 
 def _is_tensor(x) -> bool:
-    import torch
+    import torch  # deferred: console start-up: torch, +1.5 s on expmae-features --help
 
     return torch.is_tensor(x)
 
@@ -96,7 +96,7 @@ def _is_tensor(x) -> bool:
 def crop_face_frames(path: str | os.PathLike, size: int = 224, device: str = "cpu") -> tuple[np.ndarray, dict]:
     """The main face of a raw video as uint8 (T, size, size, 3), cropped by expmae.facecrop_video (MTCNN, tracking,
     smoothing) into a temporary file; returns the frames and the crop tool's record (detection rate, ...)."""
-    from expmae.facecrop_video import CropOptions, crop_video
+    from expmae.facecrop_video import CropOptions, crop_video  # deferred: console start-up: +9 ms on expmae-features --help
 
     with tempfile.TemporaryDirectory(prefix="expmae-crop-") as tmp:
         out = Path(tmp) / "face.npy"
@@ -142,6 +142,7 @@ class VisualFeatureExtractor:
                  sample_stride: int | None = None, clip_stride: int | None = None, max_clips: int = 0,
                  batch_size: int = 8, device: str = "auto", dtype: str = "float32", crop: bool = False,
                  layers: str | int | Sequence[int] = (-1,), readout: str = "mean", layer_reduce: str = "sum"):
+        # deferred: console start-up: torch and the weights, +1.5 s on expmae-features --help
         import torch
 
         from expmae.weights import load_encoder, read_encoder_config, unwrap_encoder
@@ -201,7 +202,7 @@ class VisualFeatureExtractor:
 
     def load(self, source) -> dict:
         """Decode (and crop) one video / .npy clip / frame array: uint8 frames (3, U, S, S) + which to use."""
-        from expmae.data import center_crop_box, crop_resize_frames
+        from expmae.data import center_crop_box, crop_resize_frames  # deferred: console start-up: torch
 
         info: dict[str, Any] = {}
         if self.crop:
@@ -240,7 +241,7 @@ class VisualFeatureExtractor:
         Each state gets the encoder's final LayerNorm (ExpMAEEncoder.forward_intermediates), so the last one is
         exactly the encoder's output. Read-outs (see :func:`read_out`): "mean" (N, D), "position" (N, S*D),
         "tokens" (N, T'*S, D); S = patches per frame, T' = time steps per window (1 for "frame")."""
-        from expmae.data import normalize_clips
+        from expmae.data import normalize_clips  # deferred: console start-up: torch
 
         bad = [r for r in readouts if r not in READOUTS]
         if bad or not readouts:

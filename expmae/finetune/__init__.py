@@ -25,6 +25,6 @@ The parts, each importing only those listed before it (nothing here imports the 
 
 def main(argv=None) -> int:
     """``expmae-finetune``: the target of console scripts installed with the entry point ``expmae.finetune:main``."""
-    from expmae.finetune.cli import main as cli_main
+    from expmae.finetune.cli import main as cli_main  # deferred: upward shim: scripts installed with this entry point
 
     return cli_main(argv)

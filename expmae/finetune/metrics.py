@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 VALENCE_WEIGHT_IN_METRIC = 0.25
 
@@ -158,17 +159,14 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], targ
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
     """Write a row-normalised confusion matrix (counts annotated) as a PNG, atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI and servers have no display
-    import matplotlib.pyplot as plt
-
     from expmae.files import atomic_path
 
     cm = np.asarray(cm)
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(class_names), 0.8 + 0.8 * len(class_names)))
+    # a Figure of its own, not pyplot's: no display backend to choose, nothing global to switch or close
+    fig = Figure(figsize=(1.0 + 0.9 * len(class_names), 0.8 + 0.8 * len(class_names)))
+    ax = fig.subplots()
     im = ax.imshow(norm, cmap="Blues", vmin=0.0, vmax=1.0)
     ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     ax.set_yticks(range(len(class_names)), class_names)
@@ -183,7 +181,6 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
     return Path(path)
 
 

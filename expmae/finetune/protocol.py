@@ -26,12 +26,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 from expmae.finetune.backends import make_backend
 from expmae.finetune.common import clean, digest, fmt, log
 from expmae.finetune.config import FinetuneConfig
 from expmae.finetune.featureset import FeatureSet, describe_missing
 from expmae.finetune.metrics import Scorer, confusion_matrix, plot_confusion_matrix
+from expmae.finetune.pseudo_label import MODES, pseudo_label_rounds
 from expmae.finetune.splits import check_folds, column_folds, file_folds, stratified_folds
 from expmae.files import atomic_path, remove_stale_temp_files, write_json
 from expmae.labels import (LabelFormat, LabelSet, is_label_file, label_format, read_labels, read_name_list,
@@ -173,8 +177,6 @@ def train_fold(cfg: FinetuneConfig, fold: int, split: tuple[np.ndarray, np.ndarr
 def fit_fold(cfg, fold, split, data: Data, scorer: Scorer, pseudo, run_dir: Path, backend, writer, tag: str,
              fingerprint: str) -> dict:
     """Train one fold, predict its held-out split, the tests and the pool, and write its files (record last)."""
-    import torch
-
     tr, va = split
     torch.manual_seed(cfg.seed * 1000 + fold)
     fold_train, fold_label, fold_targets = data.train.subset(tr), data.label[tr], data.targets[tr]
@@ -213,8 +215,6 @@ def fold_mean(records: list[dict], keys: Sequence[str]) -> dict[str, float | Non
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Run the whole protocol described in the module docstring; returns (and writes) the results dict."""
-    from expmae.finetune.pseudo_label import MODES
-
     if cfg.pseudo_label not in MODES:
         raise ValueError(f"pseudo_label={cfg.pseudo_label!r}; expected one of {MODES}")
     if cfg.pseudo_label != "none" and cfg.head == "svm":
@@ -222,8 +222,6 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if not cfg.labels:
         raise ValueError("a label CSV (labels) is required")
     if cfg.threads > 0:
-        import torch
-
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.out_dir)
     with FolderLock(out_dir, what="out_dir"):  # one live run per folder (FolderInUse names the owner)
@@ -243,14 +241,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 def run_folds(cfg: FinetuneConfig, data: Data, splits, scorer: Scorer, minority, backend, out_dir: Path):
     """Every fold with its pseudo-label rounds: (per fold, per round: (record, predictions)), per fold PseudoLabels."""
-    from tqdm.auto import tqdm
-
-    from expmae.finetune.pseudo_label import pseudo_label_rounds
-
     writer = None
     if cfg.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
         writer = SummaryWriter(str(out_dir / "tb"))
     fold_runs: list[list[tuple[dict, dict]]] = []
     fold_pseudo = []

@@ -12,6 +12,7 @@ Three sources, one result (a list of (train rows, held-out rows) into the loaded
 from __future__ import annotations
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
 from expmae.labels import read_name_list
 
@@ -20,8 +21,6 @@ TRAIN_VALUE = "train"  # a split-column value that is never held out
 
 def stratified_folds(label: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """scikit-learn's StratifiedKFold (shuffled, seeded); every class needs at least ``folds`` samples."""
-    from sklearn.model_selection import StratifiedKFold
-
     return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(label)), label))
 
 

@@ -5,8 +5,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from expmae.finetune.featureset import FeatureSet, input_stats
+from expmae.finetune.heads import task_loss
 
 
 @dataclass
@@ -23,8 +25,6 @@ LOOP_KEYS = ("epoch", "best_epoch", "best", "best_score", "best_state", "history
 
 def predict(head, features: FeatureSet, *, batch_size: int = 1024, device=None) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities (N, C) and regression columns (N, R) in eval mode."""
-    import torch
-
     device = device or next(head.parameters()).device
     head.eval()
     probs, regression = [], []
@@ -86,10 +86,6 @@ def fit_head(head, train: FeatureSet, label: np.ndarray, targets: np.ndarray, va
 
     Input standardisation statistics come from ``train`` only. ``head`` is left holding the returned state.
     """
-    import torch
-
-    from expmae.finetune.heads import task_loss
-
     device = next(head.parameters()).device
     head.set_input_stats({k: tuple(map(torch.from_numpy, input_stats(a))) for k, a in train.arrays.items()})
     x = {k: torch.from_numpy(a).to(device) for k, a in train.arrays.items()}

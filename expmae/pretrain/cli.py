@@ -11,6 +11,7 @@ import sys
 
 from expmae import add_version_argument
 from expmae.config import ConfigError, describe, load_config, to_yaml  # light: no torch
+from expmae.parentdeath import die_with_parent, launched
 from expmae.shipped_configs import add_list_configs_argument, resolve_config
 
 
@@ -31,8 +32,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expmae.parentdeath import die_with_parent, launched
-
     if launched():  # first: a rank must not outlive its launcher (whose agent starts it in a session of its own)
         die_with_parent()
     args = parse_args(argv)
@@ -51,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(cfg).rstrip())
         return 0
 
+    # deferred: console start-up: torch, accelerate and DeepSpeed (+3 s), after the config is known to be valid
     from expmae.pretrain.train import DataStallError, NonFiniteLossError, train
     from expmae.runlock import FolderInUse
 

@@ -10,6 +10,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from safetensors.torch import save_file
+
 
 @dataclass
 class Faults:
@@ -50,7 +53,8 @@ class SyncCounter:
         self.per_micro_step: list[dict] = []
 
     def install(self) -> "SyncCounter":
-        import torch
+        # deferred: optional dependency: DeepSpeed serves debug.count_syncs only here; a run without DeepSpeed
+        # would pay its import (0.2 s after torch) and its accelerator warning
         from deepspeed.accelerator import get_accelerator
 
         def counted(fn, name):
@@ -86,8 +90,6 @@ class SyncCounter:
 def dump_inputs(path: Path, clips, out: dict) -> None:
     """What the model was given and what it drew (debug.dump_inputs): its input clips and masks, so a test can
     rebuild the targets a run trained on."""
-    from safetensors.torch import save_file
-
     keep = {"clips": clips, **{k: out[k] for k in ("mask_mae", "frame_idx", "mask_video") if k in out}}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in keep.items()}, str(path))

@@ -6,7 +6,16 @@ all-reduce until NCCL's timeout. With ``data.timeout`` the DataLoader gives up a
 """
 from __future__ import annotations
 
+import functools
+import os
 import time
+
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from expmae.data import collate_samples
+from expmae.data_batches import EpochBatchSampler
+from expmae.parentdeath import worker_init
 
 
 class DataStall(RuntimeError):
@@ -23,8 +32,6 @@ class EpochItems:
     """
 
     def __init__(self, dataset, num_workers: int = 0, hang: tuple[int, int] | None = None):
-        import torch
-
         self.dataset, self.hang = dataset, hang
         self.decoding = torch.full((max(1, num_workers), 2), -1.0, dtype=torch.float64).share_memory_()
 
@@ -32,8 +39,6 @@ class EpochItems:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        from torch.utils.data import get_worker_info
-
         epoch, index, *sample = key
         worker = get_worker_info()
         slot = self.decoding[worker.id if worker is not None else 0]
@@ -59,16 +64,6 @@ def make_loader(dataset, *, plan, state, rank: int, seed: int, num_workers: int,
     """One DataLoader for the whole run, starting at the state's data position; ``repeated_samples`` = k: each
     worker decodes a clip once for its k samples, which go to k different batches (expmae.data_batches.EpochBatchSampler).
     Its workers die with this process (expmae.parentdeath)."""
-    import functools
-    import os
-
-    import torch
-    from torch.utils.data import DataLoader
-
-    from expmae.data import collate_samples
-    from expmae.data_batches import EpochBatchSampler
-    from expmae.parentdeath import worker_init
-
     sampler = EpochBatchSampler(len(dataset), batch_size=plan.batch_size, batches_per_epoch=plan.batches_per_epoch,
                                 rank=rank, world=plan.world, seed=seed, start_epoch=state.epoch,
                                 start_batch=state.batch_in_epoch, repeated_samples=repeated_samples, workers=num_workers,

@@ -7,6 +7,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
 
 def _value(x) -> float:
     return float(x)  # a device tensor is read back here, at flush time
@@ -15,8 +19,6 @@ def _value(x) -> float:
 class TrainLogger:
     def __init__(self, out_dir: Path, *, enabled: bool, plan, start_step: int, resumed: bool, log_every: int,
                  flops_per_clip: float, tokens_per_clip: int, peak_flops: float | None, device):
-        from tqdm.auto import tqdm
-
         from expmae.files import JsonlLog
 
         self.enabled, self.plan, self.log_every, self.device = enabled, plan, log_every, device
@@ -26,8 +28,6 @@ class TrainLogger:
                         unit="step", dynamic_ncols=True)
         self._reset_interval()
         if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
             # Steps after the checkpoint were not kept: drop them so the log is one trajectory.
             self.metrics.rewrite([r for r in self.metrics.read() if r.get("step", 0) <= start_step] if resumed else [])
             self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"),
@@ -81,8 +81,6 @@ class TrainLogger:
         if self.peak_flops:
             w.add_scalar("perf/mfu", device_flops / self.peak_flops, step)
         if self.device.type == "cuda":
-            import torch
-
             w.add_scalar("perf/gpu_mem_peak_gib", torch.cuda.max_memory_allocated(self.device) / 2**30, step)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.bar.set_postfix(loss=f"{self.sums['loss'] / n:.4f}", lr=f"{record['lr']:.2e}",

@@ -17,8 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.distributed as dist
 
 from expmae.config import ConfigError, EvalConfig
+from expmae.features.common import list_inputs
+from expmae.features.visual import VisualFeatureExtractor, pool_readouts
+from expmae.probe import probe_readouts, stack_tokens
 
 LABEL_COLUMNS = ("discrete", "label")
 VAL_SPLITS = ("val", "test", "valid", "validation")
@@ -61,8 +66,6 @@ def _held_out(rows: list[dict], labels_csv: Path, val_fraction: float, seed: int
 
 def read_eval_set(cfg: EvalConfig) -> EvalSet:
     """The clips of ``eval.source`` that ``eval.labels`` names; one-line errors for a bad CSV or a missing clip."""
-    from expmae.features.common import list_inputs
-
     labels_csv = Path(cfg.labels)
     if not labels_csv.is_file():
         raise ConfigError(f"eval.labels={labels_csv}: no such file")
@@ -103,8 +106,6 @@ class OnlineEvaluator:
     """Built once at start-up (decodes this rank's share of the clips); called at each evaluation step."""
 
     def __init__(self, cfg: EvalConfig, encoder, *, sample_stride: int, rank: int, world: int, device):
-        from expmae.features.visual import VisualFeatureExtractor
-
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
         self.data = read_eval_set(cfg)
         self.mine = np.arange(rank, len(self.data), world)  # this rank's clips
@@ -129,7 +130,6 @@ class OnlineEvaluator:
             windows.append(loaded["windows"] + offset)
             owner += [i] * len(loaded["windows"])
             offset += loaded["pixels"].shape[1]
-        import torch
 
         windows = np.concatenate(windows) if windows else np.zeros((0, self.extractor.num_frames), np.int64)
         most = _max_over_ranks(len(windows), self.world)
@@ -175,8 +175,6 @@ class OnlineEvaluator:
     def score(self, order: np.ndarray, feats: dict[str, np.ndarray], probes=None) -> dict[str, float]:
         """Probe every key on the gathered features (rows in ``order`` of the eval set), each task on its own, with
         ``probes`` (default: eval.probes)."""
-        from expmae.probe import probe_readouts
-
         labels, held_out, tasks = self.data.labels[order], self.data.held_out[order], self.data.tasks[order]
         metrics = {}
         for task in sorted(set(tasks)):
@@ -192,9 +190,6 @@ class OnlineEvaluator:
 def pool_by_clip(rows: dict[str, np.ndarray], owner: np.ndarray, num_clips: int) -> dict[str, np.ndarray]:
     """Per-window read-outs {key: (W, ...)} -> per-clip features, each clip's windows (``owner``: the clip of each
     window, -1 = padding) pooled by expmae.features.visual.pool_readouts, token read-outs stacked (NaN-padded)."""
-    from expmae.features.visual import pool_readouts
-    from expmae.probe import stack_tokens
-
     clips = [pool_readouts({k: v[owner == i] for k, v in rows.items()}) for i in range(num_clips)]
     return {k: stack_tokens([c[k] for c in clips]) if v.ndim == 3 else np.stack([c[k] for c in clips]).astype(np.float32)
             for k, v in rows.items()}
@@ -218,8 +213,6 @@ def flatten(results: dict[str, dict[str, dict]], headline: str, prefix: str = "e
 def _max_over_ranks(n: int, world: int) -> int:
     if world == 1:
         return n
-    import torch.distributed as dist
-
     counts = [0] * world
     dist.all_gather_object(counts, n)  # object collectives work on gloo and nccl alike
     return max(counts)
@@ -229,8 +222,6 @@ def _gather(mine: np.ndarray, feats: dict[str, np.ndarray], world: int) -> tuple
     """Every rank's (indices, features) on rank 0 (other ranks get theirs back: unused)."""
     if world == 1:
         return mine, feats
-    import torch.distributed as dist
-
     parts = [None] * world
     dist.all_gather_object(parts, (mine, feats))
     order = np.concatenate([p[0] for p in parts])

@@ -9,16 +9,18 @@ import secrets
 import time
 from pathlib import Path
 
+import torch.distributed as dist
+
+from expmae.checkpoint import (TRAIN_STATE_NAME, latest_checkpoint, read_model_config, remove_partial,
+                               resolve_checkpoint)
 from expmae.config import ConfigError
-from expmae.runlock import FolderInUse
+from expmae.runlock import FolderInUse, FolderLock
 
 NONCE_NAME = ".expmae_nonce"
 
 
 def find_resume_checkpoint(resume: str, ckpt_dir: Path) -> Path | None:
     """``--resume`` (auto | none | PATH) -> the checkpoint to start from, or None for a fresh run."""
-    from expmae.checkpoint import latest_checkpoint, resolve_checkpoint
-
     existing = latest_checkpoint(ckpt_dir)
     if resume == "none":
         if existing is not None:
@@ -44,8 +46,6 @@ def _from_rank0(accelerator, compute):
         except (ConfigError, FileExistsError, FolderInUse) as exc:
             box[0] = ("error", exc)
     if accelerator.num_processes > 1:
-        import torch.distributed as dist
-
         dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
@@ -57,8 +57,6 @@ def claim_output_dir(accelerator, out_dir: Path):
     """Rank 0 creates ``out_dir`` and takes its lock (expmae.runlock) before anything is written there; every rank
     gets the answer, so a folder that a live run owns stops all ranks with the same one-line FolderInUse. Returns
     the lock on rank 0 (release it when the run ends), None on the other ranks."""
-    from expmae.runlock import FolderLock
-
     held = []
     _from_rank0(accelerator, lambda: held.append(FolderLock(out_dir, what="train.output_dir").acquire()))
     return held[0] if held else None
@@ -66,8 +64,6 @@ def claim_output_dir(accelerator, out_dir: Path):
 
 def choose_resume(accelerator, resume: str, ckpt_dir: Path) -> Path | None:
     """Rank 0 picks the checkpoint (and removes partial saves); every rank gets its choice."""
-    from expmae.checkpoint import remove_partial
-
     def pick():
         chosen = find_resume_checkpoint(resume, ckpt_dir)
         remove_partial(ckpt_dir)
@@ -80,8 +76,6 @@ def choose_resume(accelerator, resume: str, ckpt_dir: Path) -> Path | None:
 def check_shared_output_dir(accelerator, out_dir: Path, seen_as: Path | None = None, wait_s: float = 10.0) -> None:
     """Rank 0 writes a fresh nonce into ``out_dir``; every rank must read it back there (``seen_as``: where this
     rank looks, for tests). NFS may show a new file late, so a rank retries for up to ``wait_s`` seconds."""
-    import torch.distributed as dist
-
     if accelerator.num_processes == 1:
         return
     path = (seen_as or out_dir) / NONCE_NAME
@@ -114,8 +108,6 @@ def check_shared_output_dir(accelerator, out_dir: Path, seen_as: Path | None = N
 
 def check_resumable(checkpoint: Path, model_config: dict, run_shape: dict) -> None:
     """Before loading: a different model or run shape would fail deep inside load_state, or resume inexactly."""
-    from expmae.checkpoint import TRAIN_STATE_NAME, read_model_config
-
     saved_model = read_model_config(checkpoint)
     changed = sorted(k for k in model_config if json.dumps(model_config[k]) != json.dumps(saved_model.get(k)))
     if changed:

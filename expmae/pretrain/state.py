@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 from dataclasses import dataclass
 
+import numpy as np
+import torch
+
 from expmae.config import ConfigError, PretrainConfig
+from expmae.optim import scaled_lr
 
 
 @dataclass
@@ -52,8 +57,6 @@ class Plan:
 
     @classmethod
     def from_config(cls, cfg: PretrainConfig, num_clips: int, world: int) -> "Plan":
-        from expmae.optim import scaled_lr
-
         t = cfg.train
         # Per rank, whole accumulation windows only (DistributedSampler drops the tail): an epoch is a whole
         # number of optimizer steps, so epoch-based schedules are exact and windows never straddle epochs.
@@ -96,20 +99,10 @@ class RngSnapshot:
     exactly where the window began. Host-side copies only: no device synchronisation."""
 
     def __init__(self):
-        import random
-
-        import numpy as np
-        import torch
-
         self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
 
     def restore(self) -> None:
-        import random
-
-        import numpy as np
-        import torch
-
         random.setstate(self.python)
         np.random.set_state(self.numpy)
         torch.set_rng_state(self.torch)

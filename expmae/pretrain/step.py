@@ -12,7 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from expmae.data import batch_to_device
+import torch
+
+from expmae.data import batch_to_device, normalize_clips
+from expmae.optim import set_lr
+from expmae.pretrain.debug import dump_inputs
 from expmae.pretrain.loader import DataStall
 
 LOSS_KEYS = ("loss", "loss_mae", "loss_video")
@@ -51,8 +55,6 @@ class StepResult:
 
 
 def _inputs(ctx: StepContext, clips):
-    from expmae.data import normalize_clips
-
     # float32 into the model: it casts its own inputs (bf16 under DeepSpeed bf16) but builds the norm-pix targets
     # from the clips as given, so they are not rounded to bf16.
     return normalize_clips(clips, mean=ctx.mean, std=ctx.std)
@@ -60,8 +62,6 @@ def _inputs(ctx: StepContext, clips):
 
 def _reduce(ctx: StepContext, loss, out, stalled: bool) -> list[float]:
     """The one all-reduce (+ read-back) per micro-step: [loss, loss_mae, loss_video, #non-finite, #stalled]."""
-    import torch
-
     device = ctx.accelerator.device
     zero = torch.zeros((), device=device)
     parts = [zero, zero, zero] if loss is None else [
@@ -76,10 +76,6 @@ def _reduce(ctx: StepContext, loss, out, stalled: bool) -> list[float]:
 def train_step(ctx: StepContext, state, data, lr: float) -> StepResult:
     """Run one accumulation window from ``data``; advance ``state`` (micro-step, data position, counters; step
     only when taken). A non-finite micro-batch is dropped on every rank; a window with none finite is skipped."""
-    import torch
-
-    from expmae.optim import set_lr
-
     accelerator, model = ctx.accelerator, ctx.model
     result = StepResult(step=state.step + 1, lr=lr)
     set_lr(ctx.optimizer, lr)  # before backward: under DeepSpeed the step runs inside accelerator.backward
@@ -99,8 +95,6 @@ def train_step(ctx: StepContext, state, data, lr: float) -> StepResult:
                 out = model(inputs)
                 loss = ctx.faults.apply(out["loss"], state.micro_step)
                 if ctx.dump_to is not None and state.micro_step == 0:
-                    from expmae.pretrain.debug import dump_inputs
-
                     dump_inputs(ctx.dump_to, inputs, out)
             *losses, nonfinite, stalled = _reduce(ctx, loss, out, stall is not None)
             if stalled:  # a rank's loader timed out: every rank stops here, with no backward

@@ -2,15 +2,13 @@
 folders and a head; ``video``: the expMAE encoder finetuned end to end on face clips (+ feature folders)."""
 from __future__ import annotations
 
+from expmae.finetune.backends.features import FeatureBackend
+from expmae.finetune.backends.video import VideoBackend
 from expmae.finetune.config import FinetuneConfig
 
 
 def make_backend(cfg: FinetuneConfig):
     """The end-to-end backend when videos or an encoder are given, else the features backend."""
     if cfg.videos or cfg.encoder:
-        from expmae.finetune.backends.video import VideoBackend
-
         return VideoBackend(cfg)
-    from expmae.finetune.backends.features import FeatureBackend
-
     return FeatureBackend(cfg)

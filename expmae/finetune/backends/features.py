@@ -5,9 +5,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from safetensors.torch import save_file
 
+from expmae.features.common import resolve_device
 from expmae.finetune.config import RUN_KEYS, FinetuneConfig
 from expmae.finetune.featureset import FeatureSet, list_feature_names, load_features, parse_feature_specs
+from expmae.finetune.heads import TOKEN_HEADS, create_head, is_trainable
 from expmae.finetune.training import FitResult, fit_head, predict
 
 
@@ -23,8 +26,6 @@ class FeatureBackend:
         self.branches = parse_feature_specs(cfg.features)
 
     def load(self, names: Sequence[str], missing: str) -> FeatureSet:
-        from expmae.finetune.heads import TOKEN_HEADS
-
         return load_features(self.branches, names, missing=missing, progress=self.cfg.progress,
                              tokens=self.cfg.head in TOKEN_HEADS)
 
@@ -47,9 +48,6 @@ class FeatureBackend:
             tag: str = "", checkpoint: Path | None = None, fingerprint: str = ""):
         """A fresh head trained on ``train``; returns (head holding its best state, FitResult). A fold takes
         seconds here, so ``checkpoint`` / ``fingerprint`` (the end-to-end backend's resume state) are not used."""
-        from expmae.features.common import resolve_device
-        from expmae.finetune.heads import create_head, is_trainable
-
         cfg = self.cfg
         head = create_head(cfg.head, train.dims, hidden_dim=cfg.hidden_dim, dropout=cfg.dropout, factor_k=cfg.factor_k,
                            num_layers=cfg.head_layers, svm_c=cfg.svm_c, num_classes=len(scorer.classes),
@@ -69,14 +67,10 @@ class FeatureBackend:
 
     def predict(self, model, features: FeatureSet) -> tuple[np.ndarray, np.ndarray]:
         """Class probabilities (N, C) and regression columns (N, R)."""
-        from expmae.finetune.heads import is_trainable
-
         return predict(model, features) if is_trainable(model) else model.predict(features.arrays)
 
     def save(self, model, fit: FitResult, run_dir: Path) -> None:
         """head.safetensors (a torch head's best state); a scikit-learn head leaves only its predictions."""
-        from safetensors.torch import save_file
-
         from expmae.files import atomic_path
 
         if not fit.state_dict:

@@ -12,16 +12,15 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
 
 
 class SVMHead:
     trainable = False  # fit on features by scikit-learn, not by gradient steps
 
     def __init__(self, in_dims: Mapping[str, int], c: float = 1.0, num_classes: int = 6, num_targets: int = 1):
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        from sklearn.svm import SVC
-
         self.in_dims, self.num_classes, self.num_targets = dict(in_dims), num_classes, num_targets
         self.pipeline = make_pipeline(StandardScaler(), SVC(C=c))
 
