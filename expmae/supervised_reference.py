@@ -136,8 +136,9 @@ class SupervisedReference:
 
     def save(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        state = {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step, "seconds": self.seconds,
-                 "torch_rng": torch.get_rng_state(), "recipe": self.recipe.identity()}
+        state = {"classifier": self.classifier.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "step": self.step, "seconds": self.seconds, "torch_rng": torch.get_rng_state(),
+                 "recipe": self.recipe.identity()}
         with atomic_path(self.state_path()) as tmp:
             torch.save(state, tmp)
 
