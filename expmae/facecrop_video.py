@@ -23,7 +23,7 @@ from expmae.features.common import resolve_device
 from expmae.files import atomic_path
 from expmae.jobs import background_iter
 from expmae.settings import ConfigError, check, setting
-from expmae.video import (DEFAULT_KEYINT, VideoError, VideoInfo, iter_frames, open_video, read_frames,
+from expmae.video import (DEFAULT_KEYINT, VideoError, VideoInfo, VideoWriter, iter_frames, open_video, read_frames,
                           stored_encoding, video_info)
 
 FORMATS = ("mp4", "npy")
@@ -260,8 +260,6 @@ def _write_crops(reader, path: Path, boxes: np.ndarray, start: int, end: int, ou
                     crops[i - start] = crop_square(f, *boxes[i - start], opt.size)
             np.save(tmp, crops)  # tmp already ends in .npy, so np.save keeps the name
             return
-        from expmae.video import VideoWriter
-
         with VideoWriter(tmp, fps, opt.size, opt.size, crf=opt.crf, keyint=opt.keyint) as writer:
             for idx, frames in iter_frames(reader, np.arange(start, end), 32, path):
                 writer.write(crop_square(f, *boxes[i - start], opt.size) for i, f in zip(idx, frames))
@@ -281,8 +279,6 @@ def _verify_readable(path: Path, frames: int, size: int) -> None:
 def reencode_clip(path: Path, fps: float, crf: int = 18, keyint: int = DEFAULT_KEYINT) -> None:
     """Rewrite one mp4 face clip in today's stored form (atomically): the same frames, one more lossy generation
     (at crf 18, a mean error of about 1-2 grey levels)."""
-    from expmae.video import VideoWriter
-
     reader = open_video(path)
     frames = len(reader)
     with atomic_path(path) as tmp:
