@@ -23,7 +23,9 @@ accelerate's ``model.safetensors`` / ``pytorch_model.bin``. Files are read safel
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import yaml
+from safetensors.torch import load_file, save_file
 
 from expmae.files import atomic_path, write_json
 from expmae.model import ExpMAEConfig, ExpMAEEncoder, get_config, upgrade_state_dict
@@ -101,8 +105,6 @@ def save_checkpoint(
     keep_last: int,
 ) -> Path:
     """Save the full training state as ``ckpt_dir/step_XXXXXXX``; call on every rank. Returns the folder."""
-    from safetensors.torch import save_file
-
     ckpt_dir = Path(ckpt_dir)
     final = ckpt_dir / step_dir_name(step)
     tmp = final.with_name(final.name + ".tmp")
@@ -148,8 +150,6 @@ def load_checkpoint(accelerator, path: str | os.PathLike) -> dict:
 def load_model_weights(path: str | os.PathLike) -> tuple[dict, dict]:
     """``(model_config, state_dict)`` of a checkpoint (or the newest one under a run folder), read safely
     from safetensors: everything an exporter needs, no accelerate or DeepSpeed required."""
-    from safetensors.torch import load_file
-
     path = resolve_checkpoint(path)
     return read_model_config(path), upgrade_state_dict(load_file(str(path / WEIGHTS_NAME)))
 
@@ -271,8 +271,6 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 def _run_config(ckpt: Path) -> dict:
     """The run's saved config.yaml (run/checkpoints/step_*/ -> run/config.yaml), or {}."""
-    import yaml
-
     path = ckpt.parent.parent / "config.yaml"
     if ckpt.parent.name != "checkpoints" or not path.is_file():  # only a run folder's own config counts
         return {}
@@ -296,8 +294,6 @@ def _checkpoint_config(ckpt: Path, run_cfg: dict) -> ExpMAEConfig:
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     try:
         return load_file(str(path))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
@@ -307,9 +303,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _consolidate_zero(ckpt: Path, tag: str) -> dict[str, torch.Tensor]:
     # DeepSpeed's own reader: fp32 master weights merged from every rank's shard, on the CPU, any world size.
     # It unpickles DeepSpeed's files (weights_only=False): only point it at checkpoints you trust.
-    import contextlib
-    import logging
-
+    # deferred: optional dependency: DeepSpeed (+0.2 s and its start-up log lines), only for ZeRO shards
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 from expmae import add_version_argument
+from expmae.files import JsonlLog
 from expmae.shipped_configs import find_config
 
 ACCELERATE_CONFIG = find_config("cpu_deepspeed_2proc", ("accelerate",))
@@ -244,8 +245,6 @@ def report_reconstruction(recon: dict) -> None:
 def online_curve(run_dir: Path) -> dict:
     """The pretraining's online evaluation (kNN and linear probe of the frozen encoder on the held-out people) at
     its first step (the random-init twin) and its last."""
-    from expmae.files import JsonlLog
-
     records = [r for r in JsonlLog(run_dir / "metrics.jsonl").read() if "eval/knn_acc" in r]
     keys = ("eval/knn_acc", "eval/probe_acc", "eval/probe_uar")
     return {"steps": [r["step"] for r in records],

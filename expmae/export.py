@@ -19,6 +19,7 @@ import yaml
 
 from expmae import add_version_argument
 from expmae.checkpoint import WEIGHT_SOURCES, read_checkpoint, read_model_checkpoint  # noqa: F401 (public API)
+from expmae.jobs import one_line
 from expmae.model import ExpMAEEncoder
 from expmae.weights import hf_export as hf_folders
 from expmae.weights import (CONFIG_NAME, ENCODER_WEIGHTS, TIMM_WEIGHTS, ImportReport,  # noqa: F401
@@ -111,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from expmae.jobs import one_line
-
     args = build_parser().parse_args(argv)
     try:
         summary = export_encoder(args.checkpoint, args.out_dir, weights=args.weights, model=args.model,

@@ -19,7 +19,7 @@ from expmae.facecrop_video import CropOptions, NoFaceError, crop_video, plan_cro
 from expmae.features.common import resolve_device
 from expmae.runlock import FolderInUse, FolderLock
 from expmae.settings import ConfigError, add_arguments, given
-from expmae.shards import Shard
+from expmae.shards import Shard, merge_job_logs, resolve_shard
 from expmae.video import VIDEO_EXTENSIONS
 
 __all__ = ["CropOptions", "NoFaceError", "build_parser", "crop_folder", "crop_video", "main", "plan_crop",
@@ -51,8 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from expmae.shards import merge_job_logs, resolve_shard
-
     p = build_parser()
     args = p.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +22,9 @@ from typing import Sequence
 from expmae.facecrop_video import (CropOptions, CropPlan, DetectionInput, crop_video, detect_video, detection_input,
                                    plan_from_detections, reencode_clip)
 from expmae.features.common import resolve_device
-from expmae.jobs import run_jobs
-from expmae.shards import Shard, read_manifest
+from expmae.files import JsonlLog
+from expmae.jobs import Prefetcher, one_line, run_jobs
+from expmae.shards import Shard, manifest_files, read_manifest
 from expmae.video import DEFAULT_KEYINT, list_videos, stored_encoding
 
 
@@ -56,10 +58,6 @@ class CropPipeline:
 
     def __init__(self, paths: Sequence[str], output_dir: str, root: str | None, options: CropOptions, *,
                  skip: set[str], prefetch: int = 1, write_threads: int = 1):
-        from concurrent.futures import ThreadPoolExecutor
-
-        from expmae.jobs import Prefetcher
-
         self.output_dir, self.root, self.options = output_dir, root, options
         key = functools.partial(_path_key, root=root)
         self.prefetcher = Prefetcher(paths, self._open, key, skip, prefetch)
@@ -136,11 +134,7 @@ def reencode_folder(output_dir: str | os.PathLike, crf: int = 18, keyint: int = 
     """Re-encode the mp4 clips of an expmae-crop folder whose manifest record names another stored form than
     today's (crops of older versions have none); resumable: the manifest is updated as clips are done.
     Returns {total, reencoded, already, failed, failures}."""
-    from tqdm.auto import tqdm
-
-    from expmae.files import JsonlLog
-    from expmae.jobs import one_line
-    from expmae.shards import manifest_files
+    from tqdm.auto import tqdm  # deferred: console start-up: tqdm, +23 ms on expmae-crop --help
 
     output_dir = Path(output_dir)
     manifest = JsonlLog(output_dir / "manifest.jsonl")

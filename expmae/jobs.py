@@ -154,7 +154,7 @@ def run_jobs(
     ``output_of(key)``: the output path of a key, so that a process sharing the folder with others removes only the
     stale temporary files of its own share (without it, a sharded process removes none).
     """
-    from tqdm.auto import tqdm
+    from tqdm.auto import tqdm  # deferred: console start-up: tqdm, +23 ms on expmae-crop and expmae-features --help
 
     out_dir = Path(out_dir)
     keyed = _keyed(items, key)  # every process checks every key: the same error on every rank

@@ -26,6 +26,8 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
+from expmae.files import atomic_path
+
 MER_CLASSES: tuple[str, ...] = ("neutral", "angry", "happy", "sad", "worried", "surprise")
 CLASS_TO_INDEX: dict[str, int] = {c: i for i, c in enumerate(MER_CLASSES)}
 VALENCE_RANGE: tuple[float, float] = (-5.0, 5.0)
@@ -237,8 +239,6 @@ def write_predictions(path: str | os.PathLike, names: Sequence[str], label: np.n
                       extra: Mapping[str, Sequence] | None = None) -> Path:
     """Predictions in the label layout (name, class column, regression columns, then ``extra`` columns), so they
     read back with :func:`read_labels`; without ``targets`` just name and class (pseudo-labels)."""
-    from expmae.files import atomic_path
-
     target_names = list(fmt.targets or ()) if targets is not None else []
     extra = dict(extra or {})
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:

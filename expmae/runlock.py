@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from expmae.files import atomic_path
+
 LOCK_NAME = ".expmae_lock"
 LEASE_NAME = ".expmae_owner.json"
 HEARTBEAT_S = 15.0
@@ -68,8 +70,6 @@ class Lease:
             return None
 
     def write(self, path: Path) -> None:
-        from expmae.files import atomic_path
-
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(asdict(self)), encoding="utf-8")
 

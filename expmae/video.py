@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from expmae.files import atomic_path
+
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".flv", ".mpg", ".mpeg", ".wmv", ".3gp", ".ts")
 DEFAULT_FPS = 25.0  # used when a container reports no usable frame rate
 
@@ -211,8 +213,6 @@ class VideoWriter:
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = DEFAULT_FPS, **options) -> Path:
     """Write uint8 frames (T, H, W, 3) to ``path`` atomically (see :class:`VideoWriter` for ``options``)."""
-    from expmae.files import atomic_path
-
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
         raise ValueError(f"{path}: expected frames shaped (T, H, W, 3) with T > 0, got {frames.shape}")

@@ -124,74 +124,6 @@ REASONS = {
     "optional dependency": "a third-party package only an optional path needs, not imported at the file's top",
     "upward shim": "a lazy public-API name going up a layer on purpose (expmae.architecture.ALLOWED_UPWARD)",
 }
-# Deferred imports in files other helpers are editing at the time of writing, and the lines that import expmae.jobs
-# (which is being split): moved in a follow-up pass. Each entry: (file, the import as ast.unparse writes it).
-PENDING_DEFERRED: set[tuple[str, str]] = {
-    ('expmae/checkpoint.py', 'from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint'),
-    ('expmae/checkpoint.py', 'from safetensors.torch import load_file'),
-    ('expmae/checkpoint.py', 'from safetensors.torch import save_file'),
-    ('expmae/checkpoint.py', 'import contextlib'),
-    ('expmae/checkpoint.py', 'import logging'),
-    ('expmae/checkpoint.py', 'import yaml'),
-    ('expmae/config.py', 'from expmae.files import atomic_path'),
-    ('expmae/config.py', 'import yaml'),
-    ('expmae/demo.py', 'from expmae.files import JsonlLog'),
-    ('expmae/export.py', 'from expmae.jobs import one_line'),
-    ('expmae/facecrop.py', 'from expmae.shards import merge_job_logs, resolve_shard'),
-    ('expmae/facecrop_folder.py', 'from concurrent.futures import ThreadPoolExecutor'),
-    ('expmae/facecrop_folder.py', 'from expmae.files import JsonlLog'),
-    ('expmae/facecrop_folder.py', 'from expmae.jobs import Prefetcher'),
-    ('expmae/facecrop_folder.py', 'from expmae.jobs import one_line'),
-    ('expmae/facecrop_folder.py', 'from expmae.shards import manifest_files'),
-    ('expmae/facecrop_folder.py', 'from tqdm.auto import tqdm'),
-    ('expmae/facecrop_video.py', 'from PIL import Image'),
-    ('expmae/facecrop_video.py', 'from expmae.video import VideoWriter'),
-    ('expmae/features/cli.py', 'from expmae.jobs import one_line'),
-    ('expmae/features/cli.py', 'from expmae.shards import merge_job_logs, resolve_shard'),
-    ('expmae/files.py', 'import numpy as np'),
-    ('expmae/finetune/backends/features.py', 'from expmae.files import atomic_path'),
-    ('expmae/finetune/backends/resume.py', 'from expmae.files import atomic_path'),
-    ('expmae/finetune/backends/resume.py', 'from expmae.jobs import one_line'),
-    ('expmae/finetune/featureset.py', 'from expmae.jobs import one_line'),
-    ('expmae/finetune/metrics.py', 'from expmae.files import atomic_path'),
-    ('expmae/jobs.py', 'from tqdm.auto import tqdm'),
-    ('expmae/labels.py', 'from expmae.files import atomic_path'),
-    ('expmae/pretrain/logger.py', 'from expmae.files import JsonlLog'),
-    ('expmae/pretrain/train.py', 'from accelerate import Accelerator'),
-    ('expmae/pretrain/train.py', 'from accelerate.utils import DistributedType'),
-    ('expmae/pretrain/train.py', 'from accelerate.utils import InitProcessGroupKwargs'),
-    ('expmae/pretrain/train.py', 'from accelerate.utils import gather_object'),
-    ('expmae/pretrain/train.py', 'from accelerate.utils import set_seed'),
-    ('expmae/pretrain/train.py', 'from expmae.checkpoint import load_checkpoint'),
-    ('expmae/pretrain/train.py', 'from expmae.checkpoint import save_checkpoint'),
-    ('expmae/pretrain/train.py', 'from expmae.config import save_config'),
-    ('expmae/pretrain/train.py', 'from expmae.data import VideoClipDataset, resolve_augment_on'),
-    ('expmae/pretrain/train.py', 'from expmae.flops import peak_bf16_flops, train_flops_per_clip'),
-    ('expmae/pretrain/train.py', 'from expmae.model import create_model'),
-    ('expmae/pretrain/train.py', 'from expmae.optim import cosine_lr'),
-    ('expmae/pretrain/train.py', 'from expmae.optim import create_optimizer'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.debug import Faults, SyncCounter'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.loader import Batches'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.loader import make_loader'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.logger import TrainLogger'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.online_eval import OnlineEvaluator'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.resume import check_resumable, check_shared_output_dir, choose_resume'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.resume import claim_output_dir'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.step import StepContext'),
-    ('expmae/pretrain/train.py', 'from expmae.pretrain.step import train_step'),
-    ('expmae/pretrain/train.py', 'from expmae.shards import JsonlShards'),
-    ('expmae/pretrain/train.py', 'from expmae.visualize import reconstruction_grid, save_png'),
-    ('expmae/pretrain/train.py', 'from expmae.weights import init_from'),
-    ('expmae/pretrain/train.py', 'import logging'),
-    ('expmae/pretrain/train.py', 'import torch'),
-    ('expmae/runlock.py', 'from expmae.files import atomic_path'),
-    ('expmae/settings.py', 'import yaml'),
-    ('expmae/shards.py', 'from torch.utils.data import get_worker_info'),
-    ('expmae/video.py', 'from expmae.files import atomic_path'),
-    ('expmae/weights/folder.py', 'from safetensors.torch import save_file'),
-    ('expmae/weights/folder.py', 'import timm'),
-    ('expmae/weights/hf_export.py', 'import transformers'),
-}
 # Console scripts whose --help loads torch through their module's top-level imports: no deferral keeps it light.
 HEAVY_HELP = {"expmae-export", "expmae-visualize"}
 LIGHT_HELP_SCRIPTS = {**{name: target for name, target in console_scripts().items() if name not in HEAVY_HELP},
@@ -265,8 +197,7 @@ def top_level_packages(tree: ast.Module) -> set[str]:
     return found - {"expmae", "__future__"}
 
 
-def deferral_problems(package: Path, start_ups: dict[str, frozenset[str]], allowed_upward,
-                      pending: set[tuple[str, str]]) -> list[str]:
+def deferral_problems(package: Path, start_ups: dict[str, frozenset[str]], allowed_upward) -> list[str]:
     """One line per import inside a function of ``package`` whose deferral gives no reason of REASONS, or one that
     the code contradicts; ``start_ups``: script -> the modules its --help loads."""
     known, problems = modules(package), []
@@ -276,8 +207,6 @@ def deferral_problems(package: Path, start_ups: dict[str, frozenset[str]], allow
         at_top = top_level_packages(tree)
         for node, function, reason in found:
             text = ast.unparse(node)
-            if reason is None and (rel, text) in pending:
-                continue
             ours = targets(node, known)
             tops = {name.split(".")[0] for name in ([a.name for a in node.names] if isinstance(node, ast.Import)
                                                     else [node.module or ""])} - {"expmae"}
@@ -309,15 +238,8 @@ def test_light_console_scripts_help_loads_no_heavy_library():
 
 def test_every_import_inside_a_function_says_why_it_is_deferred():
     start_ups = {name: help_start_up(target) for name, target in LIGHT_HELP_SCRIPTS.items()}
-    problems = deferral_problems(PACKAGE, start_ups, ALLOWED_UPWARD, PENDING_DEFERRED)
+    problems = deferral_problems(PACKAGE, start_ups, ALLOWED_UPWARD)
     assert not problems, "\n".join(problems)
-
-
-def test_pending_deferred_entries_are_still_needed():
-    files = {rel for rel, _ in PENDING_DEFERRED if (PACKAGE.parent / rel).is_file()}
-    left = {(rel, ast.unparse(node)) for rel in files for node, _, reason in deferrals(PACKAGE.parent / rel)[0]
-            if reason is None}
-    assert PENDING_DEFERRED <= left, f"fixed, remove from PENDING_DEFERRED: {sorted(PENDING_DEFERRED - left)}"
 
 
 def test_the_deferral_check_reads_comments_and_checks_each_kind(tmp_path):
@@ -345,17 +267,17 @@ def test_the_deferral_check_reads_comments_and_checks_each_kind(tmp_path):
         "    import csv  # deferred: import cycle: csv\n"
         "    import os  # deferred: console start-up: os\n"
         "    from expmae import heavy  # deferred: upward shim: not declared\n"
-        "    import yaml  # left for later\n"
+        "    import yaml  # a comment, but not a deferral reason\n"
         "\n"
         "class C:\n"
         "    def method(self):\n"
         "        import torch  # deferred: console start-up:\n")
     start_ups = {"tool": frozenset({"expmae", "expmae.cli", "os"})}
-    upward, pending = {("expmae", "expmae.heavy"): "lazy"}, {("expmae/cli.py", "import yaml")}
-    problems = deferral_problems(pkg, start_ups, upward, pending)
-    assert [p.split(":")[1].split(" ")[0] for p in problems] == ["13", "14", "15", "16", "17", "22"], problems
+    upward = {("expmae", "expmae.heavy"): "lazy"}
+    problems = deferral_problems(pkg, start_ups, upward)
+    assert [p.split(":")[1].split(" ")[0] for p in problems] == ["13", "14", "15", "16", "17", "18", "22"], problems
     assert "console start-up, but no light console script's --help loads expmae.cli without ['os']" in problems[3]
-    assert "found 'import cycle: csv'" in problems[2] and "found 'console start-up:'" in problems[5]
+    assert "found 'import cycle: csv'" in problems[2] and "found 'console start-up:'" in problems[6]
     # the same code with the module outside every start-up: a console start-up reason no longer holds
-    moved = deferral_problems(pkg, {"tool": frozenset({"expmae"})}, upward, set())
+    moved = deferral_problems(pkg, {"tool": frozenset({"expmae"})}, upward)
     assert sum("console start-up, but" in p for p in moved) == 4, moved

@@ -24,6 +24,8 @@ import sys
 from pathlib import Path
 
 from expmae import add_version_argument
+from expmae.jobs import one_line
+from expmae.shards import merge_job_logs, resolve_shard
 
 MODALITIES = {
     "audio": ("expmae.features.audio", "HuBERT/wav2vec2 features of each video's sound track (16 kHz mono)"),
@@ -72,9 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expmae.jobs import one_line
-    from expmae.shards import merge_job_logs, resolve_shard
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.merge:

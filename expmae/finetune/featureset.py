@@ -16,6 +16,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from expmae.jobs import one_line
+
+
 @dataclass
 class FeatureSet:
     """Utterance-level features of ``names`` from several inputs (one fusion branch each)."""
@@ -108,8 +111,6 @@ def load_folder(folder: Path, names: Sequence[str], *, progress: bool = True,
     D is the most common feature size; a file of another size counts as bad (one extractor, one size). With
     ``tokens``: (N, K, D), NaN-padded (:func:`pad_tokens`); an unusable sample is one zero token.
     """
-    from expmae.jobs import one_line
-
     rows: dict[str, np.ndarray] = {}
     missing: list[str] = []
     bad: dict[str, str] = {}

@@ -19,6 +19,8 @@ from typing import Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from expmae.files import atomic_path
+
 VALENCE_WEIGHT_IN_METRIC = 0.25
 
 
@@ -159,8 +161,6 @@ def evaluate(y_true: np.ndarray, probs: np.ndarray, classes: Sequence[str], targ
 
 def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str | os.PathLike, title: str = "") -> Path:
     """Write a row-normalised confusion matrix (counts annotated) as a PNG, atomically."""
-    from expmae.files import atomic_path
-
     cm = np.asarray(cm)
     rows = cm.sum(1, keepdims=True)
     norm = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=np.float64), where=rows > 0)

@@ -11,6 +11,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from expmae.files import JsonlLog
+
 
 def _value(x) -> float:
     return float(x)  # a device tensor is read back here, at flush time
@@ -19,8 +21,6 @@ def _value(x) -> float:
 class TrainLogger:
     def __init__(self, out_dir: Path, *, enabled: bool, plan, start_step: int, resumed: bool, log_every: int,
                  flops_per_clip: float, tokens_per_clip: int, peak_flops: float | None, device):
-        from expmae.files import JsonlLog
-
         self.enabled, self.plan, self.log_every, self.device = enabled, plan, log_every, device
         self.flops_per_clip, self.tokens_per_clip, self.peak_flops = flops_per_clip, tokens_per_clip, peak_flops
         self.metrics, self.pending, self.writer = JsonlLog(Path(out_dir) / "metrics.jsonl"), [], None

@@ -6,7 +6,7 @@ The training loop behind ``accelerate launch -m expmae.pretrain`` (its CLI: expm
 stall guard), ``step`` (one optimizer step and the non-finite guard), ``logger`` (buffered metrics, TensorBoard),
 ``debug`` (fault injection and probes). The launcher config says where and how (GPUs, DDP or DeepSpeed ZeRO
 stage, bf16); the training config says what and is the one source of the batch size, gradient accumulation and
-clipping that DeepSpeed is given. The config is validated before torch is imported.
+clipping that DeepSpeed is given. The CLI validates the config before it imports this module (and torch).
 
 A run folder (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step),
 ``tensorboard/``, ``recon/step_*.png``, ``checkpoints/`` (see expmae.checkpoint) and ``data_failures/`` (clips
@@ -16,24 +16,32 @@ that failed to load, one file per rank and worker); rank 0 owns it through ``.ex
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from expmae.config import ConfigError, PretrainConfig  # light: no torch
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs, gather_object, set_seed
+
+from expmae.checkpoint import load_checkpoint, save_checkpoint
+from expmae.config import ConfigError, PretrainConfig, save_config
+from expmae.data import VideoClipDataset, resolve_augment_on
+from expmae.flops import peak_bf16_flops, train_flops_per_clip
+from expmae.model import ExpMAE, create_model
+from expmae.optim import cosine_lr, create_optimizer
+from expmae.pretrain.debug import Faults, SyncCounter
+from expmae.pretrain.loader import Batches, make_loader
+from expmae.pretrain.logger import TrainLogger
+from expmae.pretrain.online_eval import OnlineEvaluator
+from expmae.pretrain.resume import check_resumable, check_shared_output_dir, choose_resume, claim_output_dir
 from expmae.pretrain.state import Plan, RngSnapshot, TrainState
-
-if TYPE_CHECKING:  # for the annotations only: the CLI imports this module before torch is needed
-    import torch
-    from accelerate import Accelerator
-
-    from expmae.data import VideoClipDataset
-    from expmae.model import ExpMAE
-    from expmae.pretrain.logger import TrainLogger
-    from expmae.pretrain.online_eval import OnlineEvaluator
-    from expmae.pretrain.step import StepContext
+from expmae.pretrain.step import StepContext, train_step
+from expmae.shards import JsonlShards
+from expmae.visualize import reconstruction_grid, save_png
+from expmae.weights import init_from
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,10 +56,6 @@ class DataStallError(RuntimeError):
 
 
 def make_accelerator(cfg: PretrainConfig):
-    import torch
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     # A launched run without CUDA needs the gloo backend (NCCL needs GPUs), which DeepSpeed's CPU accelerator
     # speaks too; without DeepSpeed, accelerate also needs cpu=True to treat it as multi-CPU DDP (torchrun).
     # A plain `python train.py` stays single-process.
@@ -91,8 +95,6 @@ def configure_deepspeed(accelerator, cfg: PretrainConfig, width: int | None = No
     fp32 gradient accumulation under bf16, ZeRO buckets sized to the model (:func:`zero_defaults`).
     ZeRO-3 must gather 16-bit weights on save (the checkpoint's weights.safetensors), checked here, at start-up.
     """
-    import logging
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its INFO lines would bury the progress bar
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     t = cfg.train
@@ -133,8 +135,6 @@ def configure_deepspeed(accelerator, cfg: PretrainConfig, width: int | None = No
 def save_reconstruction(model, clips_uint8, *, seed: int, device, path: Path | None):
     """The reconstruction grid of a fixed batch with fixed masks (expmae.visualize). Every rank runs it (ZeRO-3
     gathers parameters collectively); the main process writes ``path``. Returns the grid (3, H, W) in [0, 1]."""
-    from expmae.visualize import reconstruction_grid, save_png
-
     grid = reconstruction_grid(model, clips_uint8, seed=seed, device=device)
     if path is not None:
         save_png(grid, path)
@@ -169,9 +169,6 @@ class Run:
 
 def train(cfg: PretrainConfig, resume: str = "none") -> Path:
     """Train (or continue) the run described by ``cfg``; returns the final checkpoint folder."""
-    from expmae.pretrain.loader import Batches
-    from expmae.pretrain.resume import claim_output_dir
-
     accelerator = make_accelerator(cfg)
     lock = claim_output_dir(accelerator, Path(cfg.train.output_dir))  # before any write: one live run per folder
     try:
@@ -191,9 +188,6 @@ def train(cfg: PretrainConfig, resume: str = "none") -> Path:
 
 def train_one_epoch(run: Run, state: TrainState, data) -> Path | None:
     """Optimizer steps until the epoch's data (or the schedule) ends; returns the last checkpoint it wrote."""
-    from expmae.optim import cosine_lr
-    from expmae.pretrain.step import train_step
-
     plan, cfg, epoch, saved = run.plan, run.cfg, state.epoch, None
     while state.epoch == epoch and state.step < plan.total_steps:
         window_start, rng_at_start = state.copy(), RngSnapshot()
@@ -218,8 +212,6 @@ def train_one_epoch(run: Run, state: TrainState, data) -> Path | None:
 
 
 def checkpoint(run: Run, state: TrainState) -> Path:
-    from expmae.checkpoint import save_checkpoint
-
     run.logger.flush()  # the metrics up to this step are on disk before the checkpoint that resumes after them
     return save_checkpoint(run.accelerator, run.model, run.out_dir / "checkpoints", state.step,
                            {**state.to_dict(), "run_shape": run.plan.run_shape}, run.model_config,
@@ -259,8 +251,6 @@ def stop_on_stall(run: Run, window_start: TrainState, rng_at_start: RngSnapshot,
     """Every rank is here together (the stall flag travelled with the step's all-reduce): checkpoint the state at
     the start of the unfinished window, RNG states included (the ranks that got data drew masks before the stall
     was known), so a resume continues exactly; then stop with the stalled rank's reason."""
-    from accelerate.utils import gather_object
-
     reasons = [r for r in gather_object([reason]) if not r.startswith("another rank")]
     rng_at_start.restore()
     saved_at = checkpoint(run, window_start)
@@ -270,8 +260,6 @@ def stop_on_stall(run: Run, window_start: TrainState, rng_at_start: RngSnapshot,
 
 
 def finish(run: Run, state: TrainState, last_ckpt: Path | None) -> Path:
-    from expmae.shards import JsonlShards
-
     png = reconstruction(run, state.step)
     run.logger.close()
     if run.step_context.syncs is not None:
@@ -287,8 +275,6 @@ def finish(run: Run, state: TrainState, last_ckpt: Path | None) -> Path:
 
 
 def make_run_loader(run: Run, state: TrainState):
-    from expmae.pretrain.loader import make_loader
-
     cfg, accelerator = run.cfg, run.accelerator
     debug = cfg.debug
     return make_loader(run.dataset, plan=run.plan, state=state, rank=accelerator.process_index, seed=cfg.train.seed,
@@ -304,11 +290,6 @@ def make_run_loader(run: Run, state: TrainState):
 def setup(cfg: PretrainConfig, resume: str, accelerator) -> tuple[Run, TrainState]:
     """Run-folder checks, model, data, plan, DeepSpeed, resume, logger: everything but the loop. The folder exists
     and this run owns it (expmae.pretrain.resume.claim_output_dir)."""
-    from accelerate.utils import set_seed
-
-    from expmae.checkpoint import load_checkpoint
-    from expmae.pretrain.resume import check_resumable, check_shared_output_dir, choose_resume
-
     t = cfg.train
     out_dir = Path(t.output_dir)
     check_shared_output_dir(accelerator, out_dir)
@@ -331,8 +312,6 @@ def setup(cfg: PretrainConfig, resume: str, accelerator) -> tuple[Run, TrainStat
         state = TrainState.from_saved(load_checkpoint(accelerator, resume_from))  # also restores RNG states
     logger = build_logger(cfg, accelerator, raw_model, plan, state, resumed=resume_from is not None)
     if accelerator.is_main_process:
-        from expmae.config import save_config
-
         save_config(cfg, out_dir / "config.yaml")
         accelerator.print(
             f"expMAE pretraining: {type(raw_model).__name__} {cfg.model.name} mode={raw_model.cfg.mode} "
@@ -352,23 +331,17 @@ def build_evaluator(cfg: PretrainConfig, accelerator, raw_model):
     """The online evaluation (eval.source set), its clips decoded now; None when it is off."""
     if cfg.eval.source is None:
         return None
-    from expmae.pretrain.online_eval import OnlineEvaluator
-
     return OnlineEvaluator(cfg.eval, raw_model.encoder, sample_stride=cfg.data.sample_stride,
                            rank=accelerator.process_index, world=accelerator.num_processes, device=accelerator.device)
 
 
 def build_model(cfg: PretrainConfig, resume_from: Path | None):
-    from expmae.model import create_model
-
     try:  # the model's own checks (registry name, shapes) come back as config errors
         model = create_model(cfg.model.name, **cfg.model.overrides())
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
     init_note = ""
     if cfg.train.init_from and resume_from is None:  # a resumed run continues from its own weights
-        from expmae.weights import init_from
-
         try:
             init_note = init_from(model, cfg.train.init_from)
         except (FileNotFoundError, ValueError) as exc:  # their messages are single lines naming the path
@@ -377,8 +350,6 @@ def build_model(cfg: PretrainConfig, resume_from: Path | None):
 
 
 def build_dataset(cfg: PretrainConfig, mcfg, device):
-    from expmae.data import VideoClipDataset, resolve_augment_on
-
     try:  # a clip that fails to load later is replaced (deterministically) and recorded in the run folder
         return VideoClipDataset(cfg.data.source, num_frames=mcfg.num_frames, sample_stride=cfg.data.sample_stride,
                                 input_size=mcfg.img_size, train=True, seed=cfg.train.seed,
@@ -395,11 +366,6 @@ def build_recon_clips(cfg: PretrainConfig, dataset):
 
 def prepare(accelerator, cfg: PretrainConfig, model, plan: Plan):
     """Optimizer, DeepSpeed config, accelerate.prepare; returns (prepared model, optimizer, raw model)."""
-    import torch
-    from accelerate.utils import DistributedType
-
-    from expmae.optim import create_optimizer
-
     t = cfg.train
     optimizer = create_optimizer(model, lr=plan.peak_lr, weight_decay=t.weight_decay, betas=t.betas)
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -417,11 +383,6 @@ def prepare(accelerator, cfg: PretrainConfig, model, plan: Plan):
 
 
 def build_step_context(cfg: PretrainConfig, accelerator, model, optimizer, raw_model):
-    from accelerate.utils import DistributedType
-
-    from expmae.pretrain.debug import Faults, SyncCounter
-    from expmae.pretrain.step import StepContext
-
     rank, debug_dir = accelerator.process_index, Path(cfg.train.output_dir) / "debug"
     return StepContext(
         accelerator=accelerator, model=model, optimizer=optimizer, grad_accum_steps=cfg.train.grad_accum_steps,
@@ -433,11 +394,6 @@ def build_step_context(cfg: PretrainConfig, accelerator, model, optimizer, raw_m
 
 
 def build_logger(cfg: PretrainConfig, accelerator, raw_model, plan: Plan, state: TrainState, resumed: bool):
-    import torch
-
-    from expmae.flops import peak_bf16_flops, train_flops_per_clip
-    from expmae.pretrain.logger import TrainLogger
-
     mcfg, device = raw_model.cfg, accelerator.device
     # Model FLOPs utilisation, as in bench_pretrain: against the device's dense bf16 peak when it computes in bf16
     bf16 = raw_model.dtype == torch.bfloat16 or accelerator.mixed_precision == "bf16"

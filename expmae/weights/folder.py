@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+from safetensors.torch import save_file
 
 from expmae.checkpoint import config_from_dict, encoder_shapes, load_safetensors, read_checkpoint
 from expmae.model import ExpMAEConfig, ExpMAEEncoder, unwrap_encoder
@@ -79,8 +80,6 @@ def commit_folder(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 def save_encoder(model: torch.nn.Module, out_dir: str | os.PathLike, *, source: Mapping[str, Any] | None = None,
                  sample_stride: int | None = None, model_name: str | None = None, overwrite: bool = False) -> Path:
     """Write an encoder folder for an ExpMAE model or ExpMAEEncoder (its current weights, as float32)."""
-    from safetensors.torch import save_file
-
     encoder = unwrap_encoder(model)
     cfg = encoder.cfg
     out_dir = Path(out_dir)
@@ -196,7 +195,7 @@ def create_timm_model(path: str | os.PathLike, **kwargs):
 
     ``kwargs`` go to timm.create_model, e.g. ``num_classes=6`` for a fresh classifier head.
     """
-    import timm
+    import timm  # deferred: optional dependency: timm (+1.4 s), which load_encoder (features, finetune) does not need
 
     folder = folder_of(path)
     read_encoder_config(folder)

@@ -8,6 +8,7 @@ import numpy as np
 from safetensors.torch import save_file
 
 from expmae.features.common import resolve_device
+from expmae.files import atomic_path
 from expmae.finetune.config import RUN_KEYS, FinetuneConfig
 from expmae.finetune.featureset import FeatureSet, list_feature_names, load_features, parse_feature_specs
 from expmae.finetune.heads import TOKEN_HEADS, create_head, is_trainable
@@ -71,8 +72,6 @@ class FeatureBackend:
 
     def save(self, model, fit: FitResult, run_dir: Path) -> None:
         """head.safetensors (a torch head's best state); a scikit-learn head leaves only its predictions."""
-        from expmae.files import atomic_path
-
         if not fit.state_dict:
             return
         with atomic_path(run_dir / "head.safetensors") as tmp:

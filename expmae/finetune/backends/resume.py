@@ -8,8 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from expmae.files import atomic_path
 from expmae.finetune.common import log
 from expmae.finetune.training import LOOP_KEYS
+from expmae.jobs import one_line
 
 
 class FoldCheckpoint:
@@ -25,8 +27,6 @@ class FoldCheckpoint:
 
     def save(self, loop: dict, model: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """After an epoch: ``loop`` is fit_epochs' state (LOOP_KEYS), ``step`` the optimizer steps so far."""
-        from expmae.files import atomic_path
-
         loop = _plain(loop)
         # Usually the best epoch is this one: its state is then the model's, and is not stored twice.
         best_is_model = loop["best_epoch"] == loop["epoch"] and loop["best_state"] is not None
@@ -45,8 +45,6 @@ class FoldCheckpoint:
     def load(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, int] | None:
         """Restore model, optimizer and RNG from the checkpoint and return (fit_epochs' loop state, step);
         None (and one log line, unless there is no file) when there is nothing of this run to resume."""
-        from expmae.jobs import one_line
-
         if not self.path.is_file():
             return None
         try:
