@@ -16,7 +16,7 @@ def test_quick_study_writes_curves_table_and_pictures(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "learning_curve.py"), "--quick", "--out", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for name in ("curves.json", "table.md", "curve_static.png", "curve_dynamic.png"):
+    for name in ("curves.json", "table.md", "curve_static.png", "curve_dynamic.png", "end_to_end_static.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     study = json.loads((tmp_path / "curves.json").read_text())
     records = study["curves"]["expmae"]["0"]

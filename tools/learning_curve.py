@@ -410,8 +410,43 @@ def write_report(out: Path, curves: dict, refs: dict, *, samples_per_step: int, 
     write_json(out / "curves.json", {"headline_layer": headline, "samples_per_step": samples_per_step,
                                      "summary": summaries, "references": refs, "curves": curves})
     (out / "table.md").write_text(markdown(summaries, headline))
-    return [out / "curves.json", out / "table.md",
+    end_to_end_plots = [plot_end_to_end(out, t, summaries[t]) for t in tasks
+                        if summaries[t][f"{READOUTS[0]}/linear"]["end_to_end"]]
+    return [out / "curves.json", out / "table.md", *end_to_end_plots,
             *(plot(summaries[t], t, headline, out / f"curve_{t}.png") for t in tasks)]
+
+
+def plot_end_to_end(out: Path, task: str, summary: dict) -> Path:
+    """``end_to_end_<task>.png``: each end-to-end reference's held-out head accuracy against its training samples,
+    with the random-init band and pixels of the probes (mean read-out, linear) for scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from expmae.files import JsonlLog
+
+    entry = summary[f"{READOUTS[0]}/linear"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.axhspan(entry["random_init"]["min"], entry["random_init"]["max"], color="grey", alpha=0.25,
+               label="random init, linear probe (band)")
+    if entry["pixels"] is not None:
+        ax.axhline(entry["pixels"], color="black", ls="--", lw=1, label="pixels, linear probe")
+    for name in entry["end_to_end"]:
+        folder = out / "references" / f"{name}_{task}"
+        records = JsonlLog(folder / "curve.jsonl").read()
+        batch = json.loads((folder / "summary.json").read_text())["recipe"]["batch_size"]
+        ax.plot([r["step"] * batch for r in records], [r["head_acc"] for r in records], marker=".", label=name)
+    ax.set_title(f"{task}: trained end to end, own head")
+    ax.set_xlabel("labelled training samples seen")
+    ax.set_ylabel("held-out accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"end_to_end_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _any_encoder(cfg):
