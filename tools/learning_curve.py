@@ -287,12 +287,14 @@ def end_to_end_names(refs: dict) -> list[str]:
 
 
 def summarise(curves: dict, refs: dict, task: str, layer: str, samples_per_step: int, held_out: int) -> dict:
-    """Per probe and read-out: the references, the ceiling (the best end-to-end reference's own head) and its
+    """Per probe and read-out: the references, the ceiling (the best own head of the references trained from
+    scratch; a finetuned pretrained encoder is a result, not a reference) and its
     margin over pixels and the random-init band, and, per mode, the curve (mean and spread over seeds) and the
     first samples-seen count where its mean leaves the random-init band upwards (None: never). ``held_out``: the
     clips scored (for the 95% intervals)."""
     heads = {name: refs[name][task]["head_acc"] for name in end_to_end_names(refs) if task in refs[name]}
-    ceiling = max(heads, key=heads.get) if heads else None
+    scratch = {name: acc for name, acc in heads.items() if not name.startswith("finetuned_")}  # no pretraining
+    ceiling = max(scratch, key=scratch.get) if scratch else None
     out = {}
     for readout in READOUTS:
         for probe in PROBES:
