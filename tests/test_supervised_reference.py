@@ -103,6 +103,11 @@ def test_frame_cnn_averages_per_frame_logits_and_trains(bench, tmp_path):
     x = torch.randn(2, 3, 4, 48, 48)
     per_frame = torch.stack([net.net(x[:, :, t]) for t in range(4)], 1)  # (B, T, classes)
     assert torch.allclose(net(x), per_frame.mean(1), atol=1e-6)
+    net.train()  # training reads one random frame per clip (BatchNorm on that batch of frames)
+    torch.manual_seed(5)
+    picked = torch.randint(4, (2,))
+    torch.manual_seed(5)
+    assert torch.allclose(net(x), net.net(x[torch.arange(2), :, picked]), atol=1e-6)
     assert ref.run(progress=False) is None  # no encoder to probe: its own head's accuracy is the score
     assert ref.summary()["steps"] == 4
     with pytest.raises(ValueError, match="model='resnet'"):
