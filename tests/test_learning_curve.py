@@ -50,5 +50,7 @@ def test_quick_study_writes_curves_table_and_pictures(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "learning_curve.py"), "--quick", "--out", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0 and json.loads((tmp_path / "curves.json").read_text())["curves"] == study["curves"]
+    assert "held-out head accuracy" not in proc.stdout, proc.stdout  # the end-to-end references: cached
+    assert json.loads((tmp_path / "curves.json").read_text())["references"] == study["references"]
     starts = [line.split("expMAE pretraining")[1] for line in log.read_text().splitlines() if "expMAE pretraining" in line]
     assert len(starts) == 2 and "resumed from" in starts[1] and "step_0000006" in starts[1]

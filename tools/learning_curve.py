@@ -184,8 +184,9 @@ def end_to_end(args, cfg, bench: dict, name: str, recipe, *, device, evaluator=N
     for task in args.reference_tasks.split(","):
         folder = args.out / "references" / f"{name}_{task}"
         cache = folder / "scores.json"
-        if cache.is_file() and json.loads(cache.read_text())["recipe"] == recipe.identity():
-            results[task] = json.loads(cache.read_text())
+        done = json.loads(cache.read_text()) if cache.is_file() else {"recipe": {}}
+        if {k: done["recipe"].get(k) for k in recipe.identity()} == recipe.identity():
+            results[task] = done
             continue
         ref = SupervisedReference(cfg, *supervised_split(bench, task), folder, recipe, device,
                                   num_workers=min(cfg.data.num_workers, 4))
