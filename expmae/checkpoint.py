@@ -1,24 +1,9 @@
 """Crash-safe training checkpoints on top of ``accelerate.save_state`` (DeepSpeed-sharded under DeepSpeed).
 
-Layout of a run's ``checkpoints/`` folder::
-
-    step_0001000/            a complete checkpoint (the rename is the commit)
-        (accelerate state)   model/optimizer/scaler/RNG states of every rank; pytorch_model/ under DeepSpeed
-        weights.safetensors  the unwrapped model's state dict (timm-style keys): what export reads
-        model_config.json    the resolved ExpMAEConfig fields, to rebuild the model without the run's YAML
-        train_state.json     step counters, data position, non-finite counters: written last
-    step_0002000.tmp/        a save in progress (or killed mid-way): never read, removed on the next start
-    latest                   text file naming the newest complete checkpoint (for people and scripts)
-
-Every rank calls :func:`save_checkpoint` (DeepSpeed needs all of them); the main process renames
-``.tmp`` to final, repoints ``latest`` and prunes old checkpoints only after the new one is complete, so a
-kill at any moment leaves the previous checkpoint usable. Assumes the run folder is on a filesystem that
-all ranks share (true for one machine; on a cluster use shared storage).
-
-Reading (:func:`read_model_checkpoint`, :func:`read_checkpoint`): a run folder, its ``checkpoints/`` or one
-``step_*`` folder. Weights come from ``weights.safetensors`` when it holds float32, else from the DeepSpeed ZeRO
-shards, consolidated to fp32 on the CPU for any world size (``deepspeed.utils.zero_to_fp32``), else from
-accelerate's ``model.safetensors`` / ``pytorch_model.bin``. Files are read safely (:func:`read_state_dict`).
+Every rank calls :func:`save_checkpoint`; a checkpoint is written to ``step_N.tmp/`` and renamed when complete, so
+a kill at any moment leaves the previous one usable. :func:`read_model_checkpoint` / :func:`read_checkpoint` read a
+run folder, its ``checkpoints/`` or one ``step_*`` folder, ZeRO shards included, safely. The folder's layout and
+the order weights are read in: docs/guides/pretraining.md ("The checkpoints folder").
 """
 from __future__ import annotations
 

@@ -1,22 +1,10 @@
 """Pretraining clips: a map-style dataset over face clips (or raw videos) with VideoMAE-style augmentation.
 
-``VideoClipDataset(source)[i]`` -> uint8 (3, T, H, W): T frames ``sample_stride`` apart, one multi-scale crop
-and one flip applied identically to every frame. Normalisation is left to :func:`normalize_clips`, once per
-batch on the training device (4x less host->device traffic than float clips, and no per-worker float work).
-
-Augmentation randomness comes only from ``numpy.random.default_rng((seed, epoch, index))``: the same sample
-in the same epoch gets the same frames and crop whatever the worker, the call order or a resume. A sample
-that fails to load is logged, counted and replaced by a deterministic other one; an epoch never dies on it.
-
-Feeding a GPU (README, "Throughput"): ``repeated_samples=k`` decodes a clip once and makes k training samples
-of it (MAE-ST's repeated sampling, VideoMAE V2's ``--num_sample``), each with its own window and crop/flip:
-``dataset[i]`` is then (k, 3, T, S, S) and ``dataset[i, r]`` sample r alone, from a decode the process keeps.
-Training puts a clip's k samples in k different batches of one DataLoader worker (expmae.data_batches), so
-every batch holds batch_size different clips. ``augment_on="device"`` leaves the crop, resize and flip to
-expmae.data_resample on the training device: an item is then the decoded frames it uses and each
-sample's frame indices, crop box and flip. :func:`collate_samples` makes every kind of item into a batch of
-samples, and :func:`batch_to_device` turns any batch into uint8 (B, 3, T, S, S) on the device, ready for
-normalize_clips.
+``VideoClipDataset(source)[i]`` -> uint8 (3, T, H, W), augmented deterministically from (seed, epoch, index);
+:func:`normalize_clips` normalises once per batch on the training device. ``repeated_samples=k`` makes k samples
+of one decoded clip, and ``augment_on="device"`` leaves the crop, resize and flip to expmae.data_resample;
+:func:`collate_samples` and :func:`batch_to_device` turn any kind of item into uint8 (B, 3, T, S, S) on the device.
+Why uint8, the determinism and failure rules, repeated sampling: docs/guides/data.md ("The pretraining dataset").
 """
 from __future__ import annotations
 

@@ -1,24 +1,11 @@
 """`make demo` / `expmae-demo`: the whole main job on the built-in default, on the CPU, in minutes, no download.
 
-1. a labelled synthetic expression set (expmae.synthetic: the held expression is the label; train and held-out
-   test identities), rendered as talking heads in a room, made once and reused;
-2. face crops by the crop tool (expmae.facecrop_folder.crop_folder: resumable, so a rerun skips finished videos);
-3. expMAE pretraining of a tiny model with 2 DeepSpeed ZeRO-2 ranks on the CPU on the train identities' crops,
-   through the same ``accelerate launch -m expmae.pretrain`` command as a real run (the shipped configs
-   ``tiny_demo`` and ``cpu_deepspeed_2proc``);
-4. export of the encoder (expmae-export), and the same architecture at its random initialisation;
-5. the held-out masked-reconstruction loss (what a short pretraining does show): the pretrained model, its random
-   initialisation and two trivial predictors (patch mean, copy the nearest visible patch; expmae.recon_baselines)
-   on the held-out identities' crops, the same mask draws for all four (expmae.visualize.reconstruction_losses);
-6. features of every crop from both encoders (expmae.features);
-7. the 5-fold finetune protocol (expmae-finetune, unimodal visual, attention head) and a linear probe, both
-   scored on the held-out identities;
-8. ``summary.json`` (heldout_recon, then pretrained vs random-init probe and metric) and the paths of every artefact.
+A labelled synthetic expression set -> face crops -> a tiny expMAE pretrained on 2 DeepSpeed ranks (the same
+``accelerate launch -m expmae.pretrain`` as a real run) -> export -> held-out reconstruction loss against random
+init and trivial predictors -> features -> finetune protocol and linear probe, pretrained vs random init ->
+``summary.json``. What it prints and shows: docs/index.md and docs/studies/ablation.md.
 
     python -m expmae.demo [--out demo_out] [section.key=value ...]   # overrides go to the training config
-
-Works from an installed package as from a checkout; everything is written under ``--out`` (relative to the
-current folder).
 """
 from __future__ import annotations
 

@@ -1,19 +1,10 @@
 """Label CSVs: any labelled set (``name``, a class column, optional regression columns), MER2023 as one format.
 
-A label CSV has one row per sample: ``name`` (the sample name = the video / feature file stem), a class column
-and, optionally, regression columns (``valence``, ``arousal``, ...) and other columns (e.g. a split column,
-expmae.finetune.splits). A :class:`LabelFormat` says which columns mean what and the class order:
-
-- ``csv`` (any set): the class column ``label``, any class names; their order (= the class index) from
-  ``--classes`` or, by default, sorted; regression columns from ``--targets`` or the affect columns
-  (:data:`AFFECT_COLUMNS`) the file has.
-- ``mer2023``: the official MER2023 release (as read by the organisers' preprocessing, zeroQiaoba/MERTools
-  MERBench/toolkit/preprocess/mer2023.py): ``train-label.csv`` (Train&Val), ``test1/2/3-label.csv`` with the
-  columns ``name``, ``discrete`` (one of the six classes below, case-insensitive) and ``valence`` (in [-5, 5]);
-  test3 has no valence. The class order is the organisers' (MERTools MER2024/toolkit/globals.py, ``emos_mer``),
-  so indices match their released predictions.
-
-``auto`` picks ``csv`` for a file with a ``label`` column (or when ``--label-column`` is given), else ``mer2023``.
+A :class:`LabelFormat` says which columns mean what and the class order: ``csv`` (any set: a ``label`` column,
+classes from ``--classes`` or sorted) or ``mer2023`` (the official release's columns, in the organisers' class
+order so indices match their predictions); ``auto`` picks ``csv`` for a file with a ``label`` column (or when
+``--label-column`` is given), else ``mer2023``. Both layouts: docs/guides/finetuning.md ("Label files and the
+predictions file").
 """
 from __future__ import annotations
 

@@ -1,22 +1,9 @@
-"""A benchmark that can show whether pretraining makes better expression features (issue: make learning visible).
+"""A benchmark that can show whether pretraining makes better expression features.
 
-The demo's expression set is solved by pixels: a centred synthetic face on a clean background is linearly
-separable before any training. This benchmark is built like the method's real regime instead (MER-SEMI: 73k
-unlabelled clips to pretrain on, 3.4k labelled): face crops with the nuisance of real ones (expmae.nuisance:
-framing, roll, light, occluders, blur, compression, noise, talking), a large unlabelled **pool** of other people
-for pretraining, and per task a **labelled** set split by identity, with enough held-out people that a probe's
-95% interval is about +-0.05. Everything is rendered as face-centred crops directly (``.npy`` clips, the form
-expmae-crop writes with ``--format npy``): MTCNN's cost is not what this benchmark measures.
-
-Layout of ``out_dir`` (:func:`write_learning_benchmark`)::
-
-    pool/<name>.npy                 unlabelled pretraining clips, both tasks' kinds of motion, other people
-    pool-labels.csv                 their labels (name,discrete,valence,identity,task): the supervised reference only
-    labelled/clips/<name>.npy       labelled clips of both tasks (static_*, dynamic_*)
-    labelled/labels.csv             name,discrete,valence,identity,split,task (split: train | test, by identity)
-
-``labelled`` is what pretraining's online evaluation reads (``eval.source``, ``eval.labels``): it scores each task
-(the ``task`` column) on its own.
+Built like the method's real regime (a large unlabelled pool, a small labelled set) rather than the demo's set,
+which pixels already solve: face crops with real crops' nuisance (expmae.nuisance), an unlabelled **pool** of
+other people to pretrain on, and per task a **labelled** set split by identity, with enough held-out people for a
+probe's 95% interval of about +-0.05. Why, and the layout of ``out_dir``: docs/guides/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -568,7 +568,7 @@ class ExpMAE(nn.Module):
                 module.grad_checkpointing = enable
 
 
-# State-dict key prefixes an earlier expMAE wrote -> today's: the MAE frame decoder was `decoder`.
+# Old key prefix -> current one, so checkpoints that name the MAE frame decoder `decoder` still load and resume.
 RENAMED_KEYS: dict[str, str] = {"decoder.": "mae_decoder."}
 
 

@@ -1,31 +1,10 @@
 """A launched process ends when the process that launched it is gone.
 
-torch's elastic agent (``accelerate launch``, ``torchrun``) starts every rank in a session of its own, so killing
-the launcher (``kill -9`` of its pid or process group, the OOM killer, a closed ssh session or tmux pane, a scheduler
-that signals only the job step's leader) does not reach the ranks: they would train on without their agent, into a
-folder that a resumed run is about to use. So each rank, and each of its DataLoader workers, asks to be killed when
-its parent dies:
-
-- Linux: ``prctl(PR_SET_PDEATHSIG)``. The kernel sends the signal when the *thread* that forked us exits. The
-  elastic agent, the ``deepspeed`` launcher and torchrun start their ranks from their main thread, and a rank forks
-  its DataLoader workers from its main thread (the training loop runs there), and a main thread ends only with its
-  process; so "the parent thread exited" means "the launcher (or the rank) is gone".
-- elsewhere (macOS): a daemon thread polls ``os.getppid()`` every ``POLL_S`` seconds; an orphan is adopted by
-  another process, so the parent pid changes.
-
-A rank's parent is the elastic agent under ``accelerate launch`` and ``torchrun``; ``deepspeed.launcher.launch``
-under the ``deepspeed`` launcher (its runner is one level up: killing the runner's pid alone leaves that process and
-its ranks running, killing its process group does not); Slurm's step daemon under ``srun`` without a launcher (Slurm
-also ends a step whose srun is gone). ``mpirun`` sets none of the variables :func:`launched` reads: not armed.
-
-If the parent died before the signal was armed the kernel will never send it; we then find ``os.getppid()``
-already changed and stop at once. The window before the parent's pid is first read (a rank's interpreter start-up)
-stays open when the launcher does not say who it is; a rank of an elastic agent that died that early waits for the
-store its agent hosted (TORCHELASTIC_USE_AGENT_STORE) and fails at start-up instead of training.
-
-The signal is SIGKILL: nothing is left to escalate if a handler (ours, a library's) delayed or ignored a SIGTERM,
-and nothing needs a clean exit: a checkpoint being written stays an invisible ``step_*.tmp``, a torn last line
-of a JSON-lines log is skipped when read, the run folder's lock is released by the kernel.
+torch's elastic agent starts every rank in a session of its own, so killing the launcher (``kill -9``, the OOM
+killer, a closed ssh session) does not reach the ranks: they would train on into a folder that a resumed run is
+about to use. So each rank, and each of its DataLoader workers, asks to be killed (SIGKILL) when its parent dies:
+``prctl(PR_SET_PDEATHSIG)`` on Linux, a watchdog thread elsewhere. Why this design, and which parent each launcher
+leaves: docs/architecture.md ("Run folders and launched processes").
 """
 from __future__ import annotations
 
@@ -46,12 +25,14 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ or "SLURM_STEP_ID" in os.environ
 
 
+# SIGKILL by default: a handler cannot delay or ignore it, and nothing needs a clean exit (an unfinished checkpoint
+# stays an unread step_*.tmp, a torn JSON-lines tail is skipped on read, the kernel frees the folder lock).
 def die_with_parent(parent: int | None = None, sig: int = signal.SIGKILL, use_prctl: bool = True) -> str:
     """Have this process killed with ``sig`` when its parent (pid ``parent``, default: the current parent) exits.
     Returns how: "prctl" or "watchdog" (``use_prctl=False`` forces the latter, as on systems without prctl)."""
     expected = os.getppid() if parent is None else parent
     how = "prctl" if use_prctl and _set_pdeathsig(sig) else _watch(expected, sig)
-    if os.getppid() != expected:  # already orphaned: no signal will come
+    if os.getppid() != expected:  # the parent died before the signal was armed: the kernel will never send it
         os.kill(os.getpid(), sig)
     return how
 
@@ -63,6 +44,8 @@ def worker_init(parent: int, worker_id: int) -> None:
 
 
 def _set_pdeathsig(sig: int) -> bool:
+    # The kernel signals when the *thread* that forked us exits; launchers start ranks, and ranks fork workers, from
+    # their main thread, which ends only with its process: so this fires when the parent process is gone.
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -73,6 +56,7 @@ def _set_pdeathsig(sig: int) -> bool:
 
 
 def _watch(expected: int, sig: int) -> str:
+    # Without prctl (macOS): an orphan is adopted by another process, so its parent pid changes.
     def poll() -> None:
         while os.getppid() == expected:
             time.sleep(POLL_S)

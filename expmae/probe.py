@@ -1,17 +1,9 @@
 """Probes of frozen features: how much of a label a fixed encoder's features carry, and in what form.
 
-- :func:`linear_probe`: the standard check of a self-supervised encoder (MAE's linear probing): standardise the
-  features with the training set's statistics (MAE puts a BatchNorm without affine before its linear head for the
-  same reason), fit a multinomial logistic regression, score held-out samples. sklearn does the fitting.
-- :func:`knn_probe`: DINO's weighted k-nearest-neighbour classifier (``eval_knn``; solo-learn's ``knn_eval``):
-  cosine similarity of L2-normalised features, the k most similar training samples vote with weight
-  exp(similarity / temperature). No fitting, so it is cheap enough to run during pretraining.
-- :func:`attentive_probe`: a learned query cross-attending the frozen tokens (V-JEPA's attentive pooler) and a
-  linear classifier, trained with AdamW: reads a cue wherever it sits, which a global mean can wash out.
-- :func:`probe_readouts`: every depth and read-out of ``VisualFeatureExtractor.encode_readouts`` in one call.
-
-Every result holds accuracy (WAR), balanced accuracy (UAR), the sample counts and a 95% Wilson interval of the
-accuracy (``ci95``).
+:func:`linear_probe` (MAE's linear probing: standardised features, multinomial logistic regression via sklearn),
+:func:`knn_probe` (DINO's weighted kNN on cosine similarity: no fitting, cheap enough for online evaluation),
+:func:`attentive_probe` (V-JEPA's attentive pooler) and :func:`probe_readouts` (every depth and read-out at once).
+Every result holds WAR, UAR, sample counts and a 95% Wilson interval (``ci95``). docs/guides/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
 """Trivial predictors of masked patches, scored in the model's own loss space: what a pretrained model's held-out
 reconstruction loss must beat before it says anything (``make demo`` reports them beside the model).
 
-- ``patch_mean``: every masked patch predicted as zero in normalised-pixel space (norm_pix_loss), i.e. as its own
-  mean colour: the best a predictor that knows nothing about the patch's content can do there. Its loss is the
-  mean squared normalised target, about 1 - 1/D for D values per patch.
-- ``copy_visible``: every masked patch predicted by the (normalised) pixels of the nearest visible patch of the same
-  clip: for the MAE branch the nearest in the frame's patch grid, for the VideoMAE branch the nearest visible
-  tubelet in space-time. Distance: squared Euclidean in grid steps (tubelet time steps, patch rows, patch columns);
-  ties go to the visible token that comes first in token order (t, y, x), i.e. earlier, then upper, then left. Under
-  tube masking every time step has the same visible positions, so the nearest is always in the same time step.
-
-Targets and masks are the model's (ExpMAE.mae_target / video_target on all tokens, and the masks a forward pass
-drew), so these losses and the model's are over the same masked patches and comparable number for number.
+``patch_mean`` predicts every masked patch as its own mean colour; ``copy_visible`` copies the nearest visible patch
+of the same clip. Both use the model's targets and the masks its forward pass drew, so the losses compare number
+for number. What each is worth and the distance rule: docs/guides/benchmarks.md.
 """
 from __future__ import annotations
 

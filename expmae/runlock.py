@@ -1,24 +1,10 @@
-"""One live writer per output folder: a run owns its folder (a pretraining run folder, a crop or feature folder, a
-finetune run folder) from before its first write until it ends, and a second run on that folder stops at once with
-one line naming the owner.
+"""One live writer per output folder: a run owns its folder (pretraining, crop, feature or finetune output) from
+before its first write until it ends, and a second run on that folder stops at once with one line naming the owner.
 
-Two mechanisms, both in the folder, because a run folder may sit on a local disk or on a shared filesystem:
-
-- ``.expmae_lock``: an exclusive ``flock``. The kernel releases it when the owner dies, however it dies (SIGKILL,
-  OOM killer), so on one machine it is exact. It is never deleted (deleting a lock file others may hold open lets
-  two processes lock two different files). On NFS, Linux maps flock to NFS byte-range locks, which usually work;
-  Lustre without ``-o flock`` and NFS mounted ``local_lock=all`` keep it per machine, and some mounts refuse it.
-- ``.expmae_owner.json``: a lease, so the owner is known across machines: host, pid, start time and a heartbeat
-  that a daemon thread rewrites every ``HEARTBEAT_S`` seconds. A lease from another host is honoured until its
-  heartbeat is older than ``STALE_AFTER_S`` (the owner's machine died or lost the filesystem); then it is taken
-  over. On the same host the flock decides, and without a working flock a lease whose pid is dead is stale at once.
-  Comparing heartbeats across machines assumes their clocks agree to well within ``STALE_AFTER_S`` (NTP). Without
-  a working flock, two runs starting at the same moment are ordered by the lease alone: each writes its own, waits
-  ``SETTLE_S`` and keeps the folder only if the lease is still its own (this narrows the race; a lock closes it).
-
-A forked child (a DataLoader worker) closes its inherited copy of the lock at fork, so only the owner process
-holds the folder: its death alone frees it. If the heartbeat thread finds its lease taken over (the owner was
-frozen longer than ``STALE_AFTER_S``, say), the owner stops itself: two writers are worse than a lost run.
+Two mechanisms, both in the folder: an exclusive ``flock`` on ``.expmae_lock`` (exact on one machine: the kernel
+releases it however the owner dies) and a heartbeat lease in ``.expmae_owner.json`` (the owner known across
+machines on a shared filesystem, where locks may be per machine). The rules for stale leases, forked children and
+a lost lease: docs/architecture.md ("Run folders and launched processes").
 """
 from __future__ import annotations
 
@@ -100,6 +86,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def _close_in_child() -> None:
+    # A forked child (a DataLoader worker) drops its copy of the lock, so the owner's death alone frees the folder.
     for lock in list(_HELD):
         lock.forget()
 
@@ -232,6 +219,7 @@ class FolderLock:
 
 
 def _stop_this_process(lease: Lease | None) -> None:
+    # Our lease was taken over (we were frozen past STALE_AFTER_S, say): two writers are worse than a lost run.
     print(f"error: this run lost its folder to {lease.describe() if lease else 'another run'}; stopping so that "
           f"only one run writes there", file=sys.stderr, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)

@@ -1,17 +1,10 @@
 """Reconstruction grids: what a pretrained expMAE makes of masked face clips, as a picture.
 
-Per clip, one row for the MAE branch (frame | masked | prediction) and one row each for the VideoMAE branch's
-target, masked and predicted clip (frames side by side); predictions are pasted into the masked patches only,
-as in the MAE demo. Training writes one such grid every ``log.recon_every`` steps (pretrain/train.py); for any
-checkpoint and any clips:
-
-    expmae-visualize runs/expmae face_crops/ --out recon.png [--num-clips 4] [--seed 0]
-
-(also ``python tools/visualize_reconstruction.py``). The masks come from ``--seed``, so grids of two checkpoints
-made with the same seed and clips show the same masks. ``--loss-draws N`` also prints, as one JSON line, the
-model's losses on those clips averaged over N mask draws (seeds seed .. seed+N-1): runs compared on clips none of
-them trained on (held-out identities) with the same masks; ``--baselines`` adds, on the same draws, the losses of
-the trivial predictors a model must beat (patch mean, copy the nearest visible patch: expmae.recon_baselines).
+Per clip, one row for the MAE branch (frame | masked | prediction) and rows for the VideoMAE branch's target,
+masked and predicted clip; predictions are pasted into the masked patches only, as in the MAE demo. Training
+writes one every ``log.recon_every`` steps; ``expmae-visualize RUN CLIPS --out recon.png`` draws one for any
+checkpoint (``--seed`` fixes the masks; ``--loss-draws N`` / ``--baselines`` print losses as one JSON line).
+Usage: docs/guides/pretraining.md ("What a healthy run looks like") and docs/guides/benchmarks.md.
 """
 from __future__ import annotations
 

@@ -3,68 +3,11 @@
 
     python tools/bench_data.py                         # all parts, CPU (a few minutes with ../shared/data)
     python tools/bench_data.py --only pipeline         # is the data path or the model the bottleneck?
-    python tools/bench_data.py --only crop --device cuda   # crop settings; today's vs the pipelined crop per GPU
     python tools/bench_data.py --quick --synthetic     # seconds: tiny synthetic inputs and a toy model
-    python tools/bench_data.py --only pipeline --device cuda --workers 4,8 --out runs/bench_data.jsonl
 
-Inputs: the first ``--frames`` frames of the real videos in ../shared/data (re-encoded as plain H.264, so every
-video is cut to the same length), or ``--videos`` synthetic talking faces with ``--synthetic`` or when that folder is
-absent.
-Face clips are cut from them with the crop tool (the default settings' boxes) in each stored form below.
-
-Output: one JSON object per configuration per line on stdout (and appended to ``--out``), each with ``bench``,
-its configuration, its results, ``inputs`` and ``env`` (versions, device, threads, load average before/after the
-measurement, git commit, UTC time), to compare across commits. A one-line summary per object goes to stderr.
-
-crop (one object per setting): frames/s and videos/s of the face-crop job in one process for naive every-frame
-        detection at native resolution and for sampled / downscaled settings, the crop-centre jitter, and how far
-        each setting's per-frame crop box lies from the naive one (centre and size error, fraction of the side).
-crop_pipeline (one object, with ``--only crop`` too): the default setting on ``--device`` two ways, in turns, in
-        one process: today's per-video crop (plan_crop + crop_video, what each --workers process runs) and the
-        pipelined job expmae-crop runs in a process of its own (--workers 0, e.g. one per GPU under accelerate
-        launch: decoding in background threads, MTCNN batches of ``batch_size`` frames, on a GPU a writer thread);
-        ``frames_per_s`` of wall time (per GPU on cuda: one process drives one GPU), ``frames_per_core_s`` =
-        source frames / CPU seconds of the process (all its threads), ``per_core_ratio`` = pipelined / today's,
-        and whether both wrote the same bytes.
-loader (one object per dataset and worker count): VideoClipDataset (``--num-frames`` frames, stride 4, 224 px,
-        VideoMAE augmentation) over the face clips in each stored form, under each (augment_on, repeated_samples)
-        of LOADER_SETTINGS, through a DataLoader with collate_samples and batches of ``--loader-batch-size``
-        samples; then the raw videos through the whole CPU path, and plain decord decoding of the sampled frames
-        of the raw videos (no crop, no augmentation) as the baseline:
-        ``clips_per_s``            training samples per second of wall time (the first batch left out);
-        ``clips_per_s_per_core``   training samples per CPU core-second: CPU time (user + system) of this process
-                                   and its workers (read from /proc before they exit), start-up included, so
-                                   other jobs on shared cores do not count; repeated samples count each;
-        ``decode_clips_per_s_per_core``  the raw decode rate of the stored form: one window's frames per CPU
-                                   second (open + decode, no augmentation, no repeated sampling);
-        ``device_augment_ms_per_sample`` (augment_on=device) expmae.data_resample.augment_on_device on ``--device``;
-        ``bytes_per_stored_frame`` bytes on disk per frame.
-demand (one object): the clips/s one GPU consumes, ``--peak-tflops`` (989: H100/H200 dense bf16) x ``--mfu`` (0.4) /
-        the training FLOPs per clip of ``--demand-model`` (ViT-B 16 x 224 expMAE, expmae.flops), and
-        ``cores_per_gpu_needed`` = that / the best ``clips_per_s_per_core`` with workers on the stored form
-        expmae-crop writes by default (``..._any_form``: on any stored form).
-pipeline (one object per worker count): what pretrain/train.py does, at the model's geometry and ``--batch-size``:
-        ``step_clips_per_s``   the expMAE training step alone (tools/bench_pretrain.py's ConfigRun "expmae":
-                               masks, forward, backward, fused AdamW) on inputs already on the device, median of
-                               ``--steps`` steps after warm-up;
-        ``loader_clips_per_s`` the training DataLoader alone (face clips in the default stored form,
-                               VideoClipDataset train=True, ``--repeated-samples``, ``--augment-on``,
-                               collate_samples, this worker count), ``--steps`` batches after the first (worker
-                               start-up is not throughput);
-        ``pipeline_clips_per_s``, ``data_wait_fraction``  a loop that pulls a batch, moves it to the device
-                               (expmae.data.batch_to_device: augmented there with augment_on=device), normalises
-                               it (expmae.data.normalize_clips) and takes a training step, ``--steps`` times
-                               after one untimed batch + step; data_wait_fraction = time blocked in
-                               next(loader) / loop time;
-        ``loader_headroom``    loader_clips_per_s / step_clips_per_s;
-        ``bottleneck``         "data" when loader_headroom < 1 (the loader alone cannot feed the step) or
-                               data_wait_fraction > 0.1 (the loop waits for data more than 10% of the time,
-                               e.g. when workers and the step share too few cores), else "model".
-        With workers, the loader prefetches 2 batches per worker while the untimed first step runs, so a few
-        timed steps can hide a slow loader: data_wait_fraction needs ``--steps`` well above 2 x workers.
-
-Timings on a shared machine are noisy: the load average is reported next to them. The CUDA path (pin_memory,
-synchronize around steps, bf16 autocast as bench_pretrain's cuda preset) has not been run on a GPU yet.
+One JSON object per configuration per line (stdout and ``--out``), with its inputs and environment, to compare
+across commits. What each part (crop, crop_pipeline, loader, demand, pipeline) measures and every field:
+docs/guides/benchmarks.md ("What tools/bench_data.py reports"); results: docs/studies/stored-forms.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,11 @@
 """Console script ``expmae-features``: per-sample features for the fusion stage, one subcommand per modality.
 
-    expmae-features audio VIDEOS FEATURES --model /models/chinese-hubert-large
-    expmae-features text  VIDEOS FEATURES --model /models/chinese-macbert-large --transcripts transcription.csv
-    expmae-features clip  FACES  FEATURES --model /models/clip-vit-large-patch14
-    expmae-features video FACES  FEATURES --model /models/expmae-base    (an expmae-export encoder folder)
-    expmae-features frame VIDEOS FEATURES --model /models/expmae-base --crop   (raw videos: faces cropped first)
-    expmae-features tacotron_var VIDEOS FEATURES --model /models/capacitron-t2-c150_v2   (a coqui checkpoint folder)
+    expmae-features video FACES FEATURES --model /models/expmae-base    (an expmae-export encoder folder)
 
-Each run writes ``FEATURES/<extractor>/<sample>.npy``, the folder named as in the MER2023 baseline
-(``chinese-hubert-large-UTT``; ``--name`` overrides). Rerunning resumes; failures go to failures.jsonl.
-Across GPUs and machines: ``accelerate launch [...] -m expmae.features video ...`` (or ``--shard I/N``, or a Slurm
-array) gives each process a share; then ``expmae-features --merge FEATURES/<extractor>`` (docs/cluster.md).
-A new modality is one more entry in ``MODALITIES``: a module with ``add_arguments(parser)`` and
-``run_cli(args, out_root) -> (out_dir, JobSummary)``.
+Each run writes ``FEATURES/<extractor>/<sample>.npy``, resumable, failures in failures.jsonl; ``--merge`` joins the
+shares of a multi-process run. A new modality is one more entry in ``MODALITIES``: a module with
+``add_arguments(parser)`` and ``run_cli(args, out_root) -> (out_dir, JobSummary)``. Every modality's command and
+folder name: docs/guides/features.md; across GPUs and machines: docs/cluster.md.
 """
 from __future__ import annotations
 

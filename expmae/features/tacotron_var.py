@@ -1,29 +1,11 @@
 """Cross-modal features: Tacotron-Var, the variational prosody embedding of a Capacitron Tacotron 2 (coqui-tts).
 
-Capacitron (Battenberg et al. 2019, "Effective use of variational embedding capacity in expressive end-to-end
-speech synthesis", arXiv:1906.03402) adds to Tacotron 2 a reference encoder (six stride-2 convs and an LSTM over
-the utterance's mel spectrogram) and an MLP that gives a Gaussian posterior q(z | audio [, text]); a sample of it
-conditions the decoder. That variational prosody embedding is the paper's "Tacotron-Var" feature. We return
-its mean mu (``embedding="posterior"``, the default): deterministic, where a sample of z would only add noise a
-classifier cannot use. ``embedding="reference"`` returns the reference encoder's output instead, the audio-only
-input of the posterior (it needs no transcript).
-
-Implementation: coqui-tts, the maintained fork of Coqui TTS (``pip install 'expmae[tts]'``; MPL-2.0).
-The model is ``TTS.tts.models.tacotron2.Tacotron2`` built from the checkpoint's own config.json; the mel
-spectrogram is its ``AudioProcessor``'s, with the silence trimming and volume normalisation the config asks for
-(what coqui's ``synthesize(style_wav=...)`` does to a reference wav); the embedding is its ``capacitron_vae_layer``
-(``TTS.tts.layers.tacotron.capacitron_layers.CapacitronVAE``). A model whose posterior also reads the text
-(``capacitron_use_text_summary_embeddings``, true for the published ones) needs each sample's transcript
-(``transcripts``), tokenised by the model's own tokenizer (the published models phonemise with espeak).
-
-Input: videos (their sound track) or audio files, decoded by ``expmae.features.audio.load_audio`` (PyAV) at
-the model's sample rate. Shapes: (1, D) per utterance, D = capacitron_VAE_embedding_dim (128 by default) for
-"posterior", the reference encoder's size (128) for "reference"; pooled (D,).
-
-Weights: a coqui checkpoint (``model_file.pth``: ``{"model": state_dict, ...}``) and its ``config.json``,
-downloaded once where the model hub is reachable; loaded with ``torch.load(weights_only=True)``, state dict only.
-A mel statistics file (``audio.stats_path``, ``scale_stats.npy``: coqui reads it with pickle) is read by an
-unpickler that admits numpy arrays and plain values only.
+Capacitron (Battenberg et al. 2019, arXiv:1906.03402) adds to Tacotron 2 a reference encoder over the utterance's
+mel spectrogram and a Gaussian posterior q(z | audio [, text]); the feature is that posterior's mean mu
+(``embedding="posterior"``, deterministic) or the reference encoder's output (``embedding="reference"``, audio
+only). Built from coqui-tts's own layers and the checkpoint's config.json; weights load state-dict-only and the
+mel statistics through an unpickler that admits arrays only. The rest (weights, transcripts, limits):
+docs/guides/features.md ("Audio, lexical and cross-modal features").
 """
 from __future__ import annotations
 

@@ -1,18 +1,8 @@
 """Lexical features: each sample's transcript -> a BERT-family model (MacBERT, RoBERTa, ...) from a local folder.
 
-Transcripts: the MER2023 transcription CSV. The organisers' tools (zeroQiaoba/MERTools, main-baseline.py:
-``generate_transcription_files_asr`` / ``refinement_transcription_files_asr``) write ``transcription.csv``
-with columns ``name, sentence`` (Chinese ASR output); later releases of the same tools name the columns
-``name, chinese`` and add ``english`` (a translation). So: ``name`` plus the language's column, chosen by
-``language`` ("zh": ``chinese``, else ``sentence``; "en": ``english``) or named outright with ``column``.
-
-Layers: the MER2023 baseline's text extractor (MERTools feature_extraction/text/extract_text_embedding_LZ.py,
-``extract_bert_embedding_chinese``) sums hidden states ``[-4, -3, -2, -1]``, drops the [CLS]/[SEP] tokens and
-mean-pools over tokens (its ``chinese-macbert-large-4-UTT`` features); that is our default. An empty
-transcript gives zeros, as there.
-
-Shapes: token level (T, D), one row per subword token (special tokens excluded; an empty transcript is
-(1, D) of zeros); mean-pooled (D,), D the model's hidden size (1024 for MacBERT-large).
+Reads the MER2023 transcription CSV (``name`` plus the language's column) and, by default, sums the last four
+hidden states and mean-pools over tokens without [CLS] / [SEP], as the MER2023 baseline does. The column rules,
+the baseline's source and the shapes: docs/guides/features.md ("Transcripts and text layers").
 """
 from __future__ import annotations
 

@@ -1,25 +1,9 @@
 """expMAE visual features from an exported encoder folder (``expmae-export``): ``video`` and ``frame`` level.
 
-- ``video``: sliding windows of T frames taken ``sample_stride`` apart (as in pretraining), window starts
-  ``clip_stride`` frames apart (default T x sample_stride: back to back), each through the clip encoder
-  (``forward_clips``) and mean-pooled over its tubelet tokens (a class token is left out): segment level
-  (N_clips, D). A video shorter than one window gives one window that repeats its last frame (as the pretraining
-  loader does).
-- ``frame``: ``num_frames`` frames spread evenly over the video (all when 0), each through the frame encoder
-  (``forward_frames``) and mean-pooled over its patch tokens, which is exactly the exported timm model's
-  ``forward()``: frame level (N_frames, D).
-- utterance level (``pooling="mean"``): the mean over clips / frames, (D,). D = the encoder's embed_dim.
-- other depths and read-outs (``layers``, ``readout``): any hidden state (0 = patch embeddings + position code,
-  i = block i; each through the encoder's final LayerNorm, as timm's ``forward_intermediates(norm=True)``, so
-  every depth is on one scale and the default, the last, is unchanged), read out as the token mean or per patch
-  position (tokens averaged over time only: the spatial layout MAE-family features keep their cue in).
-  ``encode_readouts`` returns many depths and read-outs from one forward pass (the probes score every block);
-  the CLI writes one feature per sample, several layers combined as the audio / text extractors do (sum or mean).
-
-Input: face clips (an ``expmae-crop`` output folder, mp4 or npy, or any folder of face videos), or raw videos
-with ``crop=True``: the main face is cropped on the fly by expmae.facecrop_video (MTCNN), nothing is kept on disk.
-Frames are centre-cropped to a square, resized to the encoder's img_size (PIL bilinear, as expmae.data does)
-and normalised with the encoder's mean / std. Everything is deterministic (eval mode, no random sampling).
+``video`` mean-pools each sliding T-frame window's tubelet tokens through the clip encoder; ``frame`` mean-pools
+each sampled frame's patch tokens through the frame encoder (the exported timm model's ``forward()``). Any depth and
+read-out (token mean, or per patch position) is available; ``encode_readouts`` returns many from one forward pass.
+Windows, inputs, preprocessing and shapes: docs/guides/features.md ("expMAE features").
 """
 from __future__ import annotations
 

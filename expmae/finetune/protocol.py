@@ -1,21 +1,9 @@
 """The protocol: label CSV + inputs -> folds -> a model per fold -> held-out and test predictions -> results.
 
-Per fold (stratified k-fold, or the set's own split: expmae.finetune.splits) a fresh model trains for ``epochs``
-epochs and the epoch with the best selected metric on the held-out fold is kept (``--metric``; MER2023: the
-combined metric, as MERTools MERBench/main-release.py; other sets: UAR); the CV score is the mean of the folds'
-best scores; test predictions are the folds' class probabilities and regression columns averaged. With
-pseudo-labelling each fold runs its own rounds: its model labels the unlabeled pool, the selected samples join that
-fold's training split, and the fold retrains. The pseudo-labels never come from a model that saw the fold's
-held-out split, so the CV score of every round stays an honest held-out estimate.
-
-Outputs in ``out_dir``: results.json, predictions_cv.csv (every Train&Val sample's prediction from the fold that
-held it out, with that fold), confusion_matrix.png (the same predictions), one confusion matrix per labelled test
-set, predictions_<test>.csv (the label layout); per fold, fold<k>/round<r>/ with each round's head (safetensors),
-predictions and epoch curves, and fold<k>/pseudo_labels.csv when pseudo-labelling; TensorBoard curves in tb/.
-Finished folds are skipped on a rerun with the same settings and the same data; with the end-to-end backend an
-unfinished fold continues after its last finished epoch (fold<k>/round<r>/resume.pt, removed when it finishes).
-The backends (expmae.finetune.backends) differ only in how samples load and how a fold's model is built, trained,
-applied and saved.
+Per fold a fresh model trains and keeps its epoch with the best selected metric on the held-out fold; the CV score
+is the mean of the folds' best scores and test predictions average the folds' outputs. Pseudo-labels never come
+from a model that saw the fold's held-out split, so every round's CV score stays an honest held-out estimate.
+Finished folds are skipped on a rerun. Outputs and options: docs/guides/finetuning.md ("Folds, scores and outputs").
 """
 from __future__ import annotations
 

@@ -1,17 +1,9 @@
-"""expMAE pretraining: one shared ViT encoder, an MAE frame decoder and a VideoMAE clip decoder.
+"""expMAE pretraining: the training loop behind ``accelerate launch -m expmae.pretrain`` (its CLI: expmae.pretrain.cli).
 
-The training loop behind ``accelerate launch -m expmae.pretrain`` (its CLI: expmae.pretrain.cli), read as
-``setup`` -> ``for each epoch: train_one_epoch`` -> ``finish``, with its parts in their own modules:
-``state`` (TrainState, Plan), ``resume`` (start-up checks, which checkpoint), ``loader`` (the data stream and its
-stall guard), ``step`` (one optimizer step and the non-finite guard), ``logger`` (buffered metrics, TensorBoard),
-``debug`` (fault injection and probes). The launcher config says where and how (GPUs, DDP or DeepSpeed ZeRO
-stage, bf16); the training config says what and is the one source of the batch size, gradient accumulation and
-clipping that DeepSpeed is given. The CLI validates the config before it imports this module (and torch).
-
-A run folder (``train.output_dir``) holds ``config.yaml``, ``metrics.jsonl`` (one line per optimizer step),
-``tensorboard/``, ``recon/step_*.png``, ``checkpoints/`` (see expmae.checkpoint) and ``data_failures/`` (clips
-that failed to load, one file per rank and worker); rank 0 owns it through ``.expmae_lock`` and, while it runs,
-``.expmae_owner.json`` (expmae.runlock: a second live run on the folder stops before writing).
+Reads as ``setup`` -> ``for each epoch: train_one_epoch`` -> ``finish``; its parts (state, resume, loader, step,
+logger, online_eval, debug) are modules of their own. The training config is the one source of the batch size,
+gradient accumulation and clipping that DeepSpeed is given. The CLI validates the config before it imports this
+module (and torch). The run folder and resuming: docs/guides/pretraining.md; the parts: docs/architecture.md.
 """
 from __future__ import annotations
 
