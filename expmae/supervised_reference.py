@@ -23,7 +23,7 @@ from tqdm import tqdm
 from expmae.data import VideoClipDataset, normalize_clips
 from expmae.files import JsonlLog, atomic_path, write_json
 from expmae.model import create_model
-from expmae.optim import cosine_lr
+from expmae.optim import cosine_lr, set_lr
 from expmae.probe import accuracy_interval
 from expmae.weights import load_encoder
 
@@ -183,8 +183,7 @@ class SupervisedReference:
     def train_step(self, clips: torch.Tensor, labels) -> float:
         r = self.recipe
         lr = cosine_lr(self.step, peak_lr=r.lr, min_lr=r.min_lr, warmup_steps=r.warmup_steps, total_steps=r.steps)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         target = torch.tensor([self.classes.index(y) for y in labels], device=self.device)
         loss = F.cross_entropy(self.logits(clips), target)
         self.optimizer.zero_grad(set_to_none=True)
@@ -243,10 +242,11 @@ class SupervisedReference:
                    f"held-out head accuracy {acc:.3f}")
 
     def summary(self) -> dict:
-        acc = self.curve.read()[-1]["head_acc"] if self.curve.read() else self.head_accuracy()
+        logged = {r["step"]: r["head_acc"] for r in self.curve.read()}
+        acc = logged[self.step] if self.step in logged else self.head_accuracy()
         low, high = accuracy_interval(acc, len(self.test_set))
-        summary = {"head_acc": acc, "head_acc_ci95": [low, high], "steps": self.step, "train_clips": len(self.train_set),
-                   "test_clips": len(self.test_set), "seconds": round(self.seconds, 1),
-                   "recipe": dataclasses.asdict(self.recipe)}
+        summary = {"head_acc": acc, "head_acc_ci95": [low, high], "steps": self.step,
+                   "train_clips": len(self.train_set), "test_clips": len(self.test_set),
+                   "seconds": round(self.seconds, 1), "recipe": dataclasses.asdict(self.recipe)}
         write_json(self.folder / "summary.json", summary)
         return summary
